@@ -1,0 +1,324 @@
+"""`smartspec bench`: an open-loop load generator for the Generation service.
+
+Requests arrive on a Poisson (or gamma) schedule whatever the server's pace, so
+queueing shows up in the latencies instead of slowing the client down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from tqdm import tqdm
+
+from smartspec.prompts import load_prompts
+from smartspec.v1 import generation_pb2 as pb
+from smartspec.v1 import generation_pb2_grpc as pb_grpc
+
+LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
+STATS = ("mean", "p50", "p90", "p99")
+NO_FINISH = "NO_FINISH"  # error name for a stream that ended without a last chunk
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of the Generation service")
+    parser.add_argument("--rate", type=_positive_float, default=2.0,
+                        help="mean requests per second; 'inf' sends them all at once")
+    parser.add_argument("--num-requests", type=_positive_int, default=32)
+    parser.add_argument("--prompts", default=None, help="ShareGPT-style JSON file (default: built-in set)")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    parser.add_argument("--speculation", type=_speculation_arg, default="auto", help="off | auto | fixed:K")
+    parser.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt order and sampling")
+    parser.add_argument("--burstiness", type=_positive_float, default=1.0,
+                        help="gamma shape of inter-arrival times; 1 is Poisson, below 1 is burstier")
+    parser.add_argument("--output", default="results/bench.json", help="JSON results; a PNG goes next to it")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _speculation_arg(text: str) -> str:
+    try:
+        parse_speculation(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def parse_speculation(text: str) -> pb.Speculation:
+    """Map "off", "auto" or "fixed:K" onto the request's speculation override."""
+    if text == "auto":
+        return pb.Speculation(mode=pb.SPECULATION_MODE_AUTO)
+    if text == "off":
+        return pb.Speculation(mode=pb.SPECULATION_MODE_OFF)
+    name, _, k = text.partition(":")
+    if name == "fixed" and k.isdigit() and int(k) > 0:
+        return pb.Speculation(mode=pb.SPECULATION_MODE_FIXED, k=int(k))
+    raise ValueError(f"speculation must be off, auto or fixed:K with K >= 1, got {text!r}")
+
+
+def arrival_times(num_requests: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> list[float]:
+    """Send offsets in seconds, starting at 0, with gamma gaps of mean 1/rate.
+
+    Shape `burstiness` with scale 1/(rate*burstiness) keeps the mean fixed while
+    shape 1 gives Poisson arrivals and smaller shapes give clumps and lulls.
+    """
+    if num_requests <= 0 or not rate > 0 or not burstiness > 0:
+        raise ValueError("num_requests, rate and burstiness must be > 0")
+    if math.isinf(rate):
+        return [0.0] * num_requests
+    rng = np.random.default_rng([seed, 0])
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=num_requests - 1)
+    return [0.0, *np.cumsum(gaps).tolist()]
+
+
+def prompt_order(prompts: list[str], num_requests: int, seed: int = 0) -> list[str]:
+    """Shuffled passes over the prompts, so each is used about equally often."""
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    rng = np.random.default_rng([seed, 1])
+    order: list[str] = []
+    while len(order) < num_requests:
+        order.extend(prompts[i] for i in rng.permutation(len(prompts)))
+    return order[:num_requests]
+
+
+def latency_stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return dict.fromkeys(STATS)
+    p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
+    return {"mean": float(np.mean(values)), "p50": p50, "p90": p90, "p99": p99}
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    prompt_chars: int
+    send_s: float = 0.0  # offset from the benchmark start
+    request_id: str = ""
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+    itl_ms: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    server_timings: dict[str, float] | None = None
+    error: str | None = None
+
+
+def summarize(records: list[RequestRecord], duration_s: float) -> dict:
+    """Latency stats over successful requests; throughput over the whole run."""
+    ok = [r for r in records if r.error is None]
+    errors = [r.error for r in records if r.error is not None]
+    values = {
+        "ttft_ms": [r.ttft_ms for r in ok if r.ttft_ms is not None],
+        "tpot_ms": [r.tpot_ms for r in ok if r.tpot_ms is not None],
+        "itl_ms": [gap for r in ok for gap in r.itl_ms],
+        "e2e_ms": [r.e2e_ms for r in ok if r.e2e_ms is not None],
+    }
+    output_tokens = sum(r.completion_tokens for r in ok)
+    proposed = sum(r.proposed_tokens for r in ok)
+    accepted = sum(r.accepted_tokens for r in ok)
+    per_second = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: None)
+    return {
+        **{name: latency_stats(values[name]) for name in LATENCY_METRICS},
+        "completed": len(ok),
+        "errors": len(errors),
+        "error_codes": {code: errors.count(code) for code in sorted(set(errors))},
+        "duration_s": duration_s,
+        "output_tokens": output_tokens,
+        "request_throughput": per_second(len(ok)),
+        "output_throughput": per_second(output_tokens),
+        "proposed_tokens": proposed,
+        "accepted_tokens": accepted,
+        "acceptance": accepted / proposed if proposed else None,
+    }
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'metric':<10}" + "".join(f"{s:>12}" for s in STATS)]
+    for name in LATENCY_METRICS:
+        cells = (summary[name][s] for s in STATS)
+        lines.append(f"{name:<10}" + "".join(f"{_fmt(c, '.2f'):>12}" for c in cells))
+    rows = [
+        ("requests completed", str(summary["completed"])),
+        ("requests failed", _errors_cell(summary)),
+        ("duration (s)", _fmt(summary["duration_s"], ".2f")),
+        ("request throughput (req/s)", _fmt(summary["request_throughput"], ".3f")),
+        ("output throughput (tok/s)", _fmt(summary["output_throughput"], ".1f")),
+        ("output tokens", str(summary["output_tokens"])),
+        ("acceptance", _fmt(summary["acceptance"], ".3f")
+         + f" ({summary['accepted_tokens']}/{summary['proposed_tokens']})"),
+    ]
+    width = len(lines[0])
+    lines.insert(1, "-" * width)
+    lines.append("-" * width)
+    lines.extend(f"{label:<28}{value}" for label, value in rows)
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _errors_cell(summary: dict) -> str:
+    codes = ", ".join(f"{code} x{n}" for code, n in summary["error_codes"].items())
+    return f"{summary['errors']}" + (f" ({codes})" if codes else "")
+
+
+def build_request(prompt: str, max_new_tokens: int, temperature: float, chat: bool,
+                  speculation: pb.Speculation, seed: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        prompt_text=prompt,
+        chat=chat,
+        sampling=pb.SamplingParams(temperature=temperature, seed=seed),
+        max_new_tokens=max_new_tokens,
+        speculation=speculation,
+    )
+
+
+async def _send(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, record: RequestRecord,
+                start: float) -> None:
+    sent = time.perf_counter()
+    record.send_s = sent - start
+    last_token_at = None
+    tokens = 0
+    try:
+        async for chunk in stub.Generate(request):
+            now = time.perf_counter()
+            record.request_id = record.request_id or chunk.request_id
+            n = len(chunk.token_ids)
+            if n and last_token_at is None:
+                record.ttft_ms = (now - sent) * 1e3
+            elif n:
+                # A chunk of several tokens stands for several steps; spread its gap over them.
+                record.itl_ms.extend([(now - last_token_at) * 1e3 / n] * n)
+            if n:
+                tokens, last_token_at = tokens + n, now
+            if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                _record_last_chunk(record, chunk)
+    except grpc.aio.AioRpcError as e:
+        record.error = e.code().name
+    record.e2e_ms = (time.perf_counter() - sent) * 1e3
+    if record.error is None and record.finish_reason is None:
+        record.error = NO_FINISH
+    record.completion_tokens = record.completion_tokens or tokens
+    if record.ttft_ms is not None and record.completion_tokens > 1:
+        record.tpot_ms = (record.e2e_ms - record.ttft_ms) / (record.completion_tokens - 1)
+
+
+def _record_last_chunk(record: RequestRecord, chunk: pb.GenerateResponse) -> None:
+    record.finish_reason = pb.FinishReason.Name(chunk.finish_reason)
+    record.completion_tokens = chunk.usage.completion_tokens
+    record.proposed_tokens = chunk.speculation.proposed_tokens
+    record.accepted_tokens = chunk.speculation.accepted_tokens
+    record.server_timings = {
+        "queue_ms": chunk.timings.queue_ms,
+        "ttft_ms": chunk.timings.time_to_first_token_ms,
+        "e2e_ms": chunk.timings.e2e_ms,
+    }
+
+
+async def run_benchmark(target: str, prompts: list[str], rate: float, num_requests: int,
+                        max_new_tokens: int, temperature: float = 0.0, chat: bool = False,
+                        speculation: str = "auto", seed: int = 0, burstiness: float = 1.0,
+                        progress: bool = True) -> dict:
+    spec = parse_speculation(speculation)
+    offsets = arrival_times(num_requests, rate, burstiness, seed)
+    chosen = prompt_order(prompts, num_requests, seed)
+    records = [RequestRecord(index=i, prompt_chars=len(p)) for i, p in enumerate(chosen)]
+    bar = tqdm(total=num_requests, desc="bench", unit="req", disable=not progress)
+
+    async def one(i: int) -> None:
+        sampling_seed = (seed * num_requests + i) % 2**64  # reproducible sampling, distinct per request
+        request = build_request(chosen[i], max_new_tokens, temperature, chat, spec, sampling_seed)
+        await _send(stub, request, records[i], start)
+        bar.update(1)
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        start = time.perf_counter()
+        tasks = []
+        for i, offset in enumerate(offsets):
+            # Sleep to an absolute time so that time spent sending does not skew the schedule.
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+    bar.close()
+    ends = [r.send_s + r.e2e_ms / 1e3 for r in records]
+    config = {
+        "target": target, "rate": rate if math.isfinite(rate) else "inf", "num_requests": num_requests,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "chat": chat,
+        "speculation": speculation, "seed": seed, "burstiness": burstiness, "num_prompts": len(prompts),
+    }
+    return {
+        "config": config,
+        "summary": summarize(records, max(ends) - min(r.send_s for r in records)),
+        "requests": [asdict(r) for r in records],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    result = asyncio.run(run_benchmark(
+        target=args.target, prompts=load_prompts(args.prompts), rate=args.rate,
+        num_requests=args.num_requests, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, chat=args.chat, speculation=args.speculation,
+        seed=args.seed, burstiness=args.burstiness, progress=not args.no_progress,
+    ))
+    print(format_table(result["summary"]))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    plot_latencies(result["requests"], output.with_suffix(".png"))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+    return 0 if result["summary"]["errors"] == 0 else 1
+
+
+def plot_latencies(requests: list[dict], path: Path) -> None:
+    # Figure + Agg canvas instead of pyplot: no global backend switch for the host process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    hist, cdf = fig.subplots(1, 2)
+    series = {label: np.sort([r[name] for r in requests if r["error"] is None and r[name] is not None])
+              for name, label in (("e2e_ms", "E2E"), ("ttft_ms", "TTFT"))}
+    everything = np.concatenate(list(series.values()))
+    # Shared bins, so the two histograms compare bar for bar.
+    bins = np.histogram_bin_edges(everything, bins=30) if everything.size else 30
+    for label, values in series.items():
+        if values.size:
+            hist.hist(values, bins=bins, alpha=0.6, label=label)
+            cdf.plot(values, np.arange(1, values.size + 1) / values.size, drawstyle="steps-post", label=label)
+    for ax, ylabel in ((hist, "requests"), (cdf, "fraction of requests")):
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel(ylabel)
+        if ax.has_data():
+            ax.legend()
+    hist.set_title("Latency histogram")
+    cdf.set_title("Latency CDF")
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,1 @@
+"""The verifier: target model, paged KV cache, continuous-batching engine, Generation service."""
