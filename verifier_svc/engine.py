@@ -57,7 +57,8 @@ class StepStats:
     num_prefill_tokens: int
     num_kv_tokens: int
     num_preempted: int
-    execute_s: float
+    forward_s: float
+    sample_s: float
 
 
 class Engine:
@@ -102,6 +103,9 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
     @property
     def num_requests(self) -> int:
         return len(self._seqs)
@@ -127,6 +131,7 @@ class Engine:
             ids = seq.token_ids()[seq.num_computed: seq.num_computed + it.num_new]
             fwd.append(ForwardItem(ids, seq.num_computed, seq.block_table, 1 if it.sample else 0))
         logits = self.runner.forward(fwd)
+        mid = time.perf_counter()
         samplers = [it.seq for it in sched.items if it.sample]
         tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
         self.last_stats = StepStats(
@@ -135,7 +140,8 @@ class Engine:
             num_prefill_tokens=sum(it.num_new for it in sched.items if it.num_new > 1 or not it.sample),
             num_kv_tokens=sum(it.seq.num_computed + it.num_new for it in sched.items),
             num_preempted=len(sched.preempted),
-            execute_s=time.perf_counter() - start,
+            forward_s=mid - start,
+            sample_s=time.perf_counter() - mid,
         )
         return tokens
 

@@ -1,0 +1,40 @@
+"""The `smartspec` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from smartspec import bench, client
+    from verifier_svc.server import VerifierConfig
+
+    parser = argparse.ArgumentParser(prog="smartspec", description="LLM serving with goodput-driven speculation.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    VerifierConfig.add_arguments(sub.add_parser("verifier", help="serve the target model (Generation API)"))
+    client.add_arguments(sub.add_parser("generate", help="stream one completion from a running server"))
+    bench.add_arguments(sub.add_parser("bench", help="load-test a running server"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "verifier":
+        from verifier_svc.server import main as serve_main
+
+        return serve_main(args)
+    if args.command == "generate":
+        from smartspec.client import run
+
+        return run(args)
+    from smartspec.bench import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Starts the verifier: model, engine, gRPC (Generation, health, reflection), metrics, drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, fields
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from smartspec import models
+from smartspec.v1 import generation_pb2, generation_pb2_grpc
+from verifier_svc.async_engine import AsyncEngine
+from verifier_svc.engine import Engine, EngineConfig
+from verifier_svc.metrics import Metrics
+from verifier_svc.planner import parse_policy
+from verifier_svc.servicer import GenerationServicer
+from verifier_svc.validation import Limits
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+@dataclass
+class VerifierConfig:
+    model: str = models.DEFAULT_MODEL
+    dtype: str = "float32"
+    device: str = "cpu"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9400  # 0 disables the metrics endpoint
+    block_size: int = 16
+    kv_cache_tokens: int = 65536
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_waiting: int = 256
+    max_model_len: int = 0  # 0: the model's own context, capped by the cache
+    policy: str = "off"
+    grace_seconds: float = 30.0
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        help_ = {
+            "model": f"'{models.DEFAULT_MODEL}' (built-in SmolLM2-135M-Instruct), a .gguf file or a HF model directory",
+            "dtype": "float32 | bfloat16 | float16",
+            "device": "cpu | cuda | cuda:N",
+            "metrics_port": "Prometheus /metrics port (0 = off)",
+            "kv_cache_tokens": "KV cache capacity in tokens",
+            "max_batched_tokens": "token budget per engine step",
+            "max_waiting": "waiting-queue bound (beyond it: RESOURCE_EXHAUSTED)",
+            "policy": "speculation policy: off",
+            "grace_seconds": "on SIGTERM, how long in-flight streams may finish",
+        }
+        for f in fields(VerifierConfig):
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                                help=help_.get(f.name, ""))
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> "VerifierConfig":
+        return VerifierConfig(**{f.name: getattr(args, f.name) for f in fields(VerifierConfig)})
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens, max_num_seqs=self.max_num_seqs,
+            max_batched_tokens=self.max_batched_tokens, max_waiting=self.max_waiting,
+            max_model_len=self.max_model_len or None, policy=parse_policy(self.policy))
+
+
+class Verifier:
+    """A running verifier; `drain()` is what SIGTERM triggers."""
+
+    def __init__(self, config: VerifierConfig, model=None, tokenizer=None):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.tokenizer = tokenizer or models.load_tokenizer(config.model)
+        model = model or models.load_model(config.model, config.dtype, config.device)
+        self.engine = Engine(model, self.tokenizer, config.engine_config())
+        self.metrics = Metrics()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.async_engine = AsyncEngine(self.engine, self.metrics)
+        self.async_engine.start()
+        limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
+        self.servicer = GenerationServicer(self.async_engine, self.tokenizer, limits)
+        self.health = HealthServicer()
+        self.server = grpc.aio.server()
+        generation_pb2_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.config.metrics_port:
+            self.metrics_server, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("verifier serving on %s:%d", self.config.host, self.port)
+
+    async def drain(self) -> None:
+        """Refuses new calls, lets in-flight streams finish within the grace period, then stops."""
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + self.config.grace_seconds
+        while self.async_engine.num_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.async_engine.num_requests:
+            log.warning("grace period over: aborting %d requests", self.async_engine.num_requests)
+            self.async_engine.abort_all()
+        await self.server.stop(grace=1.0)
+        await self.async_engine.stop()
+        if self.config.metrics_port:
+            self.metrics_server.shutdown()
+
+
+async def serve(config: VerifierConfig) -> None:
+    verifier = Verifier(config)
+    await verifier.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"smartspec verifier ready on {config.host}:{verifier.port}", flush=True)
+    await stop.wait()
+    log.info("signal received: draining")
+    await verifier.drain()
+
+
+def main(args: argparse.Namespace) -> int:
+    asyncio.run(serve(VerifierConfig.from_args(args)))
+    return 0
