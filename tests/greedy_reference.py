@@ -1,0 +1,36 @@
+"""Checks a greedy continuation against Hugging Face, tolerating only proven near-ties."""
+
+from __future__ import annotations
+
+import torch
+
+NEAR_TIE = 1e-3
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=model.generation_config.eos_token_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def assert_same_greedy(model, prompt_ids: list[int], ours: list[int], theirs: list[int]) -> None:
+    """Equal token for token, or the first difference is a near-tie of the reference.
+
+    At a divergence the reference logits over the shared prefix must have a
+    top-2 gap below NEAR_TIE with both candidates being the top two; after it
+    the continuations legitimately differ.
+    """
+    for t, (a, b) in enumerate(zip(ours, theirs)):
+        if a == b:
+            continue
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt_ids + theirs[:t]])).logits[0, -1].float()
+        top = torch.topk(logits, 2)
+        gap = float(top.values[0] - top.values[1])
+        assert set(top.indices.tolist()) == {a, b} and gap < NEAR_TIE, (
+            f"token {t} differs: ours {a}, reference {b}; reference top-2 {top.indices.tolist()} "
+            f"gap {gap:.2e} is no near-tie")
+        return
+    assert len(ours) == len(theirs), f"lengths differ: ours {len(ours)}, reference {len(theirs)}"

@@ -1,0 +1,211 @@
+"""The Generation service over real gRPC on loopback, with a tiny random Llama behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from smartspec.models import load_model
+from smartspec.v1 import generation_pb2 as pb
+from smartspec.v1 import generation_pb2_grpc as pb_grpc
+from verifier_svc.server import Verifier, VerifierConfig
+
+
+class ServerThread:
+    """A Verifier on its own event loop in a background thread."""
+
+    def __init__(self, config: VerifierConfig, model, tokenizer):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.verifier = Verifier(config, model, tokenizer)
+        self.run(self.verifier.start())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.verifier.port}")
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self):
+        self.channel.close()
+        if not self.verifier.servicer.draining:
+            self.run(self.verifier.drain())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    @property
+    def allocator(self):
+        return self.verifier.engine.allocator
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_llama_dir, smollm2_tokenizer):
+    return load_model(tiny_llama_dir), smollm2_tokenizer
+
+
+@pytest.fixture
+def make_server(model_and_tokenizer):
+    servers = []
+
+    def make(**overrides) -> ServerThread:
+        settings = dict(model="unused", port=0, metrics_port=0, kv_cache_tokens=4096, grace_seconds=10.0)
+        config = VerifierConfig(**{**settings, **overrides})
+        servers.append(ServerThread(config, *model_and_tokenizer))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def generate(stub, timeout=30, **fields) -> list[pb.GenerateResponse]:
+    fields.setdefault("max_new_tokens", 8)
+    if "prompt_text" not in fields and "prompt_token_ids" not in fields:
+        fields["prompt_text"] = "def fibonacci(n):"
+    return list(stub.Generate(pb.GenerateRequest(**fields), timeout=timeout))
+
+
+BAD_INPUTS = [
+    ({"prompt_text": ""}, "prompt_text"),
+    ({"prompt_token_ids": pb.TokenIds(ids=[])}, "prompt"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": -3}, "max_new_tokens"),
+    ({"max_new_tokens": 5000}, "max_new_tokens"),
+    ({"sampling": pb.SamplingParams(temperature=-0.5)}, "sampling.temperature"),
+    ({"sampling": pb.SamplingParams(temperature=float("nan"))}, "sampling.temperature"),
+    ({"sampling": pb.SamplingParams(temperature=1.0, top_p=0.0)}, "sampling.top_p"),
+    ({"sampling": pb.SamplingParams(temperature=1.0, top_p=1.5)}, "sampling.top_p"),
+    ({"sampling": pb.SamplingParams(top_k=-1)}, "sampling.top_k"),
+    ({"prompt_token_ids": pb.TokenIds(ids=[1, 10 ** 6])}, "prompt_token_ids"),
+    ({"prompt_token_ids": pb.TokenIds(ids=[-4, 1])}, "prompt_token_ids"),
+    ({"stop": ["x"] * 9}, "stop"),
+    ({"stop": ["y" * 65]}, "stop"),
+    ({"speculation": pb.Speculation(mode=7)}, "speculation.mode"),
+]
+
+
+def test_bad_input_gets_invalid_argument_and_serving_continues(make_server):
+    server = make_server()
+    for fields, field in BAD_INPUTS:
+        with pytest.raises(grpc.RpcError) as err:
+            generate(server.stub, **fields)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert field in err.value.details(), (fields, err.value.details())
+        chunks = generate(server.stub)  # the next valid request still succeeds
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert sum(len(c.token_ids) for c in chunks) == 8
+    assert server.allocator.num_free == server.allocator.num_blocks
+
+
+def test_stream_shape_and_final_chunk(make_server):
+    server = make_server()
+    chunks = generate(server.stub, request_id="abc", max_new_tokens=6,
+                      sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7))
+    assert all(c.request_id == "abc" for c in chunks)
+    last = chunks[-1]
+    assert last.usage.completion_tokens == 6 == sum(len(c.token_ids) for c in chunks)
+    assert last.usage.prompt_tokens > 0
+    assert last.timings.e2e_ms >= last.timings.time_to_first_token_ms >= last.timings.queue_ms >= 0
+    again = generate(server.stub, request_id="abd", max_new_tokens=6,
+                     sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7))
+    assert [t for c in again for t in c.token_ids] == [t for c in chunks for t in c.token_ids]  # seeded
+
+
+def test_cancelled_streams_free_their_kv(make_server):
+    server = make_server()
+    initial = server.allocator.num_free
+    streams = [server.stub.Generate(pb.GenerateRequest(prompt_text=f"Story number {i}:", max_new_tokens=500,
+                                                       ignore_eos=True), timeout=60) for i in range(20)]
+    for s in streams:
+        next(s)  # every stream is mid-flight
+    assert server.allocator.num_free < initial
+    for s in streams:
+        s.cancel()
+    deadline = time.monotonic() + 5
+    while server.allocator.num_free != initial and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.allocator.num_free == initial
+    assert server.verifier.engine.num_requests == 0
+    assert generate(server.stub)[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_full_waiting_queue_gets_resource_exhausted(make_server):
+    server = make_server(max_num_seqs=1, max_waiting=1)
+    running = server.stub.Generate(pb.GenerateRequest(prompt_text="a", max_new_tokens=900, ignore_eos=True))
+    next(running)
+    waiting = server.stub.Generate(pb.GenerateRequest(prompt_text="b", max_new_tokens=4))
+    deadline = time.monotonic() + 5
+    while len(server.verifier.engine.scheduler.waiting) < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(server.stub)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    running.cancel()
+    assert list(waiting)[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_duplicate_request_id_is_refused(make_server):
+    server = make_server()
+    first = server.stub.Generate(pb.GenerateRequest(request_id="dup", prompt_text="a", max_new_tokens=900,
+                                                    ignore_eos=True))
+    next(first)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(server.stub, request_id="dup")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    first.cancel()
+
+
+def test_health_reflection_and_metrics(make_server, unused_tcp_port):
+    server = make_server(metrics_port=unused_tcp_port)
+    generate(server.stub)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for service in ("", "smartspec.v1.Generation"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    [reply] = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"smartspec.v1.Generation", "grpc.health.v1.Health"} <= names
+    text = urllib.request.urlopen(f"http://127.0.0.1:{unused_tcp_port}/metrics", timeout=5).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("smartspec_time_to_first_token_seconds", "smartspec_inter_token_latency_seconds",
+                 "smartspec_e2e_request_latency_seconds", "smartspec_step_seconds",
+                 "smartspec_num_requests_running", "smartspec_num_requests_waiting",
+                 "smartspec_kv_cache_usage_perc", "smartspec_goodput_tokens_per_second"):
+        assert name in families, name
+    e2e_count = [s.value for s in families["smartspec_e2e_request_latency_seconds"].samples
+                 if s.name.endswith("_count")]
+    assert e2e_count == [1.0]
+
+
+def test_drain_finishes_in_flight_and_refuses_new_calls(make_server):
+    server = make_server()
+    stream = server.stub.Generate(pb.GenerateRequest(prompt_text="a", max_new_tokens=300, ignore_eos=True))
+    next(stream)
+    drained = asyncio.run_coroutine_threadsafe(server.verifier.drain(), server.loop)
+    deadline = time.monotonic() + 5
+    while not server.verifier.servicer.draining and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with pytest.raises(grpc.RpcError) as err:
+        generate(server.stub)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    rest = list(stream)
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].usage.completion_tokens == 300
+    drained.result(30)
+
+
+def test_drain_aborts_what_outlives_the_grace_period(make_server):
+    server = make_server(grace_seconds=0.3)
+    stream = server.stub.Generate(pb.GenerateRequest(prompt_text="a", max_new_tokens=1000 - 8, ignore_eos=True))
+    next(stream)
+    drained = asyncio.run_coroutine_threadsafe(server.verifier.drain(), server.loop)
+    rest = list(stream)
+    assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
+    drained.result(30)
+    assert server.allocator.num_free == server.allocator.num_blocks
