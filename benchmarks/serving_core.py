@@ -231,6 +231,7 @@ def plot(results: dict, out: Path) -> None:
         pts = sorted((r["B"], r["ms"]) for r in rows if r["q"] == q)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"q={q}")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["B"] for r in rows}), [str(b) for b in sorted({r["B"] for r in rows})])
     ax.set_xlabel("batch size B (requests)")
     ax.set_ylabel("forward ms")
     ax.set_title(f"Step time, {CTX}-token context per request")

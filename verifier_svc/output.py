@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class TextStream:
     """Turns a growing list of output ids into text deltas.
@@ -19,9 +21,12 @@ class TextStream:
 
     def update(self, output_ids: list[int]) -> str | None:
         """Decodes the output so far; returns the matched stop string, if any."""
-        previous = len(self.text)
+        previous = self.text
         self.text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        search_from = max(0, min(previous, len(self.text)) - self.hold)
+        # A completed multi-byte character replaces the '\ufffd' before it: search from
+        # where the old and new text first differ, not from the old end.
+        unchanged = os.path.commonprefix([previous, self.text])
+        search_from = max(0, len(unchanged) - self.hold)
         best = None
         for stop in self.stops:
             at = self.text.find(stop, search_from)

@@ -66,6 +66,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """[n, V] logits -> one token per row; sampled rows draw from their request's generator."""
     if logits.shape[0] == 0:
         return []
+    # Per-request generators live on the CPU, which also keeps seeded streams device-independent.
+    logits = logits.float().cpu()
     tokens = logits.argmax(dim=1).tolist()
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:

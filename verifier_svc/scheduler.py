@@ -76,12 +76,16 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048
     max_waiting: int = 256
+    kv_watermark: float = 0.01  # fraction of blocks admission keeps free while others run
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
         self.config = config
         self.allocator = allocator
+        # Admission leaves this many blocks free so running requests can grow a
+        # little before anyone must be preempted.
+        self.watermark = int(allocator.num_blocks * config.kv_watermark)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
 
@@ -116,7 +120,8 @@ class Scheduler:
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n):
+            reserve = self.watermark if self.running else 0
+            if not self.allocator.can_grow(seq.block_table, seq.num_computed + n, reserve=reserve):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING

@@ -196,3 +196,13 @@ def test_sample_follows_processed_probs_chi_square():
     p_value = 1.0 - float(torch.distributions.Chi2(torch.tensor(float(df))).cdf(torch.tensor(stat)))
     assert p_value > 0.01, (stat, observed.tolist(), expected.tolist())
     assert stat < _chi2_critical_wilson_hilferty(df, 0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sampling_accepts_gpu_logits():
+    logits = torch.randn(3, 10, device="cuda")
+    params = [SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1), SamplingParams(),
+              SamplingParams(temperature=1.0, seed=2)]
+    tokens = sample(logits, params, [make_generator(p) for p in params])
+    assert len(tokens) == 3 and all(0 <= t < 10 for t in tokens)
+    assert tokens[1] == int(logits[1].argmax())
