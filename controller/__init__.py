@@ -1,0 +1,1 @@
+"""The goodput controller: acceptance estimates, step-cost model and the speculation planner."""

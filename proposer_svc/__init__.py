@@ -1,0 +1,1 @@
+"""The proposer: drafts tokens for verifiers (draft model or n-gram prompt lookup)."""
