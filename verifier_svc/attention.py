@@ -3,13 +3,14 @@
 The model runs on ONE sequence of all requests' new tokens ([1, N]); this
 function, called once per layer, writes the new K/V into the paged cache and
 attends per request. The per-step layout is built once (`StepLayout.build`)
-and shared by all layers, so a layer costs a fixed number of tensor ops:
+and shared by all layers:
 
-- "batched" requests (few new tokens: decode, verification) are padded to
+- requests with few new tokens (decode, verification) are padded to
   [B, q_max] queries and attend in ONE masked SDPA call over their gathered
-  blocks;
-- long prefill chunks attend one by one (padding them would waste
-  q_max x B attention), the first chunk straight from its own keys.
+  blocks: a fixed number of kernel launches per layer whatever B is (what a
+  GPU needs; on a CPU it measured as fast as a per-request loop over views);
+- long prefill chunks attend one by one as spans (padding them would waste
+  q_max x B attention), over a view of their consecutive blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from verifier_svc.kv_cache import KVCache
+from verifier_svc.kv_cache import KVCache, contiguous_runs
 
 ATTN_IMPLEMENTATION = "smartspec_paged"
 LAYOUT_KWARG = "smartspec_layout"
@@ -28,7 +29,7 @@ LAYOUT_KWARG = "smartspec_layout"
 
 @dataclass
 class StepItem:
-    """Where one request's new tokens sit: flat [start, start + q), KV positions from ctx."""
+    """One request's new tokens: flat positions follow the previous item's, KV positions start at ctx."""
 
     ctx: int  # tokens already in the cache before this step
     q: int  # new tokens this step
@@ -45,11 +46,25 @@ class BatchedGroup:
 
 
 @dataclass
-class SingleItem:
+class Span:
+    """A request attended on its own: flat tokens [start, end), KV from its block runs."""
+
     start: int
     end: int
-    blocks: torch.Tensor | None  # [1, nb] when the request has earlier KV, else None
-    mask: torch.Tensor | None  # [1, 1, q, nb * block_size] bool
+    ctx: int
+    runs: list[tuple[int, int]]  # (first block, count) covering ctx + q tokens
+    mask: torch.Tensor | None  # [q, ctx + q] bool when ctx > 0 and q > 1, else None
+
+    def attend(self, kv: KVCache, layer: int, query, key, value, scale) -> torch.Tensor:
+        """-> [q, H, D]."""
+        q = query[:, :, self.start:self.end]  # [1, H, q, D]
+        if self.ctx == 0:  # first chunk: its own keys are all there is
+            o = F.scaled_dot_product_attention(q, key[:, :, self.start:self.end], value[:, :, self.start:self.end],
+                                               is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            k, v = kv.read_runs(layer, self.runs, self.ctx + self.end - self.start)  # [1, H_kv, L, D]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=True)
+        return o[0].transpose(0, 1)
 
 
 @dataclass
@@ -57,7 +72,7 @@ class StepLayout:
     kv: KVCache
     slots: torch.Tensor  # [N] cache slot of each new token
     batched: BatchedGroup | None
-    singles: list[SingleItem]
+    spans: list[Span]
 
     @staticmethod
     def build(items: list[StepItem], kv: KVCache, device, batched_max_q: int = 16) -> "StepLayout":
@@ -69,17 +84,15 @@ class StepLayout:
                 slots.append(it.block_table[pos // bs] * bs + pos % bs)
             starts.append(start)
             start += it.q
-        group = [i for i, it in enumerate(items) if it.q <= batched_max_q]
-        singles = [
-            _single(items[i], starts[i], bs, device)
-            for i in range(len(items)) if items[i].q > batched_max_q
-        ]
-        batched = _batched([items[i] for i in group], [starts[i] for i in group], bs, device) if group else None
-        return StepLayout(kv, torch.tensor(slots, dtype=torch.long, device=device), batched, singles)
+        in_group = [it.q <= batched_max_q for it in items]
+        spans = [_span(it, s, bs, device) for it, s, g in zip(items, starts, in_group) if not g]
+        group = [(it, s) for it, s, g in zip(items, starts, in_group) if g]
+        batched = _batched([it for it, _ in group], [s for _, s in group], bs, device) if group else None
+        return StepLayout(kv, torch.tensor(slots, dtype=torch.long, device=device), batched, spans)
 
 
 def _causal_mask(ctxs: list[int], qs: list[int], q_max: int, kv_len: int) -> torch.Tensor:
-    """[B, 1, q_max, kv_len]: query j of request b sees keys 0..ctx_b + j.
+    """[B, q_max, kv_len]: query j of request b sees keys 0..ctx_b + j.
 
     Padding queries see key 0 only, so no row is fully masked (SDPA would give NaN).
     """
@@ -89,11 +102,7 @@ def _causal_mask(ctxs: list[int], qs: list[int], q_max: int, kv_len: int) -> tor
     t = torch.arange(kv_len).view(1, 1, -1)
     mask = (t <= ctx + j) & (j < q)
     mask |= (j >= q) & (t == 0)
-    return mask.unsqueeze(1)
-
-
-def _blocks_tensor(tables: list[list[int]], nb: int) -> torch.Tensor:
-    return torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.long)
+    return mask
 
 
 def _batched(items: list[StepItem], starts: list[int], bs: int, device) -> BatchedGroup:
@@ -104,22 +113,24 @@ def _batched(items: list[StepItem], starts: list[int], bs: int, device) -> Batch
         q_index.append([s + j for j in range(it.q)] + [0] * (q_max - it.q))
         valid.extend(b * q_max + j for j in range(it.q))
         token_index.extend(range(s, s + it.q))
+    blocks = [it.block_table[:nb] + [0] * (nb - len(it.block_table[:nb])) for it in items]
     mask = _causal_mask([it.ctx for it in items], [it.q for it in items], q_max, nb * bs)
     return BatchedGroup(
         q_index=torch.tensor(q_index, dtype=torch.long, device=device),
-        blocks=_blocks_tensor([it.block_table for it in items], nb).to(device),
-        mask=mask.to(device),
+        blocks=torch.tensor(blocks, dtype=torch.long, device=device),
+        mask=mask.unsqueeze(1).to(device),
         valid=torch.tensor(valid, dtype=torch.long, device=device),
         token_index=torch.tensor(token_index, dtype=torch.long, device=device),
     )
 
 
-def _single(it: StepItem, start: int, bs: int, device) -> SingleItem:
-    if it.ctx == 0:
-        return SingleItem(start, start + it.q, None, None)
-    nb = -(-(it.ctx + it.q) // bs)
-    mask = _causal_mask([it.ctx], [it.q], it.q, nb * bs)
-    return SingleItem(start, start + it.q, _blocks_tensor([it.block_table], nb).to(device), mask.to(device))
+def _span(it: StepItem, start: int, bs: int, device) -> Span:
+    total = it.ctx + it.q
+    runs = contiguous_runs(it.block_table[: -(-total // bs)])
+    mask = None
+    if it.ctx > 0 and it.q > 1:
+        mask = _causal_mask([it.ctx], [it.q], it.q, total)[0].to(device)
+    return Span(start, start + it.q, it.ctx, runs, mask)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -135,16 +146,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         qb = q[g.q_index].transpose(1, 2)  # [B, H, q_max, D]
         o = F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=True)
         out[g.token_index] = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[g.valid]
-    for s in layout.singles:
-        qs = query[:, :, s.start:s.end]  # [1, H, q, D]
-        if s.blocks is None:
-            o = F.scaled_dot_product_attention(
-                qs, key[:, :, s.start:s.end], value[:, :, s.start:s.end],
-                is_causal=True, scale=scaling, enable_gqa=True)
-        else:
-            k, v = layout.kv.gather(layer, s.blocks)
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=s.mask, scale=scaling, enable_gqa=True)
-        out[s.start:s.end] = o[0].transpose(0, 1)
+    for span in layout.spans:
+        out[span.start:span.end] = span.attend(layout.kv, layer, query, key, value, scaling)
     return out.unsqueeze(0), None
 
 

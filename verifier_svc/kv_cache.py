@@ -15,44 +15,84 @@ class OutOfBlocks(Exception):
 
 
 class BlockAllocator:
+    """Hands out blocks so that a request's table is mostly runs of consecutive ids.
+
+    Consecutive blocks let attention read a request's KV as a view instead of a
+    copy. A table grows into the block right after its last one when that is
+    free; otherwise a new run starts in the middle of the largest free extent,
+    which leaves room on both sides for the tables around it to keep growing.
+    """
+
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Popping from the end reuses recently freed (cache-warm) blocks first.
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._is_free = bytearray(b"\x01") * num_blocks
+        self._num_free = num_blocks
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
+
+    def is_free(self, block: int) -> bool:
+        return bool(self._is_free[block])
 
     def usage(self) -> float:
-        return 1.0 - self.num_free / self.num_blocks
+        return 1.0 - self._num_free / self.num_blocks
 
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
         """Extra blocks a table needs to hold `num_tokens` tokens."""
         return max(0, -(-num_tokens // self.block_size) - len(block_table))
 
     def can_grow(self, block_table: list[int], num_tokens: int, reserve: int = 0) -> bool:
-        return self.blocks_needed(block_table, num_tokens) + reserve <= self.num_free
+        return self.blocks_needed(block_table, num_tokens) + reserve <= self._num_free
 
     def grow(self, block_table: list[int], num_tokens: int) -> None:
         """Appends blocks to `block_table` (in place) until it holds `num_tokens`."""
         need = self.blocks_needed(block_table, num_tokens)
-        if need > self.num_free:
-            raise OutOfBlocks(f"need {need} blocks, {self.num_free} free")
+        if need > self._num_free:
+            raise OutOfBlocks(f"need {need} blocks, {self._num_free} free")
         for _ in range(need):
-            block_table.append(self._free.pop())
+            nxt = block_table[-1] + 1 if block_table else self.num_blocks
+            block = nxt if nxt < self.num_blocks and self._is_free[nxt] else self._new_run_start()
+            self._is_free[block] = 0
+            block_table.append(block)
+        self._num_free -= need
+
+    def _new_run_start(self) -> int:
+        """The middle of the largest free extent (its start when the extent is the whole cache)."""
+        best_start, best_len, start = 0, 0, self._is_free.find(1)
+        while start >= 0:
+            end = self._is_free.find(0, start)
+            end = self.num_blocks if end < 0 else end
+            if end - start > best_len:
+                best_start, best_len = start, end - start
+            start = self._is_free.find(1, end)
+        if best_len == self.num_blocks:
+            return 0
+        return best_start + best_len // 2
 
     def shrink(self, block_table: list[int], num_tokens: int) -> None:
         """Rollback: frees the blocks beyond those holding the first `num_tokens`."""
         keep = -(-num_tokens // self.block_size)
         while len(block_table) > keep:
-            self._free.append(block_table.pop())
+            self._is_free[block_table.pop()] = 1
+            self._num_free += 1
 
     def free(self, block_table: list[int]) -> None:
         self.shrink(block_table, 0)
+
+
+def contiguous_runs(block_table: list[int]) -> list[tuple[int, int]]:
+    """[(first block, number of blocks)] of the table's runs of consecutive ids."""
+    runs: list[tuple[int, int]] = []
+    for b in block_table:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
 
 
 class KVCache:
@@ -87,3 +127,21 @@ class KVCache:
         k = k.view(b, nb * bs, kv_heads, head_dim).transpose(1, 2)
         v = v.view(b, nb * bs, kv_heads, head_dim).transpose(1, 2)
         return k, v
+
+    def read_runs(self, layer: int, runs: list[tuple[int, int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One request's first `length` cached tokens -> K, V as [1, kv_heads, length, head_dim].
+
+        A view of the cache when the request's blocks are one run; a copy otherwise.
+        """
+        k, v = self.k[layer], self.v[layer]
+        if len(runs) == 1:
+            first, count = runs[0]
+            k, v = k[first:first + count], v[first:first + count]
+        else:
+            k = torch.cat([k[first:first + count] for first, count in runs])
+            v = torch.cat([v[first:first + count] for first, count in runs])
+        kv_heads, head_dim = k.shape[-2], k.shape[-1]
+        k = k.view(-1, kv_heads, head_dim)[:length].transpose(0, 1).unsqueeze(0)
+        v = v.view(-1, kv_heads, head_dim)[:length].transpose(0, 1).unsqueeze(0)
+        return k, v
+

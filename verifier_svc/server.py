@@ -81,8 +81,9 @@ class Verifier:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.tokenizer = tokenizer or models.load_tokenizer(config.model)
-        model = model or models.load_model(config.model, config.dtype, config.device)
+        self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(config.model)
+        if model is None:
+            model = models.load_model(config.model, config.dtype, config.device)
         self.engine = Engine(model, self.tokenizer, config.engine_config())
         self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None

@@ -44,11 +44,11 @@ def allocate(spec, gen):
     return reqs
 
 
-def run_step(kv, reqs, chunks, scale):
+def run_step(kv, reqs, chunks, scale, batched_max_q=16):
     """chunks: [(request index, ctx, q)]; one paged_attention call per layer over the
     flattened batch; returns per-layer [1, N, H, D] outputs."""
     items = [StepItem(ctx, q, reqs[r].table) for r, ctx, q in chunks]
-    layout = StepLayout.build(items, kv, "cpu")
+    layout = StepLayout.build(items, kv, "cpu", batched_max_q)
     outs = []
     for layer in range(LAYERS):
         query = torch.cat([reqs[r].q[layer, :, ctx:ctx + q] for r, ctx, q in chunks], dim=1)[None]
@@ -75,8 +75,9 @@ def check(outs, reqs, chunks, scale):
             start += q
 
 
+@pytest.mark.parametrize("per_request", [False, True], ids=["batched", "all-spans"])
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_paged_attention_matches_per_request_reference(scale):
+def test_paged_attention_matches_per_request_reference(scale, per_request):
     gen = torch.Generator().manual_seed(0)
     # (ctx, q) of the checked step; ctx tokens are cached by an earlier call.
     spec = [
@@ -91,14 +92,17 @@ def test_paged_attention_matches_per_request_reference(scale):
     kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
 
     fill = [(r, 0, ctx) for r, (ctx, _) in enumerate(spec) if ctx > 0]
-    _, outs = run_step(kv, reqs, fill, scale)
+    max_q = 0 if per_request else 16
+    _, outs = run_step(kv, reqs, fill, scale, max_q)
     check(outs, reqs, fill, scale)
 
     step = [(r, ctx, q) for r, (ctx, q) in enumerate(spec)]
-    layout, outs = run_step(kv, reqs, step, scale)
-    assert len(layout.singles) == 2
-    assert [s.blocks is None for s in layout.singles] == [True, False]
-    assert layout.batched is not None and layout.batched.q_index.shape == (4, 16)
+    layout, outs = run_step(kv, reqs, step, scale, max_q)
+    if per_request:
+        assert layout.batched is None and [s.ctx for s in layout.spans] == [c for c, _ in spec]
+    else:
+        assert [s.ctx for s in layout.spans] == [0, 6]  # the two long prefill chunks
+        assert layout.batched is not None and layout.batched.q_index.shape == (4, 16)
     check(outs, reqs, step, scale)
 
 
@@ -107,23 +111,24 @@ def test_only_singles_and_only_batched():
     reqs = allocate([(0, 17), (0, 2)], gen)
     kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
     layout, outs = run_step(kv, reqs, [(0, 0, 17)], None)
-    assert layout.batched is None and len(layout.singles) == 1
+    assert layout.batched is None and len(layout.spans) == 1
     check(outs, reqs, [(0, 0, 17)], None)
     layout, outs = run_step(kv, reqs, [(1, 0, 2)], None)
-    assert layout.batched is not None and layout.singles == []
+    assert layout.batched is not None and layout.spans == []
     check(outs, reqs, [(1, 0, 2)], None)
 
 
-def test_decode_steps_one_token_at_a_time():
+@pytest.mark.parametrize("batched_max_q", [16, 0], ids=["batched", "spans"])
+def test_decode_steps_one_token_at_a_time(batched_max_q):
     gen = torch.Generator().manual_seed(2)
     reqs = allocate([(0, 11), (0, 7)], gen)
     kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
     chunks = [(0, 0, 4), (1, 0, 2)]
-    _, outs = run_step(kv, reqs, chunks, None)
+    _, outs = run_step(kv, reqs, chunks, None, batched_max_q)
     check(outs, reqs, chunks, None)
     for t in range(5):  # both decode; request 0 continues past its prefill
         chunks = [(0, 4 + t, 1), (1, 2 + t, 1)]
-        _, outs = run_step(kv, reqs, chunks, None)
+        _, outs = run_step(kv, reqs, chunks, None, batched_max_q)
         check(outs, reqs, chunks, None)
 
 
@@ -154,3 +159,11 @@ def test_layout_slots_follow_the_block_tables():
     assert g.mask[0, 0, 0].tolist() == [True] * 4 + [False] * 4
     assert g.mask[1, 0, 1].tolist() == [True, True] + [False] * 6
     assert g.mask[1, 0, 2].tolist() == [True] + [False] * 7  # padding query sees key 0 only
+
+
+def test_spans_read_runs_of_consecutive_blocks():
+    kv = KVCache(1, 16, BS, H_KV, D, torch.float32, "cpu")
+    items = [StepItem(ctx=9, q=2, block_table=[3, 4, 5, 9]), StepItem(ctx=5, q=1, block_table=[7, 8])]
+    layout = StepLayout.build(items, kv, "cpu", batched_max_q=0)
+    assert [s.runs for s in layout.spans] == [[(3, 3)], [(7, 2)]]  # block 9 holds no token yet
+    assert layout.spans[0].mask.shape == (2, 11) and layout.spans[1].mask is None

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from verifier_svc.kv_cache import BlockAllocator, KVCache, OutOfBlocks
+from verifier_svc.kv_cache import BlockAllocator, KVCache, OutOfBlocks, contiguous_runs
 
 
 # --- BlockAllocator ------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_grow_and_free_cycles_keep_the_free_list_consistent():
     for t in tables:
         alloc.free(t)
     assert alloc.num_free == 10
-    assert sorted(alloc._free) == list(range(10))
+    assert all(alloc.is_free(b) for b in range(10))
 
 
 # --- KVCache ---------------------------------------------------------------------
@@ -184,3 +184,41 @@ def test_write_overwrites_rolled_back_slots():
     k, v = kv.gather(0, torch.tensor([table]))
     assert k[0, 0, :, 0].tolist() == [1.0, 1.0, 5.0, 5.0]
     assert v[0, 0, :, 0].tolist() == [1.0, 1.0, 6.0, 6.0]
+
+
+def test_interleaved_growth_keeps_tables_contiguous():
+    """Requests growing in turn (as decode steps do) each stay one run of blocks."""
+    alloc = BlockAllocator(256, 4)
+    tables = [[] for _ in range(8)]
+    for t in tables:
+        alloc.grow(t, 6)
+    for n in range(7, 60):
+        for t in tables:
+            alloc.grow(t, n)
+    assert all(len(contiguous_runs(t)) == 1 for t in tables)
+
+
+def test_full_cache_is_still_fully_usable():
+    alloc = BlockAllocator(10, 2)
+    tables = [[] for _ in range(5)]
+    for n in range(1, 5):
+        for t in tables:
+            alloc.grow(t, n)
+    assert alloc.num_free == 0
+    assert sorted(b for t in tables for b in t) == list(range(10))
+
+
+def test_contiguous_runs():
+    assert contiguous_runs([]) == []
+    assert contiguous_runs([4, 5, 6, 1, 2, 9]) == [(4, 3), (1, 2), (9, 1)]
+
+
+def test_read_runs_views_one_run_and_copies_several():
+    kv = KVCache(1, 8, 2, 1, 3, torch.float32, "cpu")
+    kv.k[0].copy_(torch.arange(48, dtype=torch.float32).view(8, 2, 1, 3))
+    kv.v[0].copy_(-kv.k[0])
+    k, v = kv.read_runs(0, [(2, 2)], 3)
+    assert k.shape == (1, 1, 3, 3) and k.data_ptr() == kv.k[0][2].data_ptr()  # a view
+    assert torch.equal(k[0, 0], kv.k[0][2:4].reshape(4, 3)[:3]) and torch.equal(v, -k)
+    k, _ = kv.read_runs(0, [(5, 1), (1, 1)], 4)
+    assert torch.equal(k[0, 0], torch.cat([kv.k[0][5], kv.k[0][1]]).reshape(4, 3))
