@@ -1,6 +1,6 @@
 """Serving-core benchmark: SmartSpec's engine vs Hugging Face `generate` on SmolLM2-135M (CPU, float32).
 
-    python benchmarks/serving_core.py [--quick] [--output-dir results/serving_core]
+    python benchmarks/serving_core.py [--quick] [--output-dir benchmarks/results/serving_core]
 
 1. Throughput: 16 concurrent requests through `Engine.step()` vs one static left-padded HF batch.
 2. Batch-1 time per output token (first token excluded), engine vs HF.
@@ -43,7 +43,7 @@ STEP_RUNS = 5
 def config(quick: bool) -> dict:
     if quick:
         return {"reps": 1, "new_tokens": 32, "batch_sizes": [1, 4], "qs": [1, 2]}
-    return {"reps": 3, "new_tokens": 128, "batch_sizes": [1, 2, 4, 8, 16, 32], "qs": [1, 2, 4, 8]}
+    return {"reps": 5, "new_tokens": 128, "batch_sizes": [1, 2, 4, 8, 16, 32], "qs": [1, 2, 4, 8]}
 
 
 def machine_info() -> dict:
@@ -245,7 +245,7 @@ def plot(results: dict, out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: R=1, 32 new tokens, B in {1,4}, q in {1,2}")
-    ap.add_argument("--output-dir", default="results/serving_core")
+    ap.add_argument("--output-dir", default="benchmarks/results/serving_core")
     args = ap.parse_args()
     cfg = config(args.quick)
     out = Path(args.output_dir)
