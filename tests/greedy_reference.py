@@ -6,6 +6,18 @@ import torch
 
 NEAR_TIE = 1e-3
 
+# Prompts of different lengths and kinds for greedy comparisons.
+PROMPTS = [
+    "def fibonacci(n):",
+    "The capital of France is",
+    "Write a haiku about the sea.\n",
+    "import os\nimport sys\n\ndef main():\n    args = sys.argv[1:]\n",
+    "Q: What is 17 times 3?\nA:",
+    "Once upon a time, in a kingdom far away, there lived a princess who loved to read books about dragons.",
+    "List three prime numbers:",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+]
+
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.inference_mode():

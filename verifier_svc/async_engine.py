@@ -14,6 +14,7 @@ import time
 
 from verifier_svc.engine import Engine, FinishReason, RequestOutput
 from verifier_svc.metrics import Metrics
+from verifier_svc.planner import SpecMode
 from verifier_svc.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,10 @@ class AsyncEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> asyncio.Queue:
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               spec_mode: str = SpecMode.AUTO, spec_k: int = 0) -> asyncio.Queue:
         """Queues a request; its outputs (RequestOutput or EngineError) arrive on the returned queue."""
-        self.engine.add_request(request_id, prompt_ids, params)
+        self.engine.add_request(request_id, prompt_ids, params, spec_mode, spec_k)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self.metrics.prompt_tokens.inc(len(prompt_ids))

@@ -1,8 +1,12 @@
-"""The engine step: schedule -> plan -> run -> sample -> postprocess.
+"""The engine step: schedule -> plan -> propose -> run -> verify/sample -> postprocess.
 
 `step()` runs all of it; the async wrapper calls `schedule()` and
 `postprocess()` on its event loop and only `execute()` (the forward pass and
 sampling, touching no scheduler state) on a worker thread.
+
+A speculating request feeds its pending token plus k draft tokens; the target's
+k + 1 rows of logits go through the rejection sampler, the request emits the
+accepted drafts plus one token, and the KV of rejected drafts is rolled back.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 from verifier_svc.kv_cache import BlockAllocator
 from verifier_svc.model_runner import ForwardItem, ModelRunner
 from verifier_svc.output import TextStream
-from verifier_svc.planner import plan
+from verifier_svc.planner import Policy, SpecMode, plan
+from verifier_svc.rejection import Draft, Verified, verify
 from verifier_svc.sampler import SamplingParams, make_generator, sample
 from verifier_svc.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 
@@ -28,7 +33,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_waiting: int = 256
     max_model_len: int | None = None  # None: the model's context, capped by the cache
-    policy: str = "off"
+    policy: Policy = Policy()
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_batched_tokens, self.max_waiting)
@@ -51,6 +56,16 @@ class RequestOutput:
 
 
 @dataclass
+class DraftRequest:
+    """What a proposer needs to draft for one request."""
+
+    request_id: str
+    token_ids: list[int]  # the whole context: prompt + output so far
+    k: int
+    params: SamplingParams
+
+
+@dataclass
 class StepStats:
     batch_size: int
     num_batched_tokens: int
@@ -59,11 +74,15 @@ class StepStats:
     num_preempted: int
     forward_s: float
     sample_s: float
+    drafts: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per speculating item
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), proposer=None):
+        """`proposer`: drafts tokens, `propose(list[DraftRequest]) -> list[Draft]` and
+        `release(request_ids)`; without one nothing speculates."""
         self.config = config
+        self.proposer = proposer
         self.tokenizer = tokenizer
         num_blocks = -(-config.kv_cache_tokens // config.block_size)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
@@ -81,11 +100,13 @@ class Engine:
 
     # -- requests -----------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    spec_mode: str = SpecMode.AUTO, spec_k: int = 0) -> Sequence:
         """Queues a validated request; raises QueueFull or ValueError (duplicate id)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        seq = Sequence(request_id, list(prompt_ids), params, generator=make_generator(params))
+        seq = Sequence(request_id, list(prompt_ids), params, generator=make_generator(params),
+                       spec_mode=spec_mode, spec_k=spec_k)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
@@ -96,8 +117,7 @@ class Engine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return False
-        self._streams.pop(request_id, None)
-        self.scheduler.finish(seq)
+        self._finish(seq)
         return True
 
     def has_work(self) -> bool:
@@ -114,26 +134,47 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.schedule()
+        requests = self.draft_requests(sched)
+        if requests:
+            self.attach_drafts(sched, self.proposer.propose(requests))
         return self.postprocess(sched, self.execute(sched))
 
     def schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
+        if self.proposer is None:
+            return sched
         for item, k in zip(sched.items, plan(self.config.policy, sched.items)):
-            item.k = k
+            seq = item.seq
+            # Never draft past max_new_tokens: a step emits at most k + 1 tokens.
+            k = min(k, seq.params.max_new_tokens - len(seq.output_ids) - 1)
+            if k > 0 and self.scheduler.reserve_drafts(item, k):
+                item.k = k
         return sched
 
-    def execute(self, sched: SchedulerOutput) -> list[int]:
-        """Forward pass and sampling: one token per item that samples."""
+    def draft_requests(self, sched: SchedulerOutput) -> list[DraftRequest]:
+        return [DraftRequest(it.seq.request_id, it.seq.token_ids(), it.k, it.seq.params)
+                for it in sched.items if it.k > 0]
+
+    def attach_drafts(self, sched: SchedulerOutput, drafts: list[Draft | None]) -> None:
+        """Drafts in the order of draft_requests(); None (proposer failed) means k = 0 this step."""
+        speculating = iter(it for it in sched.items if it.k > 0)
+        for item, draft in zip(speculating, drafts):
+            if draft is not None and draft.token_ids:
+                item.draft = Draft(draft.token_ids[: item.k], draft.probs[: item.k] if draft.probs else None)
+
+    def execute(self, sched: SchedulerOutput) -> list[Verified | None]:
+        """Forward pass, then per item that samples: its emitted tokens (None for a prefill chunk)."""
         start = time.perf_counter()
         fwd = []
         for it in sched.items:
             seq = it.seq
             ids = seq.token_ids()[seq.num_computed: seq.num_computed + it.num_new]
-            fwd.append(ForwardItem(ids, seq.num_computed, seq.block_table, 1 if it.sample else 0))
+            drafted = it.draft.token_ids if it.draft else []
+            fwd.append(ForwardItem(ids + drafted, seq.num_computed, seq.block_table,
+                                   1 + len(drafted) if it.sample else 0))
         logits = self.runner.forward(fwd)
         mid = time.perf_counter()
-        samplers = [it.seq for it in sched.items if it.sample]
-        tokens = sample(logits, [s.params for s in samplers], [s.generator for s in samplers])
+        results = self._sample(sched, logits)
         self.last_stats = StepStats(
             batch_size=len(sched.items),
             num_batched_tokens=sched.num_batched_tokens,
@@ -142,25 +183,51 @@ class Engine:
             num_preempted=len(sched.preempted),
             forward_s=mid - start,
             sample_s=time.perf_counter() - mid,
+            drafts=[(len(it.draft.token_ids), r.num_accepted) for it, r in zip(sched.items, results) if it.draft],
         )
-        return tokens
+        return results
 
-    def postprocess(self, sched: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
-        outputs = []
-        sampled = iter(tokens)
-        now = time.monotonic()
-        for it in sched.items:
-            self.scheduler.advance(it)
+    def _sample(self, sched: SchedulerOutput, logits) -> list[Verified | None]:
+        """Plain decoding rows sampled as one batch; speculating items through the rejection sampler."""
+        results: list[Verified | None] = [None] * len(sched.items)
+        plain, plain_rows, row = [], [], 0
+        for i, it in enumerate(sched.items):
             if not it.sample:
                 continue
+            if it.draft:
+                k = len(it.draft.token_ids)
+                results[i] = verify(logits[row: row + k + 1], it.draft, it.seq.params, it.seq.generator)
+                row += k + 1
+            else:
+                plain.append(i)
+                plain_rows.append(row)
+                row += 1
+        seqs = [sched.items[i].seq for i in plain]
+        tokens = sample(logits[plain_rows], [s.params for s in seqs], [s.generator for s in seqs])
+        for i, token in zip(plain, tokens):
+            results[i] = Verified([token], 0)
+        return results
+
+    def postprocess(self, sched: SchedulerOutput, results: list[Verified | None]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for it, res in zip(sched.items, results):
+            self.scheduler.advance(it)
             seq = it.seq
-            token = next(sampled)
-            if seq.request_id not in self._seqs:  # aborted while the step ran
+            if it.k:
+                # Drafts beyond the accepted ones wrote KV that is no longer valid.
+                seq.num_computed += res.num_accepted if it.draft else 0
+                self.scheduler.rollback(seq, seq.num_computed)
+                if it.draft:
+                    seq.num_proposed += len(it.draft.token_ids)
+                    seq.num_accepted += res.num_accepted
+                    seq.num_spec_steps += 1
+            if res is None or seq.request_id not in self._seqs:  # prefill chunk, or aborted meanwhile
                 continue
-            seq.output_ids.append(token)
+            seq.output_ids.extend(res.token_ids)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            outputs.append(self._emit(seq, [token]))
+            outputs.append(self._emit(seq, res.token_ids))
         return outputs
 
     def _emit(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
@@ -183,10 +250,15 @@ class Engine:
         out = RequestOutput(seq.request_id, seq.output_ids[base:], stream.delta(final=reason is not None),
                             reason, matched, seq)
         if reason is not None:
-            self._seqs.pop(seq.request_id, None)
-            self._streams.pop(seq.request_id, None)
-            self.scheduler.finish(seq)
+            self._finish(seq)
         return out
+
+    def _finish(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self._streams.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.release([seq.request_id])
 
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         return token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.eos_token_ids)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from verifier_svc.kv_cache import BlockAllocator
+from verifier_svc.rejection import Draft
 from verifier_svc.sampler import SamplingParams
 
 
@@ -40,6 +41,8 @@ class Sequence:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    spec_mode: str = "auto"  # a planner.SpecMode
+    spec_k: int = 0  # draft tokens per step when spec_mode is fixed
     # Speculation stats (proposed / accepted draft tokens, steps that proposed).
     num_proposed: int = 0
     num_accepted: int = 0
@@ -58,7 +61,8 @@ class ScheduledItem:
     seq: Sequence
     num_new: int  # tokens fed to the model this step (their KV is written)
     sample: bool  # whether the step ends the request's pending tokens, so a token is sampled
-    k: int = 0  # draft tokens requested by the planner
+    k: int = 0  # draft tokens the planner asked for (their KV slots are allocated)
+    draft: Draft | None = None  # what the proposer returned (at most k tokens)
 
 
 @dataclass
@@ -147,6 +151,15 @@ class Scheduler:
     def advance(self, item: ScheduledItem) -> None:
         """Marks the item's fed tokens as cached (after the forward pass)."""
         item.seq.num_computed += item.num_new
+
+    def reserve_drafts(self, item: ScheduledItem, k: int) -> bool:
+        """Allocates KV slots for k draft tokens after the item's tokens, if blocks allow."""
+        seq = item.seq
+        total = seq.num_computed + item.num_new + k
+        if not self.allocator.can_grow(seq.block_table, total):
+            return False
+        self.allocator.grow(seq.block_table, total)
+        return True
 
     def rollback(self, seq: Sequence, num_tokens: int) -> None:
         """Keeps KV for the first `num_tokens` tokens only (rejected drafts are dropped)."""

@@ -20,7 +20,7 @@ from smartspec.v1 import generation_pb2, generation_pb2_grpc
 from verifier_svc.async_engine import AsyncEngine
 from verifier_svc.engine import Engine, EngineConfig
 from verifier_svc.metrics import Metrics
-from verifier_svc.planner import parse_policy
+from verifier_svc.planner import Policy
 from verifier_svc.servicer import GenerationServicer
 from verifier_svc.validation import Limits
 
@@ -56,7 +56,7 @@ class VerifierConfig:
             "kv_cache_tokens": "KV cache capacity in tokens",
             "max_batched_tokens": "token budget per engine step",
             "max_waiting": "waiting-queue bound (beyond it: RESOURCE_EXHAUSTED)",
-            "policy": "speculation policy: off",
+            "policy": "speculation policy: off | fixed:K (drafts need a proposer)",
             "grace_seconds": "on SIGTERM, how long in-flight streams may finish",
         }
         for f in fields(VerifierConfig):
@@ -71,7 +71,13 @@ class VerifierConfig:
         return EngineConfig(
             block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens, max_num_seqs=self.max_num_seqs,
             max_batched_tokens=self.max_batched_tokens, max_waiting=self.max_waiting,
-            max_model_len=self.max_model_len or None, policy=parse_policy(self.policy))
+            max_model_len=self.max_model_len or None, policy=self.parsed_policy())
+
+    def parsed_policy(self) -> Policy:
+        policy = Policy.parse(self.policy)
+        if policy.k:
+            raise ValueError(f"policy {self.policy!r} needs a proposer; this verifier has none")
+        return policy
 
 
 class Verifier:

@@ -12,11 +12,17 @@ from smartspec.v1 import generation_pb2 as pb
 from smartspec.v1 import generation_pb2_grpc as pb_grpc
 from verifier_svc.async_engine import AsyncEngine, EngineError
 from verifier_svc.engine import FinishReason, RequestOutput
+from verifier_svc.planner import SpecMode
 from verifier_svc.scheduler import QueueFull
 from verifier_svc.validation import InvalidRequest, Limits, validate
 
 log = logging.getLogger(__name__)
 
+_SPEC_MODE = {
+    pb.SPECULATION_MODE_AUTO: SpecMode.AUTO,
+    pb.SPECULATION_MODE_OFF: SpecMode.OFF,
+    pb.SPECULATION_MODE_FIXED: SpecMode.FIXED,
+}
 _FINISH = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -45,7 +51,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         try:
             valid = validate(request, self.tokenize, self.limits)
-            queue = self.engine.submit(valid.request_id, valid.prompt_ids, valid.params)
+            queue = self.engine.submit(valid.request_id, valid.prompt_ids, valid.params,
+                                       _SPEC_MODE[valid.speculation_mode], valid.speculation_k)
         except InvalidRequest as exc:
             metrics.rejected.labels("INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from smartspec.v1 import generation_pb2 as pb
+from verifier_svc.planner import MAX_K
 from verifier_svc.sampler import SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128
@@ -25,7 +26,7 @@ class InvalidRequest(ValueError):
 class Limits:
     vocab_size: int
     max_model_len: int
-    max_spec_k: int = 8
+    max_spec_k: int = MAX_K
 
 
 @dataclass(frozen=True)

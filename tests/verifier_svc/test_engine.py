@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from greedy_reference import assert_same_greedy, hf_greedy
+from greedy_reference import PROMPTS, assert_same_greedy, hf_greedy
 from smartspec.models import load_model
 from verifier_svc.engine import Engine, EngineConfig, FinishReason
 from verifier_svc.sampler import SamplingParams
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "The capital of France is",
-    "Write a haiku about the sea.\n",
-    "import os\nimport sys\n\ndef main():\n    args = sys.argv[1:]\n",
-    "Q: What is 17 times 3?\nA:",
-    "Once upon a time, in a kingdom far away, there lived a princess who loved to read books about dragons.",
-    "List three prime numbers:",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
-]
 
 
 def run_all(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[dict, int]:

@@ -1,0 +1,146 @@
+"""Speculative decoding in the engine is lossless: greedy equals the target's own
+greedy output, and sampled output follows the target's distribution."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from greedy_reference import PROMPTS, assert_same_greedy, hf_greedy
+from smartspec.models import load_model
+from verifier_svc.engine import Engine, EngineConfig
+from verifier_svc.local_ngram import LocalNgramProposer
+from verifier_svc.planner import Policy, SpecMode
+from verifier_svc.sampler import SamplingParams
+
+REPETITIVE = [  # prompt lookup finds matches in these
+    "a b c d a b c d a b c d a b",
+    "def f(x):\n    return x\n\ndef g(x):\n    return x\n\ndef h(x):\n",
+]
+
+
+def run(engine: Engine, prompts: list[list[int]], params: SamplingParams, **spec) -> dict[str, list[int]]:
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params, **spec)
+    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id].extend(o.token_ids)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir, smollm2_tokenizer):
+    return load_model(tiny_llama_dir), load_model(tiny_llama_dir), smollm2_tokenizer
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_with_ngram_drafts_equals_target_greedy(tiny, k):
+    model, reference, tok = tiny
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy(k)), LocalNgramProposer())
+    prompts = [tok(p).input_ids for p in PROMPTS + REPETITIVE]
+    out = run(engine, prompts, SamplingParams(max_new_tokens=24))
+    for i, ids in enumerate(prompts):
+        assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 24))
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    assert not engine.proposer._indices  # released as requests finished
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tmp_path_factory, smollm2_tokenizer):
+    """A random Llama over 12 tokens: distributions with real mass on several tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.15, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    path = tmp_path_factory.mktemp("small-vocab")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return load_model(str(path)), load_model(str(path)), smollm2_tokenizer
+
+
+def test_speculation_stats_and_per_request_override(small_vocab):
+    """Over 12 tokens greedy output soon repeats, so prompt lookup drafts and gets accepted."""
+    model, _, tok = small_vocab
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy(3)), LocalNgramProposer())
+    ids = [3, 4, 5, 3, 4, 5, 3, 4]
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    on = engine.add_request("on", ids, params)
+    off = engine.add_request("off", ids, params, spec_mode=SpecMode.OFF)
+    fixed = engine.add_request("fixed", ids, params, spec_mode=SpecMode.FIXED, spec_k=1)
+    proposed_per_step = []
+    while engine.has_work():
+        engine.step()
+        proposed_per_step.extend(p for p, _ in engine.last_stats.drafts)
+    assert off.num_proposed == 0 and on.num_proposed > 0
+    assert max(proposed_per_step) <= 3 and fixed.num_proposed <= fixed.num_spec_steps
+    assert on.output_ids == off.output_ids == fixed.output_ids  # greedy: speculation changes nothing
+    assert 0 < on.num_accepted <= on.num_proposed
+    assert len(on.output_ids) == 20
+
+
+def exact_marginals(model, prompt: list[int], steps: int, vocab: int) -> list[torch.Tensor]:
+    """P(token t) for t = 1..steps under the target alone, by enumerating every prefix."""
+    marginals = []
+    prefixes = {(): 1.0}
+    for _ in range(steps):
+        nxt: dict[tuple, float] = {}
+        keys = list(prefixes)
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + list(p) for p in keys])).logits[:, -1].float()
+        probs = torch.softmax(logits, dim=-1)
+        marginal = torch.zeros(vocab, dtype=torch.float64)
+        for key, row in zip(keys, probs):
+            for y in range(vocab):
+                nxt[key + (y,)] = prefixes[key] * float(row[y])
+                marginal[y] += prefixes[key] * float(row[y])
+        marginals.append(marginal)
+        prefixes = nxt
+    return marginals
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    keep = expected >= 5
+    stat = float((((counts - expected) ** 2 / expected)[keep]).sum())
+    df = int(keep.sum()) - 1
+    return 1.0 - float(torch.distributions.Chi2(torch.tensor(float(df))).cdf(torch.tensor(stat)))
+
+
+def test_sampled_output_with_speculation_follows_the_target(small_vocab):
+    model, reference, tok = small_vocab
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, max_num_seqs=256, policy=Policy(3)),
+                    LocalNgramProposer(n_min=1, n_max=2))
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4]  # lookup keeps proposing 5, 3, 4, ...
+    steps, n = 4, 2400
+    counts = [torch.zeros(12, dtype=torch.float64) for _ in range(steps)]
+    proposed = accepted = 0
+    for batch in range(n // 240):
+        seqs = [engine.add_request(f"{batch}-{i}", prompt,
+                                   SamplingParams(temperature=1.0, seed=batch * 1000 + i, max_new_tokens=steps,
+                                                  ignore_eos=True))
+                for i in range(240)]
+        while engine.has_work():
+            engine.step()
+        for s in seqs:
+            for t, y in enumerate(s.output_ids):
+                counts[t][y] += 1
+            proposed += s.num_proposed
+            accepted += s.num_accepted
+    assert proposed > 500 and 0 < accepted < proposed  # drafts were tested, some rejected
+    for t, marginal in enumerate(exact_marginals(reference, prompt, steps, 12)):
+        assert chi_square_p(counts[t], marginal) > 0.01, (t, counts[t].tolist(), marginal.tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_smollm2_greedy_with_ngram_drafts(smollm2_pair, smollm2_tokenizer, k):
+    model, reference = smollm2_pair
+    tok = smollm2_tokenizer
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy(k)), LocalNgramProposer())
+    prompts = [tok(p).input_ids for p in PROMPTS[:6] + REPETITIVE]
+    out = run(engine, prompts, SamplingParams(max_new_tokens=24))
+    for i, ids in enumerate(prompts):
+        assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 24))
