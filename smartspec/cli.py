@@ -8,6 +8,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from proposer_svc.server import ProposerConfig
     from smartspec import bench, client
     from verifier_svc.server import VerifierConfig
 
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG | INFO | WARNING | ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     VerifierConfig.add_arguments(sub.add_parser("verifier", help="serve the target model (Generation API)"))
+    ProposerConfig.add_arguments(sub.add_parser("proposer", help="serve draft proposals (Proposer API)"))
     client.add_arguments(sub.add_parser("generate", help="stream one completion from a running server"))
     bench.add_arguments(sub.add_parser("bench", help="load-test a running server"))
     return parser
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         from verifier_svc.server import main as serve_main
 
         return serve_main(args)
+    if args.command == "proposer":
+        from proposer_svc.server import main as proposer_main
+
+        return proposer_main(args)
     if args.command == "generate":
         from smartspec.client import run
 

@@ -51,3 +51,17 @@ def unused_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_vocab_dir(tmp_path_factory):
+    """A random Llama over 12 tokens: distributions with real mass on several tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    config = LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.15, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    path = tmp_path_factory.mktemp("small-vocab")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)

@@ -9,6 +9,7 @@ during a step are applied right after it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 
@@ -86,6 +87,7 @@ class AsyncEngine:
     async def _step(self) -> None:
         start = time.perf_counter()
         sched = self.engine.schedule()
+        await self._propose(sched)
         self._in_step = True
         try:
             tokens = await asyncio.to_thread(self.engine.execute, sched)
@@ -104,6 +106,21 @@ class AsyncEngine:
         for out in outputs:
             self._deliver(out)
         self._observe_step(sched, outputs, start, mid, time.perf_counter())
+
+    async def _propose(self, sched) -> None:
+        """Attaches drafts; a proposer problem only means no drafts this step."""
+        requests = self.engine.draft_requests(sched)
+        if not requests:
+            return
+        start = time.perf_counter()
+        try:
+            drafts = self.engine.proposer.propose(requests)
+            if inspect.isawaitable(drafts):
+                drafts = await drafts
+            self.engine.attach_drafts(sched, drafts)
+        except Exception:
+            log.exception("proposer failed; this step runs without drafts")
+        self.metrics.step.labels("propose").observe(time.perf_counter() - start)
 
     def _fail(self, request_id: str, exc: Exception) -> None:
         queue = self._queues.pop(request_id, None)
@@ -139,6 +156,11 @@ class AsyncEngine:
         if stats is not None:
             m.step.labels("verify").observe(stats.forward_s)
             m.step.labels("sample").observe(stats.sample_s)
+            for proposed, accepted in stats.drafts:
+                m.draft_tokens.inc(proposed)
+                m.accepted_tokens.inc(accepted)
+                for position in range(accepted):
+                    m.accepted_per_pos.labels(str(position)).inc()
         m.step.labels("total").observe(end - start)
         m.batch_tokens.observe(sched.num_batched_tokens)
         m.preemptions.inc(len(sched.preempted))

@@ -38,6 +38,13 @@ class Metrics:
                                 registry=r)
         self.rejected = Counter("smartspec_request_rejected", "Requests refused by status code.", ["code"],
                                 registry=r)
+        self.draft_tokens = Counter("smartspec_spec_decode_num_draft_tokens", "Draft tokens verified.",
+                                    registry=r)
+        self.accepted_tokens = Counter("smartspec_spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                       registry=r)
+        self.accepted_per_pos = Counter("smartspec_spec_decode_num_accepted_tokens_per_pos",
+                                        "Draft tokens accepted, by position in the draft (0-based).",
+                                        ["position"], registry=r)
         self.cancelled = Counter("smartspec_request_cancelled", "Requests cancelled by their client.", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0"):

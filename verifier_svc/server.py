@@ -11,16 +11,15 @@ from dataclasses import dataclass, fields
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
-
 from smartspec import models
+from smartspec.serving import add_health_and_reflection, set_serving
 from smartspec.v1 import generation_pb2, generation_pb2_grpc
 from verifier_svc.async_engine import AsyncEngine
 from verifier_svc.engine import Engine, EngineConfig
+from verifier_svc.local_ngram import LocalNgramProposer
 from verifier_svc.metrics import Metrics
 from verifier_svc.planner import Policy
+from verifier_svc.proposer_client import ProposerClient
 from verifier_svc.servicer import GenerationServicer
 from verifier_svc.validation import Limits
 
@@ -43,6 +42,8 @@ class VerifierConfig:
     max_waiting: int = 256
     max_model_len: int = 0  # 0: the model's own context, capped by the cache
     policy: str = "off"
+    proposer: str = ""  # "ngram" (in-process lookup) or host:port[,host:port...] of proposer replicas
+    proposer_deadline_ms: float = 100.0
     grace_seconds: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
@@ -56,7 +57,9 @@ class VerifierConfig:
             "kv_cache_tokens": "KV cache capacity in tokens",
             "max_batched_tokens": "token budget per engine step",
             "max_waiting": "waiting-queue bound (beyond it: RESOURCE_EXHAUSTED)",
-            "policy": "speculation policy: off | fixed:K (drafts need a proposer)",
+            "policy": "speculation policy: off | fixed:K (drafts need --proposer)",
+            "proposer": "'ngram' (prompt lookup in this process) or host:port[,host:port...] of proposer replicas",
+            "proposer_deadline_ms": "a proposer slower than this gives no drafts that step",
             "grace_seconds": "on SIGTERM, how long in-flight streams may finish",
         }
         for f in fields(VerifierConfig):
@@ -75,9 +78,17 @@ class VerifierConfig:
 
     def parsed_policy(self) -> Policy:
         policy = Policy.parse(self.policy)
-        if policy.k:
-            raise ValueError(f"policy {self.policy!r} needs a proposer; this verifier has none")
+        if policy.k and not self.proposer:
+            raise ValueError(f"policy {self.policy!r} needs --proposer")
         return policy
+
+    def make_proposer(self):
+        if not self.proposer:
+            return None
+        if self.proposer == "ngram":
+            return LocalNgramProposer()
+        return ProposerClient([a.strip() for a in self.proposer.split(",") if a.strip()],
+                              deadline_s=self.proposer_deadline_ms / 1e3)
 
 
 class Verifier:
@@ -90,7 +101,7 @@ class Verifier:
         self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(config.model)
         if model is None:
             model = models.load_model(config.model, config.dtype, config.device)
-        self.engine = Engine(model, self.tokenizer, config.engine_config())
+        self.engine = Engine(model, self.tokenizer, config.engine_config(), config.make_proposer())
         self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -100,19 +111,14 @@ class Verifier:
         self.async_engine.start()
         limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         self.servicer = GenerationServicer(self.async_engine, self.tokenizer, limits)
-        self.health = HealthServicer()
         self.server = grpc.aio.server()
         generation_pb2_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        self.health = add_health_and_reflection(self.server, [SERVICE_NAME])
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.config.metrics_port:
             self.metrics_server, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
         await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await set_serving(self.health, [SERVICE_NAME])
         log.info("verifier serving on %s:%d", self.config.host, self.port)
 
     async def drain(self) -> None:
@@ -127,6 +133,8 @@ class Verifier:
             self.async_engine.abort_all()
         await self.server.stop(grace=1.0)
         await self.async_engine.stop()
+        if isinstance(self.engine.proposer, ProposerClient):
+            await self.engine.proposer.close()
         if self.config.metrics_port:
             self.metrics_server.shutdown()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import urllib.request
 
@@ -13,31 +11,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from loop_thread import LoopThread
 from smartspec.models import load_model
 from smartspec.v1 import generation_pb2 as pb
 from smartspec.v1 import generation_pb2_grpc as pb_grpc
 from verifier_svc.server import Verifier, VerifierConfig
 
 
-class ServerThread:
+class ServerThread(LoopThread):
     """A Verifier on its own event loop in a background thread."""
 
     def __init__(self, config: VerifierConfig, model, tokenizer):
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        super().__init__()
         self.verifier = Verifier(config, model, tokenizer)
         self.run(self.verifier.start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.verifier.port}")
         self.stub = pb_grpc.GenerationStub(self.channel)
 
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def close(self):
         self.channel.close()
         if not self.verifier.servicer.draining:
             self.run(self.verifier.drain())
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.stop()
 
     @property
     def allocator(self):
@@ -188,7 +183,7 @@ def test_drain_finishes_in_flight_and_refuses_new_calls(make_server):
     server = make_server()
     stream = server.stub.Generate(pb.GenerateRequest(prompt_text="a", max_new_tokens=300, ignore_eos=True))
     next(stream)
-    drained = asyncio.run_coroutine_threadsafe(server.verifier.drain(), server.loop)
+    drained = server.submit(server.verifier.drain())
     deadline = time.monotonic() + 5
     while not server.verifier.servicer.draining and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -204,7 +199,7 @@ def test_drain_aborts_what_outlives_the_grace_period(make_server):
     server = make_server(grace_seconds=0.3)
     stream = server.stub.Generate(pb.GenerateRequest(prompt_text="a", max_new_tokens=1000 - 8, ignore_eos=True))
     next(stream)
-    drained = asyncio.run_coroutine_threadsafe(server.verifier.drain(), server.loop)
+    drained = server.submit(server.verifier.drain())
     rest = list(stream)
     assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
     drained.result(30)

@@ -31,6 +31,11 @@ def run(engine: Engine, prompts: list[list[int]], params: SamplingParams, **spec
 
 
 @pytest.fixture(scope="module")
+def small_vocab(small_vocab_dir, smollm2_tokenizer):
+    return load_model(small_vocab_dir), load_model(small_vocab_dir), smollm2_tokenizer
+
+
+@pytest.fixture(scope="module")
 def tiny(tiny_llama_dir, smollm2_tokenizer):
     return load_model(tiny_llama_dir), load_model(tiny_llama_dir), smollm2_tokenizer
 
@@ -45,20 +50,6 @@ def test_greedy_with_ngram_drafts_equals_target_greedy(tiny, k):
         assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 24))
     assert engine.allocator.num_free == engine.allocator.num_blocks
     assert not engine.proposer._indices  # released as requests finished
-
-
-@pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory, smollm2_tokenizer):
-    """A random Llama over 12 tokens: distributions with real mass on several tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(7)
-    config = LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.15, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    path = tmp_path_factory.mktemp("small-vocab")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return load_model(str(path)), load_model(str(path)), smollm2_tokenizer
 
 
 def test_speculation_stats_and_per_request_override(small_vocab):

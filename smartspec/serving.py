@@ -1,0 +1,23 @@
+"""What every SmartSpec gRPC server has: grpc.health.v1 and server reflection."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> HealthServicer:
+    """Registers both; call `set_serving` once the server is started."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    return health
+
+
+async def set_serving(health: HealthServicer, service_names: list[str]) -> None:
+    for name in ("", *service_names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,146 @@
+"""Drafts from proposer replicas over gRPC, never at the cost of a client request.
+
+Each request is pinned to one replica by rendezvous hashing of its id over
+the available endpoints, so its draft state lives in one place and moves only
+when that set changes (a replica in back-off hands its requests to the others,
+which rebuild their state from the full context). Sub-batches go to their replicas concurrently, one bidi
+stream per replica, under a per-step deadline. A replica that fails, is slow
+or answers "unknown / length mismatch" costs only this step's drafts (k = 0):
+its stream is dropped, it is skipped for a back-off period, and its requests
+are resent with their full context when it is tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import time
+
+import grpc
+
+from smartspec.v1 import proposer_pb2 as pb
+from smartspec.v1 import proposer_pb2_grpc as pb_grpc
+from verifier_svc.rejection import Draft
+
+log = logging.getLogger(__name__)
+MAX_PENDING_RELEASES = 10_000
+
+
+def rendezvous(request_id: str, endpoints: list[str]) -> str:
+    """The endpoint with the highest hash of (endpoint, id): stable, and only 1/N of ids move per change."""
+    return max(endpoints, key=lambda e: hashlib.blake2b(f"{e}|{request_id}".encode(), digest_size=8).digest())
+
+
+class Replica:
+    """One endpoint: a bidi stream used for one exchange at a time."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.known: dict[str, int] = {}  # request id -> context length the replica holds
+        self.released: list[str] = []
+        self.down_until = 0.0
+        self._channel: grpc.aio.Channel | None = None
+        self._call = None
+
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    async def exchange(self, request: pb.ProposeRequest, timeout: float) -> pb.ProposeResponse:
+        if self._call is None:
+            self._channel = grpc.aio.insecure_channel(self.address)
+            self._call = pb_grpc.ProposerStub(self._channel).Propose()
+        await asyncio.wait_for(self._call.write(request), timeout)
+        response = await asyncio.wait_for(self._call.read(), timeout)
+        if response is grpc.aio.EOF:
+            raise ConnectionError("stream closed")
+        return response
+
+    async def fail(self, backoff_s: float) -> None:
+        """Drops the stream and everything the replica was believed to hold."""
+        self.down_until = time.monotonic() + backoff_s
+        self.known.clear()
+        self.released.clear()
+        call, channel, self._call, self._channel = self._call, self._channel, None, None
+        if call is not None:
+            call.cancel()
+        if channel is not None:
+            await channel.close()
+
+    async def close(self) -> None:
+        await self.fail(0.0)
+
+
+class ProposerClient:
+    def __init__(self, endpoints: list[str], deadline_s: float = 0.1, backoff_s: float = 1.0):
+        if not endpoints:
+            raise ValueError("at least one proposer endpoint is needed")
+        self.deadline_s = deadline_s
+        self.backoff_s = backoff_s
+        self.replicas = {address: Replica(address) for address in endpoints}
+        self._steps = itertools.count()
+        self.last_failures = 0  # replicas that failed in the last propose()
+
+    def replica_for(self, request_id: str) -> Replica:
+        up = [a for a, r in self.replicas.items() if r.available()] or list(self.replicas)
+        return self.replicas[rendezvous(request_id, up)]
+
+    async def propose(self, requests) -> list[Draft | None]:
+        """requests: items with request_id, token_ids (whole context), k and params."""
+        results: list[Draft | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self.replica_for(r.request_id).address, []).append(i)
+        outcomes = await asyncio.gather(
+            *(self._propose_on(self.replicas[a], idxs, requests, results) for a, idxs in groups.items()))
+        self.last_failures = outcomes.count(False)
+        return results
+
+    def release(self, request_ids) -> None:
+        """Queues releases for the replicas holding these requests (sent with their next exchange)."""
+        for request_id in request_ids:
+            for replica in self.replicas.values():
+                if replica.known.pop(request_id, None) is not None and len(replica.released) < MAX_PENDING_RELEASES:
+                    replica.released.append(request_id)
+
+    async def close(self) -> None:
+        for replica in self.replicas.values():
+            await replica.close()
+
+    async def _propose_on(self, replica: Replica, idxs: list[int], requests, results) -> bool:
+        if not replica.available():
+            return False
+        message = pb.ProposeRequest(step_id=next(self._steps), released_request_ids=replica.released)
+        for i in idxs:
+            message.items.append(_item(requests[i], replica.known.get(requests[i].request_id)))
+        replica.released = []
+        try:
+            response = await replica.exchange(message, self.deadline_s)
+            if response.step_id != message.step_id or len(response.results) != len(idxs):
+                raise ConnectionError("reply does not answer the request")
+        except (asyncio.TimeoutError, grpc.RpcError, ConnectionError) as exc:
+            log.warning("proposer %s failed (%s): no drafts for %d requests this step",
+                        replica.address, type(exc).__name__, len(idxs))
+            await replica.fail(self.backoff_s)
+            return False
+        for i, res in zip(idxs, response.results):
+            request_id = requests[i].request_id
+            if res.status != pb.PROPOSE_STATUS_OK:
+                replica.known.pop(request_id, None)  # resync: full context next time
+                continue
+            replica.known[request_id] = len(requests[i].token_ids)
+            probs = [(list(d.token_ids), list(d.probs)) for d in res.draft_probs] or None
+            results[i] = Draft(list(res.draft_token_ids), probs)
+        return True
+
+
+def _item(request, known: int | None) -> pb.ProposeItem:
+    tokens = request.token_ids
+    full = known is None or known > len(tokens)
+    p = request.params
+    sampling = pb.DraftSampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+    if p.seed is not None:
+        sampling.seed = p.seed
+    return pb.ProposeItem(request_id=request.request_id, new_token_ids=tokens if full else tokens[known:],
+                          total_length=len(tokens), k=request.k, sampling=sampling, full_context=full)
