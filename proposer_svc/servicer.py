@@ -24,6 +24,8 @@ class NgramProposerServicer(pb_grpc.ProposerServicer):
     def __init__(self, n_min: int = 1, n_max: int = 4, max_k: int = 8, max_requests: int = 4096):
         self.max_k = max_k
         self.store = StateStore(lambda: NgramIndex(n_min, n_max), max_requests)
+        self.num_items = 0  # items answered
+        self.num_resyncs = 0  # items that arrived with their full context
 
     async def Propose(self, request_iterator, context: grpc.aio.ServicerContext):
         async for request in request_iterator:
@@ -56,6 +58,8 @@ class NgramProposerServicer(pb_grpc.ProposerServicer):
                                      f"{item.total_length} is less than the {len(item.new_token_ids)} new tokens")
 
     def propose(self, item: pb.ProposeItem) -> pb.ProposeResult:
+        self.num_items += 1
+        self.num_resyncs += item.full_context
         result = pb.ProposeResult(request_id=item.request_id)
         try:
             index = self.store.update(item.request_id, list(item.new_token_ids), item.total_length,

@@ -34,6 +34,9 @@ class StateStore:
     def __len__(self) -> int:
         return len(self._states)
 
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._states
+
     def update(self, request_id: str, new_tokens: list[int], total_length: int, full_context: bool):
         """Applies a call's tokens; raises UnknownRequest or LengthMismatch (dropping the state)."""
         if full_context:

@@ -238,23 +238,27 @@ def set_lr(opt, lr: float) -> None:
         g["lr"] = lr * g["lr_scale"]
 
 
-def run_loop(args, student, name: str, steps: int, minutes: float, lr: float, batch_fn) -> dict:
-    """Generic training loop; batch_fn(step) -> loss. Stops at `steps` or `minutes`."""
+def run_loop(args, student, name: str, steps: int, minutes: float, lr: float, batch_fn, sched: int = 0) -> dict:
+    """Generic training loop; batch_fn(step) -> loss. Stops at `steps` or `minutes`.
+
+    The cosine schedule spans `sched` steps if given, else `steps`, else the number of steps
+    estimated (after 20 steps) to fit `minutes`; the log records it as <name>_schedule_steps."""
     opt = optimizer(student, lr, args.emb_lr_scale)
     student.train()
-    # the cosine schedule assumes `steps`; with only a minutes budget, an estimate is refined on the fly
-    total = steps if steps else 10 ** 9
+    total = sched or steps or 10 ** 9
     t0 = time.time()
     hist = []
     step = 0
     ema = None
-    while step < total:
+    while True:
         el = time.time() - t0
         if minutes and el > 60 * minutes:
             break
-        if not steps and step == 20:  # estimate how many steps fit the time budget
+        if not (sched or steps) and step == 20:  # estimate how many steps fit the time budget
             total = max(21, int(60 * minutes / (el / 20)))
             log(f"{name}: ~{total} steps fit {minutes} min")
+        if step >= (steps or total):
+            break
         set_lr(opt, lr_at(step, total if total < 10 ** 9 else 10 ** 6, lr, args.warmup))
         loss, metrics = batch_fn(step)
         opt.zero_grad(set_to_none=True)
@@ -268,7 +272,7 @@ def run_loop(args, student, name: str, steps: int, minutes: float, lr: float, ba
             log(f"{name}: step {step}/{total if total < 10 ** 9 else '?'} loss {v:.3f} ema {ema:.3f} "
                 + " ".join(f"{k} {x:.3f}" for k, x in metrics.items()) + f" {time.time() - t0:.0f}s")
             hist.append({"step": step, "loss": v, "ema": ema, **metrics, "seconds": time.time() - t0})
-    return {f"{name}_steps": step, f"{name}_tokens": step * args.batch * SEQ_LEN,
+    return {f"{name}_steps": step, f"{name}_schedule_steps": total if total < 10 ** 9 else None, f"{name}_tokens": step * args.batch * SEQ_LEN,
             f"{name}_seconds": time.time() - t0, f"{name}_history": hist, f"{name}_final_ema": ema}
 
 
@@ -287,7 +291,8 @@ def phase_pretrain(args, tok) -> dict:
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), pos[x[:, 1:]].reshape(-1))
         return loss, {}
 
-    info = run_loop(args, student, "pretrain", args.pretrain_steps, args.pretrain_minutes, args.lr, batch_fn)
+    info = run_loop(args, student, "pretrain", args.pretrain_steps, args.pretrain_minutes, args.lr, batch_fn,
+                    args.pretrain_sched)
     torch.save(student.state_dict(), os.path.join(args.cache_dir, f"pretrain_seed{args.seed}.pt"))
     return info
 
@@ -323,7 +328,8 @@ def phase_distill(args, tok) -> tuple[dict, torch.nn.Module]:
         agree = (logp.argmax(-1) == ti[..., 0]).float().mean().item()
         return loss, {"soft": soft.item(), "hard": hard.item(), "agree": agree}
 
-    info = run_loop(args, student, "distill", args.distill_steps, args.distill_minutes, args.distill_lr, batch_fn)
+    info = run_loop(args, student, "distill", args.distill_steps, args.distill_minutes, args.distill_lr, batch_fn,
+                    args.distill_sched)
     info["distill_cached_windows"] = int(len(ids))
     return info, student
 
@@ -351,6 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-minutes", type=float, default=25.0)
     ap.add_argument("--distill-steps", type=int, default=0)
     ap.add_argument("--distill-minutes", type=float, default=18.0)
+    ap.add_argument("--pretrain-sched", type=int, default=0, help="cosine schedule length (default: steps)")
+    ap.add_argument("--distill-sched", type=int, default=0, help="cosine schedule length (default: steps)")
     ap.add_argument("--no-pretrain", action="store_true", help="distill from the SVD initialisation")
     # model
     ap.add_argument("--hidden", type=int, default=256)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 NEAR_TIE = 1e-3
@@ -19,11 +21,20 @@ PROMPTS = [
 ]
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """The target's own greedy continuation (`generate` stops at EOS; past it, plain argmax steps)."""
+    if ignore_eos:
+        ids = list(prompt_ids)
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        return ids[len(prompt_ids):]
+    config = copy.deepcopy(model.generation_config)
+    config.pad_token_id = config.eos_token_id
+    config.max_new_tokens, config.max_length, config.do_sample = max_new_tokens, None, False
     with torch.inference_mode():
         out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=model.generation_config.eos_token_id)
+                             generation_config=config)
     return out[0, len(prompt_ids):].tolist()
 
 

@@ -118,6 +118,7 @@ class AsyncEngine:
             if inspect.isawaitable(drafts):
                 drafts = await drafts
             self.engine.attach_drafts(sched, drafts)
+            self.metrics.proposer_failures.inc(getattr(self.engine.proposer, "last_failures", 0))
         except Exception:
             log.exception("proposer failed; this step runs without drafts")
         self.metrics.step.labels("propose").observe(time.perf_counter() - start)

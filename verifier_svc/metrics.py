@@ -45,6 +45,9 @@ class Metrics:
         self.accepted_per_pos = Counter("smartspec_spec_decode_num_accepted_tokens_per_pos",
                                         "Draft tokens accepted, by position in the draft (0-based).",
                                         ["position"], registry=r)
+        self.proposer_failures = Counter("smartspec_proposer_failures",
+                                         "Proposer replicas that failed or timed out in a step (no drafts).",
+                                         registry=r)
         self.cancelled = Counter("smartspec_request_cancelled", "Requests cancelled by their client.", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0"):

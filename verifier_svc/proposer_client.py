@@ -119,7 +119,7 @@ class ProposerClient:
             response = await replica.exchange(message, self.deadline_s)
             if response.step_id != message.step_id or len(response.results) != len(idxs):
                 raise ConnectionError("reply does not answer the request")
-        except (asyncio.TimeoutError, grpc.RpcError, ConnectionError) as exc:
+        except Exception as exc:  # timeouts, RPC errors, a stream finished under us: all cost only drafts
             log.warning("proposer %s failed (%s): no drafts for %d requests this step",
                         replica.address, type(exc).__name__, len(idxs))
             await replica.fail(self.backoff_s)

@@ -11,7 +11,7 @@ import torch
 from smartspec import models
 
 DRAFT_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "proposer_svc", "models", "smollm2-draft")
-DRAFT_DIR = os.path.normpath(DRAFT_DIR)
+DRAFT_DIR = os.environ.get("SMARTSPEC_DRAFT_DIR") or os.path.normpath(DRAFT_DIR)
 MAX_BYTES = 30 * 1000 * 1000
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(DRAFT_DIR, "model.safetensors")),

@@ -1,0 +1,149 @@
+"""Speculation through real proposer services: spread over replicas, lossless, and never failing a
+request when a replica dies or restarts."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import grpc
+import pytest
+
+from greedy_reference import assert_same_greedy, hf_greedy
+from loop_thread import LoopThread
+from proposer_svc.server import ProposerConfig, ProposerServer
+from smartspec.models import load_model
+from smartspec.v1 import generation_pb2 as pb
+from smartspec.v1 import generation_pb2_grpc as pb_grpc
+from verifier_svc.server import Verifier, VerifierConfig
+
+NEW_TOKENS = 40
+
+
+class Proposer(LoopThread):
+    def __init__(self, port: int = 0):
+        super().__init__()
+        self.server = ProposerServer(ProposerConfig(port=port))
+        self.run(self.server.start())
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def kill(self):
+        self.run(self.server.stop(0))
+        self.stop()
+
+
+class VerifierThread(LoopThread):
+    def __init__(self, model, tokenizer, proposers: list[str]):
+        super().__init__()
+        config = VerifierConfig(model="unused", port=0, metrics_port=0, kv_cache_tokens=4096, policy="fixed:3",
+                                proposer=",".join(proposers), proposer_deadline_ms=2000)
+        self.verifier = Verifier(config, model, tokenizer)
+        self.run(self.verifier.start())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.verifier.port}")
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def close(self):
+        self.channel.close()
+        self.run(self.verifier.drain())
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def models(small_vocab_dir, smollm2_tokenizer):
+    return load_model(small_vocab_dir), load_model(small_vocab_dir), smollm2_tokenizer
+
+
+def _prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 12) for _ in range(4 + seed % 5)]
+
+
+PROMPTS = [_prompt(i) for i in range(8)]
+
+
+def start_streams(stub):
+    return [stub.Generate(pb.GenerateRequest(request_id=f"r{i}", prompt_token_ids=pb.TokenIds(ids=p),
+                                             max_new_tokens=NEW_TOKENS, ignore_eos=True), timeout=60)
+            for i, p in enumerate(PROMPTS)]
+
+
+def finish(streams, first_chunks=None) -> list[pb.GenerateResponse]:
+    """Reads every stream to its end; returns (tokens per stream, final chunks)."""
+    tokens, finals = [], []
+    for i, s in enumerate(streams):
+        chunks = (first_chunks[i] if first_chunks else []) + list(s)
+        tokens.append([t for c in chunks for t in c.token_ids])
+        finals.append(chunks[-1])
+    return tokens, finals
+
+
+def assert_lossless(reference, tokens):
+    for prompt, ours in zip(PROMPTS, tokens):
+        assert len(ours) == NEW_TOKENS
+        assert_same_greedy(reference, prompt, ours, hf_greedy(reference, prompt, NEW_TOKENS, ignore_eos=True))
+
+
+def test_requests_spread_over_replicas_and_stay_lossless(models):
+    model, reference, tok = models
+    a, b = Proposer(), Proposer()
+    verifier = VerifierThread(model, tok, [a.address, b.address])
+    try:
+        tokens, finals = finish(start_streams(verifier.stub))
+        assert_lossless(reference, tokens)
+        assert a.server.servicer.num_items > 0 and b.server.servicer.num_items > 0
+        assert sum(f.speculation.proposed_tokens for f in finals) > 0
+        assert sum(f.speculation.accepted_tokens for f in finals) > 0
+        client = verifier.verifier.engine.proposer
+        for p in (a, b):  # finished requests are released, or queued to be with the next exchange
+            held = [f"r{i}" for i in range(len(PROMPTS)) if f"r{i}" in p.server.servicer.store]
+            assert set(held) <= set(client.replicas[p.address].released)
+            assert not client.replicas[p.address].known
+    finally:
+        verifier.close()
+        a.kill()
+        b.kill()
+
+
+def test_a_replica_killed_mid_stream_costs_no_request(models):
+    model, reference, tok = models
+    a, b = Proposer(), Proposer()
+    verifier = VerifierThread(model, tok, [a.address, b.address])
+    client = verifier.verifier.engine.proposer
+    try:
+        streams = start_streams(verifier.stub)
+        first = [[next(s)] for s in streams]
+        pinned_to_a = [f"r{i}" for i in range(len(PROMPTS)) if client.replica_for(f"r{i}") is client.replicas[a.address]]
+        assert pinned_to_a, "rendezvous put no request on replica a"
+        resyncs_before = b.server.servicer.num_resyncs
+        a.kill()
+        tokens, finals = finish(streams, first)
+        assert all(f.finish_reason == pb.FINISH_REASON_LENGTH for f in finals)
+        assert_lossless(reference, tokens)
+        assert verifier.verifier.metrics.proposer_failures._value.get() >= 1  # a step went without a's drafts
+        assert b.server.servicer.num_resyncs >= resyncs_before + 1  # a's requests moved to b with full context
+    finally:
+        verifier.close()
+        b.kill()
+
+
+def test_a_restarted_proposer_is_resynced_without_client_errors(models, unused_tcp_port):
+    model, reference, tok = models
+    a = Proposer(unused_tcp_port)
+    verifier = VerifierThread(model, tok, [a.address])
+    client = verifier.verifier.engine.proposer
+    client.backoff_s = 0.05
+    try:
+        streams = start_streams(verifier.stub)
+        first = [[next(s)] for s in streams]
+        a.kill()
+        a = Proposer(unused_tcp_port)  # same address, no state
+        deadline = time.monotonic() + 10
+        while a.server.servicer.num_resyncs == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tokens, finals = finish(streams, first)
+        assert all(f.finish_reason == pb.FINISH_REASON_LENGTH for f in finals)
+        assert_lossless(reference, tokens)
+        assert a.server.servicer.num_resyncs > 0 and a.server.servicer.num_items > a.server.servicer.num_resyncs
+    finally:
+        verifier.close()
+        a.kill()
