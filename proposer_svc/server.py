@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 import grpc
 
-from proposer_svc.servicer import NgramProposerServicer
+from proposer_svc.servicer import NgramBackend, ProposerServicer
 from smartspec.serving import add_health_and_reflection, set_serving
 from smartspec.v1 import proposer_pb2, proposer_pb2_grpc
 
@@ -18,10 +18,24 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = proposer_pb2.DESCRIPTOR.services_by_name["Proposer"].full_name
 
 
+BUILTIN_DRAFT = "smollm2-draft"
+
+
+def builtin_draft_dir() -> str:
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "models", BUILTIN_DRAFT)
+
+
 @dataclass
 class ProposerConfig:
     host: str = "127.0.0.1"
     port: int = 50061
+    draft: str = ""  # draft model: 'smollm2-draft' (built-in), a directory or a .gguf file; empty = n-gram
+    dtype: str = "float32"
+    device: str = "cpu"
+    kv_cache_tokens: int = 65536
+    top_k_cap: int = 32  # sampled drafts come from at most this many tokens
     ngram_min: int = 1
     ngram_max: int = 4
     max_k: int = 8
@@ -29,20 +43,35 @@ class ProposerConfig:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--ngram", action="store_true", required=True,
-                            help="draft by n-gram prompt lookup")
+        kind = parser.add_mutually_exclusive_group(required=True)
+        kind.add_argument("--ngram", action="store_true", help="draft by n-gram prompt lookup")
+        kind.add_argument("--draft", help=f"draft model: '{BUILTIN_DRAFT}' (built-in), a directory or a .gguf file")
         for f in fields(ProposerConfig):
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+            if f.name != "draft":
+                parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> "ProposerConfig":
-        return ProposerConfig(**{f.name: getattr(args, f.name) for f in fields(ProposerConfig)})
+        values = {f.name: getattr(args, f.name) for f in fields(ProposerConfig)}
+        values["draft"] = values["draft"] or ""
+        return ProposerConfig(**values)
+
+    def make_backend(self):
+        if not self.draft:
+            return NgramBackend(self.ngram_min, self.ngram_max)
+        from proposer_svc.draft_model import DraftModelBackend
+        from smartspec import models
+
+        path = builtin_draft_dir() if self.draft == BUILTIN_DRAFT else self.draft
+        model = models.load_model(path, self.dtype, self.device)
+        return DraftModelBackend(model, self.kv_cache_tokens, top_k_cap=self.top_k_cap)
 
 
 class ProposerServer:
-    def __init__(self, config: ProposerConfig):
+    def __init__(self, config: ProposerConfig, backend=None):
         self.config = config
-        self.servicer = NgramProposerServicer(config.ngram_min, config.ngram_max, config.max_k, config.max_requests)
+        backend = backend if backend is not None else config.make_backend()
+        self.servicer = ProposerServicer(backend, config.max_k, config.max_requests)
         self.server: grpc.aio.Server | None = None
         self.port = 0
 

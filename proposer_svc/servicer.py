@@ -1,4 +1,8 @@
-"""smartspec.v1.Proposer: one bidi stream per verifier connection; each request is answered in turn."""
+"""smartspec.v1.Proposer: one bidi stream per verifier connection; each request is answered in turn.
+
+The servicer keeps per-request state (with the length check) and hands a
+step's items to a backend: n-gram lookup or a draft model.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ import time
 
 import grpc
 
+from proposer_svc.draft_model import DraftCall
 from proposer_svc.ngram import NgramIndex
 from proposer_svc.state import LengthMismatch, StateStore, UnknownRequest
 from smartspec.v1 import proposer_pb2 as pb
 from smartspec.v1 import proposer_pb2_grpc as pb_grpc
+from verifier_svc.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +26,27 @@ class InvalidPropose(ValueError):
         super().__init__(f"{field}: {problem}")
 
 
-class NgramProposerServicer(pb_grpc.ProposerServicer):
-    def __init__(self, n_min: int = 1, n_max: int = 4, max_k: int = 8, max_requests: int = 4096):
+class NgramBackend:
+    """Deterministic drafts (one-hot distributions: no probabilities travel)."""
+
+    def __init__(self, n_min: int = 1, n_max: int = 4):
+        self.n_min, self.n_max = n_min, n_max
+
+    def new_state(self) -> NgramIndex:
+        return NgramIndex(self.n_min, self.n_max)
+
+    def release(self, state: NgramIndex) -> None:
+        pass
+
+    def propose(self, calls: list[DraftCall]) -> list[tuple[list[int], None]]:
+        return [(c.state.propose(c.k), None) for c in calls]
+
+
+class ProposerServicer(pb_grpc.ProposerServicer):
+    def __init__(self, backend, max_k: int = 8, max_requests: int = 4096):
+        self.backend = backend
         self.max_k = max_k
-        self.store = StateStore(lambda: NgramIndex(n_min, n_max), max_requests)
+        self.store = StateStore(backend.new_state, max_requests, on_evict=backend.release)
         self.num_items = 0  # items answered
         self.num_resyncs = 0  # items that arrived with their full context
 
@@ -40,38 +63,58 @@ class NgramProposerServicer(pb_grpc.ProposerServicer):
         for request_id in request.released_request_ids:
             self.store.release(request_id)
         response = pb.ProposeResponse(step_id=request.step_id)
+        calls, call_results = [], []
         for item in request.items:
-            response.results.append(self.propose(item))
+            result = response.results.add(request_id=item.request_id)
+            state = self._update(item, result)
+            if state is not None and item.k > 0:
+                calls.append(DraftCall(state, item.k, _params(item.sampling)))
+                call_results.append(result)
+        for result, (ids, dists) in zip(call_results, self.backend.propose(calls)):
+            result.draft_token_ids.extend(ids)
+            for token_ids, probs in dists or []:
+                result.draft_probs.add(token_ids=token_ids, probs=probs)
         response.draft_ms = (time.perf_counter() - start) * 1e3
         return response
 
     def validate(self, request: pb.ProposeRequest) -> None:
         if not request.items and not request.released_request_ids:
             raise InvalidPropose("items", "empty batch: no items and no released ids")
+        seen = set()
         for i, item in enumerate(request.items):
             if not item.request_id:
                 raise InvalidPropose(f"items[{i}].request_id", "must not be empty")
+            if item.request_id in seen:
+                raise InvalidPropose(f"items[{i}].request_id", f"{item.request_id!r} appears twice")
+            seen.add(item.request_id)
             if not 0 <= item.k <= self.max_k:
                 raise InvalidPropose(f"items[{i}].k", f"must be in [0, {self.max_k}], got {item.k}")
             if item.total_length < len(item.new_token_ids):
                 raise InvalidPropose(f"items[{i}].total_length",
                                      f"{item.total_length} is less than the {len(item.new_token_ids)} new tokens")
+            s = item.sampling
+            if not s.temperature >= 0 or (s.HasField("top_p") and not 0 < s.top_p <= 1) or s.top_k < 0:
+                raise InvalidPropose(f"items[{i}].sampling", "temperature >= 0, top_p in (0, 1], top_k >= 0")
 
-    def propose(self, item: pb.ProposeItem) -> pb.ProposeResult:
+    def _update(self, item: pb.ProposeItem, result: pb.ProposeResult):
+        """Applies the item to its state; sets the result's status. None when it must resync."""
         self.num_items += 1
         self.num_resyncs += item.full_context
-        result = pb.ProposeResult(request_id=item.request_id)
         try:
-            index = self.store.update(item.request_id, list(item.new_token_ids), item.total_length,
+            state = self.store.update(item.request_id, list(item.new_token_ids), item.total_length,
                                       item.full_context)
         except UnknownRequest:
             result.status = pb.PROPOSE_STATUS_UNKNOWN_REQUEST
-            return result
+            return None
         except LengthMismatch as exc:
             result.status = pb.PROPOSE_STATUS_LENGTH_MISMATCH
             result.known_length = exc.known
-            return result
+            return None
         result.status = pb.PROPOSE_STATUS_OK
-        result.known_length = len(index)
-        result.draft_token_ids.extend(index.propose(item.k))
-        return result
+        result.known_length = len(state)
+        return state
+
+
+def _params(s: pb.DraftSampling) -> SamplingParams:
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0,
+                          top_k=s.top_k, seed=s.seed if s.HasField("seed") else None)

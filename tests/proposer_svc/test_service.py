@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from loop_thread import LoopThread
+from service_threads import LoopThread
 from proposer_svc.server import ProposerConfig, ProposerServer
 from smartspec.v1 import proposer_pb2 as pb
 from smartspec.v1 import proposer_pb2_grpc as pb_grpc
@@ -46,16 +46,18 @@ def test_drafts_continue_the_context_and_track_state(proposer):
 
 def test_unknown_and_mismatched_requests_ask_for_resync(proposer):
     _, stub = proposer
-    unknown, mismatch, gone, resent = exchange(
+    unknown, ok, mismatch, gone, resent = exchange(
         stub,
         pb.ProposeRequest(items=[item("x", [5], 9)]),
-        pb.ProposeRequest(items=[item("b", [1, 2], 2, full=True), item("b", [3, 4], 7)]),
+        pb.ProposeRequest(items=[item("b", [1, 2], 2, full=True)]),
+        pb.ProposeRequest(items=[item("b", [3, 4], 7)]),
         pb.ProposeRequest(items=[item("b", [5], 5)]),  # the mismatch dropped the state
         pb.ProposeRequest(items=[item("b", [1, 2, 3, 4], 4, full=True)]),
     )
     assert unknown.results[0].status == pb.PROPOSE_STATUS_UNKNOWN_REQUEST
-    assert [r.status for r in mismatch.results] == [pb.PROPOSE_STATUS_OK, pb.PROPOSE_STATUS_LENGTH_MISMATCH]
-    assert mismatch.results[1].known_length == 2
+    assert ok.results[0].status == pb.PROPOSE_STATUS_OK
+    assert mismatch.results[0].status == pb.PROPOSE_STATUS_LENGTH_MISMATCH
+    assert mismatch.results[0].known_length == 2
     assert gone.results[0].status == pb.PROPOSE_STATUS_UNKNOWN_REQUEST
     assert resent.results[0].status == pb.PROPOSE_STATUS_OK and resent.results[0].known_length == 4
 
@@ -75,6 +77,7 @@ def test_released_and_least_recently_used_states_are_dropped(proposer):
     (pb.ProposeRequest(items=[item("a", [1], 1, full=True), item("b", [1], 1, k=-1, full=True)]), "items[1].k"),
     (pb.ProposeRequest(items=[item("", [1], 1, full=True)]), "items[0].request_id"),
     (pb.ProposeRequest(items=[item("a", [1, 2, 3], 2, full=True)]), "items[0].total_length"),
+    (pb.ProposeRequest(items=[item("a", [1], 1, full=True), item("a", [1], 1, full=True)]), "items[1].request_id"),
 ])
 def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(proposer, request_, field):
     _, stub = proposer

@@ -6,46 +6,14 @@ from __future__ import annotations
 import random
 import time
 
-import grpc
 import pytest
 
 from greedy_reference import assert_same_greedy, hf_greedy
-from loop_thread import LoopThread
-from proposer_svc.server import ProposerConfig, ProposerServer
+from service_threads import ProposerThread as Proposer, VerifierThread
 from smartspec.models import load_model
 from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
-from verifier_svc.server import Verifier, VerifierConfig
 
 NEW_TOKENS = 40
-
-
-class Proposer(LoopThread):
-    def __init__(self, port: int = 0):
-        super().__init__()
-        self.server = ProposerServer(ProposerConfig(port=port))
-        self.run(self.server.start())
-        self.address = f"127.0.0.1:{self.server.port}"
-
-    def kill(self):
-        self.run(self.server.stop(0))
-        self.stop()
-
-
-class VerifierThread(LoopThread):
-    def __init__(self, model, tokenizer, proposers: list[str]):
-        super().__init__()
-        config = VerifierConfig(model="unused", port=0, metrics_port=0, kv_cache_tokens=4096, policy="fixed:3",
-                                proposer=",".join(proposers), proposer_deadline_ms=2000)
-        self.verifier = Verifier(config, model, tokenizer)
-        self.run(self.verifier.start())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.verifier.port}")
-        self.stub = pb_grpc.GenerationStub(self.channel)
-
-    def close(self):
-        self.channel.close()
-        self.run(self.verifier.drain())
-        self.stop()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +54,7 @@ def assert_lossless(reference, tokens):
 def test_requests_spread_over_replicas_and_stay_lossless(models):
     model, reference, tok = models
     a, b = Proposer(), Proposer()
-    verifier = VerifierThread(model, tok, [a.address, b.address])
+    verifier = VerifierThread(model, tok, [a.address, b.address], policy="fixed:3")
     try:
         tokens, finals = finish(start_streams(verifier.stub))
         assert_lossless(reference, tokens)
@@ -107,7 +75,7 @@ def test_requests_spread_over_replicas_and_stay_lossless(models):
 def test_a_replica_killed_mid_stream_costs_no_request(models):
     model, reference, tok = models
     a, b = Proposer(), Proposer()
-    verifier = VerifierThread(model, tok, [a.address, b.address])
+    verifier = VerifierThread(model, tok, [a.address, b.address], policy="fixed:3")
     client = verifier.verifier.engine.proposer
     try:
         streams = start_streams(verifier.stub)
@@ -129,7 +97,7 @@ def test_a_replica_killed_mid_stream_costs_no_request(models):
 def test_a_restarted_proposer_is_resynced_without_client_errors(models, unused_tcp_port):
     model, reference, tok = models
     a = Proposer(unused_tcp_port)
-    verifier = VerifierThread(model, tok, [a.address])
+    verifier = VerifierThread(model, tok, [a.address], policy="fixed:3")
     client = verifier.verifier.engine.proposer
     client.backoff_s = 0.05
     try:

@@ -11,32 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from loop_thread import LoopThread
+from service_threads import VerifierThread
 from smartspec.models import load_model
 from smartspec.v1 import generation_pb2 as pb
 from smartspec.v1 import generation_pb2_grpc as pb_grpc
-from verifier_svc.server import Verifier, VerifierConfig
-
-
-class ServerThread(LoopThread):
-    """A Verifier on its own event loop in a background thread."""
-
-    def __init__(self, config: VerifierConfig, model, tokenizer):
-        super().__init__()
-        self.verifier = Verifier(config, model, tokenizer)
-        self.run(self.verifier.start())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.verifier.port}")
-        self.stub = pb_grpc.GenerationStub(self.channel)
-
-    def close(self):
-        self.channel.close()
-        if not self.verifier.servicer.draining:
-            self.run(self.verifier.drain())
-        self.stop()
-
-    @property
-    def allocator(self):
-        return self.verifier.engine.allocator
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +26,8 @@ def model_and_tokenizer(tiny_llama_dir, smollm2_tokenizer):
 def make_server(model_and_tokenizer):
     servers = []
 
-    def make(**overrides) -> ServerThread:
-        settings = dict(model="unused", port=0, metrics_port=0, kv_cache_tokens=4096, grace_seconds=10.0)
-        config = VerifierConfig(**{**settings, **overrides})
-        servers.append(ServerThread(config, *model_and_tokenizer))
+    def make(**overrides) -> VerifierThread:
+        servers.append(VerifierThread(*model_and_tokenizer, [], **{"grace_seconds": 10.0, **overrides}))
         return servers[-1]
 
     yield make
@@ -95,7 +71,7 @@ def test_bad_input_gets_invalid_argument_and_serving_continues(make_server):
         chunks = generate(server.stub)  # the next valid request still succeeds
         assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert sum(len(c.token_ids) for c in chunks) == 8
-    assert server.allocator.num_free == server.allocator.num_blocks
+    assert server.verifier.engine.allocator.num_free == server.verifier.engine.allocator.num_blocks
 
 
 def test_stream_shape_and_final_chunk(make_server):
@@ -114,18 +90,18 @@ def test_stream_shape_and_final_chunk(make_server):
 
 def test_cancelled_streams_free_their_kv(make_server):
     server = make_server()
-    initial = server.allocator.num_free
+    initial = server.verifier.engine.allocator.num_free
     streams = [server.stub.Generate(pb.GenerateRequest(prompt_text=f"Story number {i}:", max_new_tokens=500,
                                                        ignore_eos=True), timeout=60) for i in range(20)]
     for s in streams:
         next(s)  # every stream is mid-flight
-    assert server.allocator.num_free < initial
+    assert server.verifier.engine.allocator.num_free < initial
     for s in streams:
         s.cancel()
     deadline = time.monotonic() + 5
-    while server.allocator.num_free != initial and time.monotonic() < deadline:
+    while server.verifier.engine.allocator.num_free != initial and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert server.allocator.num_free == initial
+    assert server.verifier.engine.allocator.num_free == initial
     assert server.verifier.engine.num_requests == 0
     assert generate(server.stub)[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
@@ -203,4 +179,4 @@ def test_drain_aborts_what_outlives_the_grace_period(make_server):
     rest = list(stream)
     assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
     drained.result(30)
-    assert server.allocator.num_free == server.allocator.num_blocks
+    assert server.verifier.engine.allocator.num_free == server.verifier.engine.allocator.num_blocks
