@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distributions import chi_square_p, exact_marginals
 from greedy_reference import PROMPTS, assert_same_greedy, hf_greedy
 from smartspec.models import load_model
 from verifier_svc.engine import Engine, EngineConfig
@@ -70,34 +71,6 @@ def test_speculation_stats_and_per_request_override(small_vocab):
     assert on.output_ids == off.output_ids == fixed.output_ids  # greedy: speculation changes nothing
     assert 0 < on.num_accepted <= on.num_proposed
     assert len(on.output_ids) == 20
-
-
-def exact_marginals(model, prompt: list[int], steps: int, vocab: int) -> list[torch.Tensor]:
-    """P(token t) for t = 1..steps under the target alone, by enumerating every prefix."""
-    marginals = []
-    prefixes = {(): 1.0}
-    for _ in range(steps):
-        nxt: dict[tuple, float] = {}
-        keys = list(prefixes)
-        with torch.inference_mode():
-            logits = model(torch.tensor([prompt + list(p) for p in keys])).logits[:, -1].float()
-        probs = torch.softmax(logits, dim=-1)
-        marginal = torch.zeros(vocab, dtype=torch.float64)
-        for key, row in zip(keys, probs):
-            for y in range(vocab):
-                nxt[key + (y,)] = prefixes[key] * float(row[y])
-                marginal[y] += prefixes[key] * float(row[y])
-        marginals.append(marginal)
-        prefixes = nxt
-    return marginals
-
-
-def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = probs * counts.sum()
-    keep = expected >= 5
-    stat = float((((counts - expected) ** 2 / expected)[keep]).sum())
-    df = int(keep.sum()) - 1
-    return 1.0 - float(torch.distributions.Chi2(torch.tensor(float(df))).cdf(torch.tensor(stat)))
 
 
 def test_sampled_output_with_speculation_follows_the_target(small_vocab):

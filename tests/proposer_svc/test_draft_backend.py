@@ -1,0 +1,105 @@
+"""The draft-model backend: lockstep drafting with its own KV, exact sparse distributions, and
+lossless speculation through the real services with a draft that is the target plus noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributions import chi_square_p, exact_marginals
+from greedy_reference import assert_same_greedy, hf_greedy
+from proposer_svc.draft_model import DraftCall, DraftModelBackend
+from service_threads import ProposerThread, VerifierThread
+from smartspec.models import load_model
+from smartspec.v1 import generation_pb2 as pb
+from verifier_svc.sampler import SamplingParams
+
+
+def noisy_copy(src_dir: str, dst, scale: float, seed: int) -> str:
+    """The target with Gaussian noise on every weight: a draft with tunable acceptance."""
+    model = load_model(src_dir)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    model.save_pretrained(dst)
+    return str(dst)
+
+
+def test_drafts_follow_the_draft_models_greedy_chain(small_vocab_dir):
+    reference = load_model(small_vocab_dir)
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512)
+    states = [backend.new_state() for _ in range(3)]
+    prompts = [[3, 4, 5, 6], [7, 7, 2], [9, 3, 3, 3, 10, 11]]
+    for s, p in zip(states, prompts):
+        s.extend(p)
+    ks = [3, 1, 5]  # requests drop out of the lockstep as their k is reached
+    drafts = backend.propose([DraftCall(s, k, SamplingParams()) for s, k in zip(states, ks)])
+    for (ids, probs), p, k in zip(drafts, prompts, ks):
+        assert probs is None and ids == hf_greedy(reference, p, k, ignore_eos=True)
+    # The verifier accepts 2 of request 0's drafts and adds its own token: KV of those 2 is reused.
+    accepted = drafts[0][0][:2] + [11]
+    states[0].extend(accepted)
+    assert states[0].num_computed == len(prompts[0]) + 2
+    [(ids, _)] = backend.propose([DraftCall(states[0], 4, SamplingParams())])
+    assert ids == hf_greedy(reference, prompts[0] + accepted, 4, ignore_eos=True)
+    for s in states:
+        backend.release(s)
+    assert backend.allocator.num_free == backend.allocator.num_blocks
+
+
+def test_sampled_drafts_return_their_exact_truncated_distribution(small_vocab_dir):
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, top_k_cap=5)
+    state = backend.new_state()
+    state.extend([3, 4, 5])
+    [(ids, dists)] = backend.propose([DraftCall(state, 3, SamplingParams(temperature=0.8, top_p=0.9, seed=1))])
+    assert len(ids) == len(dists) == 3
+    for token, (support, probs) in zip(ids, dists):
+        assert token in support and len(support) <= 5
+        assert abs(sum(probs) - 1) < 1e-5 and min(probs) > 0
+
+
+def test_identical_draft_is_always_accepted_through_the_services(small_vocab_dir, smollm2_tokenizer):
+    target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
+    proposer = ProposerThread(backend=DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=2048))
+    verifier = VerifierThread(target, smollm2_tokenizer, [proposer.address], policy="fixed:3")
+    try:
+        prompt = [3, 4, 5, 6, 7]
+        chunks = list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
+                                                                max_new_tokens=33, ignore_eos=True), timeout=60))
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert_same_greedy(reference, prompt, tokens, hf_greedy(reference, prompt, 33, ignore_eos=True))
+        stats = chunks[-1].speculation
+        assert stats.accepted_tokens == stats.proposed_tokens > 0
+        assert stats.mean_accepted_length == pytest.approx(4.0)  # k + 1 every speculative step
+    finally:
+        verifier.close()
+        proposer.kill()
+
+
+def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2_tokenizer, tmp_path):
+    draft_dir = noisy_copy(small_vocab_dir, tmp_path / "noisy", scale=0.5, seed=3)
+    target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
+    proposer = ProposerThread(backend=DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192))
+    verifier = VerifierThread(target, smollm2_tokenizer, [proposer.address], policy="fixed:2",
+                              max_num_seqs=128, kv_cache_tokens=8192)
+    prompt, steps, n = [3, 4, 5, 6], 3, 2000
+    counts = [torch.zeros(12, dtype=torch.float64) for _ in range(steps)]
+    proposed = accepted = 0
+    try:
+        for start in range(0, n, 100):
+            streams = [verifier.stub.Generate(pb.GenerateRequest(
+                prompt_token_ids=pb.TokenIds(ids=prompt), max_new_tokens=steps, ignore_eos=True,
+                sampling=pb.SamplingParams(temperature=1.0, seed=start + i)), timeout=60) for i in range(100)]
+            for s in streams:
+                chunks = list(s)
+                for t, y in enumerate(t for c in chunks for t in c.token_ids):
+                    counts[t][y] += 1
+                proposed += chunks[-1].speculation.proposed_tokens
+                accepted += chunks[-1].speculation.accepted_tokens
+    finally:
+        verifier.close()
+        proposer.kill()
+    assert proposed > 500 and 0.05 < accepted / proposed < 0.95  # the noise gives partial acceptance
+    for t, marginal in enumerate(exact_marginals(reference, prompt, steps, 12)):
+        assert chi_square_p(counts[t], marginal) > 0.01, (t, counts[t].tolist(), marginal.tolist())
