@@ -9,7 +9,7 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     from proposer_svc.server import ProposerConfig
-    from smartspec import bench, client
+    from smartspec import bench, client, up
     from verifier_svc.server import VerifierConfig
 
     parser = argparse.ArgumentParser(prog="smartspec", description="LLM serving with goodput-driven speculation.")
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     ProposerConfig.add_arguments(sub.add_parser("proposer", help="serve draft proposals (Proposer API)"))
     client.add_arguments(sub.add_parser("generate", help="stream one completion from a running server"))
     bench.add_arguments(sub.add_parser("bench", help="load-test a running server"))
+    up.add_arguments(sub.add_parser("up", help="start the local stack: proposer replicas and a verifier"))
     return parser
 
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return proposer_main(args)
     if args.command == "generate":
         from smartspec.client import run
+
+        return run(args)
+    if args.command == "up":
+        from smartspec.up import run
 
         return run(args)
     from smartspec.bench import run

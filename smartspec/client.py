@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         ttft = (first or time.perf_counter()) - start
         tpot = (total - ttft) / (n - 1) * 1e3 if n > 1 else 0.0
         reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        spec = last.speculation
+        drafts = (f", drafts accepted {spec.accepted_tokens}/{spec.proposed_tokens}"
+                  f" (mean {spec.mean_accepted_length:.2f} tokens/step)" if spec.proposed_tokens else "")
         print(f"[{n} tokens, finish={reason}, ttft={ttft * 1e3:.0f} ms, tpot={tpot:.1f} ms, "
-              f"total={total:.2f} s]", file=sys.stderr)
+              f"total={total:.2f} s{drafts}]", file=sys.stderr)
     return 0

@@ -1,0 +1,81 @@
+"""`smartspec up`: the whole local stack as separate processes — proposer replicas and a verifier."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="target model for the verifier")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--draft", default=None, help="draft model for the proposers (default: the built-in draft)")
+    kind.add_argument("--ngram", action="store_true", help="proposers draft by n-gram prompt lookup")
+    parser.add_argument("--replicas", type=int, default=1, help="proposer processes")
+    parser.add_argument("--port", type=int, default=50051, help="verifier gRPC port")
+    parser.add_argument("--proposer-port", type=int, default=50061, help="first proposer port")
+    parser.add_argument("--metrics-port", type=int, default=9400)
+    parser.add_argument("--policy", default="fixed:3", help="verifier speculation policy")
+    parser.add_argument("--kv-cache-tokens", type=int, default=16384)
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+
+
+def commands(args: argparse.Namespace) -> list[list[str]]:
+    """The processes to start: proposers first, then the verifier that drafts from them."""
+    base = [sys.executable, "-m", "smartspec.cli"]
+    kind = ["--ngram"] if args.ngram else ["--draft", args.draft or "smollm2-draft"]
+    ports = [args.proposer_port + i for i in range(args.replicas)]
+    procs = [base + ["proposer", *kind, "--port", str(p)] for p in ports]
+    procs.append(base + ["verifier", "--model", args.model, "--port", str(args.port),
+                         "--metrics-port", str(args.metrics_port), "--kv-cache-tokens", str(args.kv_cache_tokens),
+                         "--policy", args.policy, "--proposer", ",".join(f"127.0.0.1:{p}" for p in ports)])
+    return procs
+
+
+def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process on port {port} exited with {proc.returncode}")
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise TimeoutError(f"nothing serving on port {port} after {timeout:.0f} s")
+
+
+def run(args: argparse.Namespace) -> int:
+    procs: list[subprocess.Popen] = []
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        for cmd in commands(args):
+            procs.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+            port = int(cmd[cmd.index("--port") + 1])
+            wait_serving(port, procs[-1], args.startup_timeout)
+        print(f"smartspec stack up: verifier on 127.0.0.1:{args.port} "
+              f"({args.replicas} proposer{'s' if args.replicas > 1 else ''}); Ctrl-C stops it", flush=True)
+        while not stop["now"] and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in reversed(procs):  # the verifier drains first, then the proposers go
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return 0 if all(p.returncode in (0, -signal.SIGTERM) for p in procs) else 1

@@ -1,0 +1,60 @@
+"""`smartspec up` as real processes: SmolLM2 verifying n-gram drafts from a proposer process,
+lossless for fixed k in {1, 3, 5} with 8 concurrent requests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from greedy_reference import assert_same_greedy, hf_greedy
+from smartspec.up import wait_serving
+from smartspec.v1 import generation_pb2 as pb
+from smartspec.v1 import generation_pb2_grpc as pb_grpc
+
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "Rewrite in capitals: the quick brown fox jumps over the lazy dog.\nTHE QUICK",
+    "1, 2, 3, 4, 5, 6, 7, 8,",
+    "import os\nimport sys\n\ndef main():\n    args = sys.argv[1:]\n",
+    "The capital of France is",
+    "Repeat after me: red green blue, red green blue, red",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "Q: What is 17 times 3?\nA:",
+]
+NEW_TOKENS = 24
+
+
+@pytest.mark.slow
+def test_up_stack_is_lossless_with_ngram_drafts(unused_tcp_port, smollm2_tokenizer, smollm2_pair):
+    port, proposer_port = unused_tcp_port, unused_tcp_port + 1
+    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "up", "--ngram", "--port", str(port),
+                             "--proposer-port", str(proposer_port), "--metrics-port", "0", "--policy", "off"])
+    reference = smollm2_pair[1]
+    try:
+        wait_serving(port, proc, 180)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            ids = [smollm2_tokenizer(p).input_ids for p in PROMPTS]
+
+            def generate(prompt_ids, k):
+                chunks = list(stub.Generate(pb.GenerateRequest(
+                    prompt_token_ids=pb.TokenIds(ids=prompt_ids), max_new_tokens=NEW_TOKENS,
+                    speculation=pb.Speculation(mode=pb.SPECULATION_MODE_FIXED, k=k)), timeout=300))
+                return [t for c in chunks for t in c.token_ids], chunks[-1].speculation
+
+            expected = [hf_greedy(reference, p, NEW_TOKENS) for p in ids]
+            with ThreadPoolExecutor(8) as pool:
+                for k in (1, 3, 5):
+                    results = list(pool.map(lambda p: generate(p, k), ids))
+                    for p, want, (got, _) in zip(ids, expected, results):
+                        assert_same_greedy(reference, p, got, want)
+                    assert sum(s.proposed_tokens for _, s in results) > 0
+                    assert sum(s.accepted_tokens for _, s in results) > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
