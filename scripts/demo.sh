@@ -1,25 +1,22 @@
 #!/usr/bin/env bash
-# Starts a local verifier with the built-in SmolLM2-135M-Instruct, streams a few
-# completions with their timing, runs a short load test, and stops the server.
+# Starts the local stack (a proposer process and a verifier on SmolLM2-135M-Instruct),
+# runs a few prompts with speculation off and on side by side, and stops the stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 . .venv/bin/activate
 port="${PORT:-50051}"
 log="$(mktemp)"
-smartspec verifier --port "$port" --metrics-port 0 --kv-cache-tokens 16384 >"$log" 2>&1 &
-server=$!
-trap 'kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -f "$log"' EXIT
-echo "loading the model..."
-until grep -q "ready on" "$log"; do
-  if ! kill -0 "$server" 2>/dev/null; then cat "$log"; exit 1; fi
+smartspec up --ngram --port "$port" --proposer-port "$((port + 10))" --metrics-port 0 --policy off >"$log" 2>&1 &
+stack=$!
+trap 'kill -TERM "$stack" 2>/dev/null || true; wait "$stack" 2>/dev/null || true; rm -f "$log"' EXIT
+echo "starting the stack (proposer + verifier, loading the model)..."
+until grep -q "stack up" "$log"; do
+  if ! kill -0 "$stack" 2>/dev/null; then cat "$log"; exit 1; fi
   sleep 0.5
 done
-for prompt in "What is the capital of France?" "Write a haiku about the sea." \
-              "Explain what a KV cache is in one sentence."; do
-  echo; echo ">>> $prompt"
-  smartspec generate "$prompt" --chat --max-new-tokens 64 --target "127.0.0.1:$port"
-done
-echo; echo ">>> 16 requests at 4 requests/s, 64 new tokens each"
-smartspec bench --target "127.0.0.1:$port" --rate 4 --num-requests 16 --max-new-tokens 64 --chat \
-  --output results/demo/bench.json
+echo
+smartspec generate "What is the capital of France?" --chat --max-new-tokens 32 --target "127.0.0.1:$port"
+echo
+echo "Each prompt with speculation off, then with 4 n-gram draft tokens per step (greedy, so the text must match):"
+python -m smartspec.demo --target "127.0.0.1:$port" --k 4 --max-new-tokens 64

@@ -81,6 +81,7 @@ class ProposerClient:
         self.replicas = {address: Replica(address) for address in endpoints}
         self._steps = itertools.count()
         self.last_failures = 0  # replicas that failed in the last propose()
+        self.last_draft_ms = 0.0  # the slowest replica's own drafting time in the last propose()
 
     def replica_for(self, request_id: str) -> Replica:
         up = [a for a, r in self.replicas.items() if r.available()] or list(self.replicas)
@@ -89,6 +90,7 @@ class ProposerClient:
     async def propose(self, requests) -> list[Draft | None]:
         """requests: items with request_id, token_ids (whole context), k and params."""
         results: list[Draft | None] = [None] * len(requests)
+        self.last_draft_ms = 0.0
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(self.replica_for(r.request_id).address, []).append(i)
@@ -124,6 +126,7 @@ class ProposerClient:
                         replica.address, type(exc).__name__, len(idxs))
             await replica.fail(self.backoff_s)
             return False
+        self.last_draft_ms = max(self.last_draft_ms, response.draft_ms)
         for i, res in zip(idxs, response.results):
             request_id = requests[i].request_id
             if res.status != pb.PROPOSE_STATUS_OK:
