@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, fields
 
 import grpc
 
 from proposer_svc.servicer import NgramBackend, ProposerServicer
-from smartspec.serving import add_health_and_reflection, set_serving
+from smartspec.serving import add_health_and_reflection, set_serving, until_signalled
 from smartspec.v1 import proposer_pb2, proposer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -91,12 +90,8 @@ class ProposerServer:
 async def serve(config: ProposerConfig) -> None:
     server = ProposerServer(config)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     print(f"smartspec proposer ready on {config.host}:{server.port}", flush=True)
-    await stop.wait()
+    await until_signalled()
     await server.stop()
 
 

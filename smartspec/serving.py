@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -21,3 +24,12 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str])
 async def set_serving(health: HealthServicer, service_names: list[str]) -> None:
     for name in ("", *service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def until_signalled() -> None:
+    """Returns on SIGTERM or SIGINT (what Kubernetes and Ctrl-C send)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

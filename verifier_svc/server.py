@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 from dataclasses import dataclass, fields
 
 import grpc
 import torch
+
 from smartspec import models
-from smartspec.serving import add_health_and_reflection, set_serving
+from smartspec.serving import add_health_and_reflection, set_serving, until_signalled
 from smartspec.v1 import generation_pb2, generation_pb2_grpc
 from verifier_svc.async_engine import AsyncEngine
 from verifier_svc.engine import Engine, EngineConfig
@@ -142,12 +142,8 @@ class Verifier:
 async def serve(config: VerifierConfig) -> None:
     verifier = Verifier(config)
     await verifier.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     print(f"smartspec verifier ready on {config.host}:{verifier.port}", flush=True)
-    await stop.wait()
+    await until_signalled()
     log.info("signal received: draining")
     await verifier.drain()
 
