@@ -1,0 +1,186 @@
+"""Batch-1 speculation with fixed k, against no speculation, the analytic optimum and HF assisted generation.
+
+    python benchmarks/speculation.py [--draft smollm2-draft | --ngram] [--quick]
+
+The target (SmolLM2-135M) runs in this process through `Engine.step()`; drafts
+come over gRPC from `smartspec proposer` in its own process, as in production.
+For each k = 1..8 it measures time per output token (TPOT), the acceptance rate
+a (tested-token counting: accepted / (accepted + steps with a rejection)), the
+draft/target step-cost ratio c and the hop overhead r (both per target step).
+The analytic speedup of k is E(k) / (1 + k c + r) with E(k) = (1 - a^(k+1)) / (1 - a);
+the best fixed k is compared with the best analytic k. Hugging Face assisted
+generation (`assistant_model=` the same draft, or `prompt_lookup_num_tokens=`
+for n-gram) runs on the same prompts for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proposer_svc.server import BUILTIN_DRAFT, builtin_draft_dir  # noqa: E402
+from smartspec.models import load_model, load_tokenizer  # noqa: E402
+from smartspec.up import wait_serving  # noqa: E402
+from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
+from verifier_svc.planner import Policy  # noqa: E402
+from verifier_svc.proposer_client import ProposerClient  # noqa: E402
+from verifier_svc.sampler import SamplingParams  # noqa: E402
+
+PROMPTS = [  # code and input-grounded prompts, chat-templated like real traffic
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "Write a Python class for a stack with push, pop and peek.",
+    "Rewrite in the past tense: The engineer opens the dashboard and checks the latency of every request.",
+    "Summarise in one sentence: The cache stores keys and values of earlier tokens so that each new token "
+    "attends to them without recomputing them, which makes decoding fast but uses memory.",
+]
+
+
+class SyncProposer:
+    """Engine.step() is synchronous; the gRPC client is not."""
+
+    def __init__(self, client: ProposerClient):
+        self.client = client
+        self.loop = asyncio.new_event_loop()
+        self.exchange_ms: list[float] = []
+        self.draft_ms: list[float] = []
+
+    def propose(self, requests):
+        start = time.perf_counter()
+        drafts = self.loop.run_until_complete(self.client.propose(requests))
+        self.exchange_ms.append((time.perf_counter() - start) * 1e3)
+        self.draft_ms.append(self.client.last_draft_ms)
+        return drafts
+
+    def release(self, request_ids):
+        self.client.release(request_ids)
+
+
+def run_engine(engine: Engine, prompt_ids: list[list[int]], new_tokens: int, k: int) -> dict:
+    """Sequential batch-1 requests; TPOT excludes the first token (prefill)."""
+    tpots, accepted, tested = [], 0, 0
+    for i, ids in enumerate(prompt_ids):
+        engine.add_request(f"k{k}-{i}-{time.monotonic()}", ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                           spec_mode="fixed" if k else "off", spec_k=k)
+        first = None
+        start = time.perf_counter()
+        while engine.has_work():
+            engine.step()
+            first = first or time.perf_counter()
+            for proposed, acc in engine.last_stats.drafts:
+                accepted += acc
+                tested += acc + (acc < proposed)
+        tpots.append((time.perf_counter() - first) / (new_tokens - 1) * 1e3)
+    return {"k": k, "tpot_ms": statistics.mean(tpots), "acceptance": accepted / tested if tested else None}
+
+
+def hf_assisted(target, tok, draft, prompts: list[str], new_tokens: int, k: int, ngram: bool) -> float:
+    tpots = []
+    for p in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        kwargs = {"prompt_lookup_num_tokens": k} if ngram else {"assistant_model": draft}
+        if not ngram:
+            draft.generation_config.num_assistant_tokens = k
+            draft.generation_config.num_assistant_tokens_schedule = "constant"
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            target.generate(**ids, max_new_tokens=1, do_sample=False)
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = target.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  **kwargs)
+            total = time.perf_counter() - t0
+        n = out.shape[1] - ids["input_ids"].shape[1]
+        tpots.append((total - ttft) / (n - 1) * 1e3)
+    return statistics.mean(tpots)
+
+
+def analytic(a: float, k: int, c: float, r: float) -> float:
+    expected = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+    return expected / (1 + k * c + r)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--draft", default=BUILTIN_DRAFT)
+    kind.add_argument("--ngram", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="k in 1..3, 2 prompts, 24 tokens")
+    ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--port", type=int, default=50681)
+    ap.add_argument("--output-dir", default=None)
+    args = ap.parse_args()
+    ks = [1, 2, 3] if args.quick else list(range(1, 9))
+    prompts = PROMPTS[:2] if args.quick else PROMPTS
+    new_tokens = 24 if args.quick else args.new_tokens
+    name = "ngram" if args.ngram else Path(args.draft).name
+    out_dir = Path(args.output_dir or f"benchmarks/results/speculation_{name}")
+
+    kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft]
+    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port)])
+    tok = load_tokenizer("smollm2")
+    target_for_engine, target_for_hf = load_model("smollm2"), load_model("smollm2")
+    draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
+    draft_for_hf = None if args.ngram else load_model(draft_path)
+    try:
+        wait_serving(args.port, proc, 120)
+        proposer = SyncProposer(ProposerClient([f"127.0.0.1:{args.port}"], deadline_s=5.0))
+        engine = Engine(target_for_engine, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy(0)), proposer)
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for p in prompts]
+        run_engine(engine, ids[:1], 8, 2)  # warm-up
+        off = run_engine(engine, ids, new_tokens, 0)
+        rows = []
+        for k in ks:
+            proposer.exchange_ms.clear()
+            proposer.draft_ms.clear()
+            row = run_engine(engine, ids, new_tokens, k)
+            draft_step_ms = statistics.median(proposer.draft_ms) / (k + 1)  # k lockstep steps + catch-up
+            hop_ms = statistics.median(e - d for e, d in zip(proposer.exchange_ms, proposer.draft_ms))
+            row.update(speedup=off["tpot_ms"] / row["tpot_ms"], c=draft_step_ms / off["tpot_ms"],
+                       r=hop_ms / off["tpot_ms"])
+            row["hf_tpot_ms"] = hf_assisted(target_for_hf, tok, draft_for_hf, prompts, new_tokens, k, args.ngram)
+            rows.append(row)
+            print(f"k={k}: TPOT {row['tpot_ms']:.1f} ms (off {off['tpot_ms']:.1f}), a={row['acceptance']}, "
+                  f"c={row['c']:.3f}, r={row['r']:.4f}, HF assisted {row['hf_tpot_ms']:.1f} ms", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+    measured = [r for r in rows if r["acceptance"] is not None]
+    a = statistics.median(r["acceptance"] for r in measured) if measured else 0.0
+    c = statistics.median(r["c"] for r in rows)
+    r_hop = statistics.median(r["r"] for r in rows)
+    optimum = max(analytic(a, k, c, r_hop) for k in ks)
+    best = max(rows, key=lambda r: r["speedup"])
+    summary = {"acceptance": a, "c": c, "r": r_hop, "analytic_optimum": optimum, "best_k": best["k"],
+               "best_speedup": best["speedup"], "fraction_of_optimum": best["speedup"] / optimum,
+               "best_hf_tpot_ms": min(r["hf_tpot_ms"] for r in rows), "best_tpot_ms": best["tpot_ms"]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "proposer": name, "new_tokens": new_tokens, "off": off, "rows": rows, "summary": summary}, indent=1))
+    print(f"\n| k | TPOT (ms) | speedup vs off | acceptance | analytic speedup | HF assisted TPOT (ms) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| off | {off['tpot_ms']:.1f} | 1.00 | - | 1.00 | - |")
+    for row in rows:
+        print(f"| {row['k']} | {row['tpot_ms']:.1f} | {row['speedup']:.2f} | "
+              f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)} | "
+              f"{analytic(a, row['k'], c, r_hop):.2f} | {row['hf_tpot_ms']:.1f} |")
+    print(f"\na = {a:.3f}, c = {c:.3f}, r = {r_hop:.4f}; analytic optimum {optimum:.2f}x; best fixed k = "
+          f"{best['k']} at {best['speedup']:.2f}x = {summary['fraction_of_optimum']:.0%} of it; "
+          f"best HF assisted TPOT {summary['best_hf_tpot_ms']:.1f} ms vs ours {best['tpot_ms']:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
