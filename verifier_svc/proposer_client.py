@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import socket
 import time
 
 import grpc
@@ -73,15 +74,45 @@ class Replica:
 
 
 class ProposerClient:
-    def __init__(self, endpoints: list[str], deadline_s: float = 0.1, backoff_s: float = 1.0):
+    """`endpoints`: host:port of each replica, or one `dns:NAME:PORT` whose addresses are
+    re-resolved every `resolve_every_s` (a headless Kubernetes Service, say)."""
+
+    def __init__(self, endpoints: list[str], deadline_s: float = 0.1, backoff_s: float = 1.0,
+                 resolve_every_s: float = 10.0):
         if not endpoints:
             raise ValueError("at least one proposer endpoint is needed")
         self.deadline_s = deadline_s
         self.backoff_s = backoff_s
-        self.replicas = {address: Replica(address) for address in endpoints}
+        self.dns: tuple[str, int] | None = None
+        self.resolve_every_s = resolve_every_s
+        self._next_resolve = 0.0
+        self.replicas: dict[str, Replica] = {}
+        if len(endpoints) == 1 and endpoints[0].startswith("dns:"):
+            host, _, port = endpoints[0].removeprefix("dns:").rpartition(":")
+            self.dns = (host, int(port))
+        else:
+            self.replicas = {address: Replica(address) for address in endpoints}
         self._steps = itertools.count()
         self.last_failures = 0  # replicas that failed in the last propose()
         self.last_draft_ms = 0.0  # the slowest replica's own drafting time in the last propose()
+
+    async def set_endpoints(self, endpoints: list[str]) -> None:
+        """Adds new replicas and closes vanished ones (their requests move by rendezvous)."""
+        for address in set(self.replicas) - set(endpoints):
+            await self.replicas.pop(address).close()
+        for address in endpoints:
+            self.replicas.setdefault(address, Replica(address))
+
+    async def _resolve(self) -> None:
+        host, port = self.dns
+        self._next_resolve = time.monotonic() + self.resolve_every_s
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("cannot resolve proposer name %s: %s; keeping %d endpoints", host, exc, len(self.replicas))
+            return
+        addresses = sorted({f"[{i[4][0]}]:{i[4][1]}" if ":" in i[4][0] else f"{i[4][0]}:{i[4][1]}" for i in infos})
+        await self.set_endpoints(addresses)
 
     def replica_for(self, request_id: str) -> Replica:
         up = [a for a, r in self.replicas.items() if r.available()] or list(self.replicas)
@@ -89,8 +120,13 @@ class ProposerClient:
 
     async def propose(self, requests) -> list[Draft | None]:
         """requests: items with request_id, token_ids (whole context), k and params."""
+        if self.dns is not None and time.monotonic() >= self._next_resolve:
+            await self._resolve()
         results: list[Draft | None] = [None] * len(requests)
         self.last_draft_ms = 0.0
+        self.last_failures = 0
+        if not self.replicas:
+            return results
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(self.replica_for(r.request_id).address, []).append(i)

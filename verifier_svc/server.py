@@ -58,7 +58,8 @@ class VerifierConfig:
             "max_batched_tokens": "token budget per engine step",
             "max_waiting": "waiting-queue bound (beyond it: RESOURCE_EXHAUSTED)",
             "policy": "speculation policy: off | fixed:K (drafts need --proposer)",
-            "proposer": "'ngram' (prompt lookup in this process) or host:port[,host:port...] of proposer replicas",
+            "proposer": "'ngram' (prompt lookup in this process), host:port[,host:port...] of proposer replicas, "
+                        "or dns:NAME:PORT re-resolved every 10 s",
             "proposer_deadline_ms": "a proposer slower than this gives no drafts that step",
             "grace_seconds": "on SIGTERM, how long in-flight streams may finish",
         }
