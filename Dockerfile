@@ -44,7 +44,8 @@ RUN pip install . \
 WORKDIR /home/smartspec
 USER 10001:10001
 
-# 50051 gRPC (Generation, grpc.health.v1, reflection); 9400 Prometheus /metrics.
-EXPOSE 50051 9400
+# 50051 verifier gRPC (Generation, health, reflection); 50061 proposer gRPC (Proposer,
+# health, reflection); 9400 Prometheus /metrics.
+EXPOSE 50051 50061 9400
 ENTRYPOINT ["smartspec"]
 CMD ["--help"]
