@@ -1,5 +1,5 @@
-"""`smartspec up` as real processes: SmolLM2 verifying n-gram drafts from a proposer process,
-lossless for fixed k in {1, 3, 5} with 8 concurrent requests."""
+"""`smartspec up` as real processes: SmolLM2 verifying drafts from a proposer process (the
+built-in draft model, or n-gram lookup), lossless for fixed k in {1, 3, 5} with 8 concurrent requests."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ NEW_TOKENS = 24
 
 
 @pytest.mark.slow
-def test_up_stack_is_lossless_with_ngram_drafts(unused_tcp_port, smollm2_tokenizer, smollm2_pair):
+@pytest.mark.parametrize("proposer", [["--ngram"], ["--draft", "smollm2-draft"]], ids=["ngram", "builtin-draft"])
+def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smollm2_pair):
     port, proposer_port = unused_tcp_port, unused_tcp_port + 1
-    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "up", "--ngram", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "up", *proposer, "--port", str(port),
                              "--proposer-port", str(proposer_port), "--metrics-port", "0", "--policy", "off"])
     reference = smollm2_pair[1]
     try:
