@@ -159,8 +159,17 @@ class Engine:
         """Drafts in the order of draft_requests(); None (proposer failed) means k = 0 this step."""
         speculating = iter(it for it in sched.items if it.k > 0)
         for item, draft in zip(speculating, drafts):
-            if draft is not None and draft.token_ids:
+            if draft is not None and draft.token_ids and self._well_formed(draft):
                 item.draft = Draft(draft.token_ids[: item.k], draft.probs[: item.k] if draft.probs else None)
+
+    def _well_formed(self, draft: Draft) -> bool:
+        """A proposer's bug must not reach the target: ids in the vocabulary, one distribution per id."""
+        if not all(0 <= t < self.vocab_size for t in draft.token_ids):
+            return False
+        if draft.probs is None:
+            return True
+        return len(draft.probs) == len(draft.token_ids) and all(
+            len(ids) == len(ps) and all(0 <= i < self.vocab_size for i in ids) for ids, ps in draft.probs)
 
     def execute(self, sched: SchedulerOutput) -> list[Verified | None]:
         """Forward pass, then per item that samples: its emitted tokens (None for a prefill chunk)."""

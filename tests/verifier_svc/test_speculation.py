@@ -13,6 +13,7 @@ from smartspec.models import load_model
 from verifier_svc.engine import Engine, EngineConfig
 from verifier_svc.local_ngram import LocalNgramProposer
 from verifier_svc.planner import Policy, SpecMode
+from verifier_svc.rejection import Draft
 from verifier_svc.sampler import SamplingParams
 
 REPETITIVE = [  # prompt lookup finds matches in these
@@ -108,3 +109,16 @@ def test_smollm2_greedy_with_ngram_drafts(smollm2_pair, smollm2_tokenizer, k):
     out = run(engine, prompts, SamplingParams(max_new_tokens=24))
     for i, ids in enumerate(prompts):
         assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 24))
+
+
+def test_malformed_drafts_are_dropped_not_fed_to_the_target(small_vocab):
+    model, _, tok = small_vocab
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=1024, policy=Policy(2)), LocalNgramProposer())
+    engine.add_request("x", [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    engine.step()  # prefill
+    for bad in (Draft([5, 99]), Draft([5], [([5, 3], [1.0])]), Draft([5, 3], [([5], [1.0])])):
+        sched = engine.schedule()
+        engine.attach_drafts(sched, [bad])
+        assert sched.items[0].draft is None
+        engine.postprocess(sched, engine.execute(sched))  # the step still runs, without drafts
+    assert engine.get("x") is not None and len(engine.get("x").output_ids) == 4
