@@ -177,7 +177,7 @@ class Engine:
         fwd = []
         for it in sched.items:
             seq = it.seq
-            ids = seq.token_ids()[seq.num_computed: seq.num_computed + it.num_new]
+            ids = seq.token_slice(seq.num_computed, seq.num_computed + it.num_new)
             drafted = it.draft.token_ids if it.draft else []
             fwd.append(ForwardItem(ids + drafted, seq.num_computed, seq.block_table,
                                    1 + len(drafted) if it.sample else 0))

@@ -28,6 +28,17 @@ def step(s: Scheduler) -> SchedulerOutput:
     return out
 
 
+def preempt_second_of_two(s: Scheduler) -> tuple[Sequence, Sequence]:
+    """Two 7-token prompts in 4 blocks of 4: the third step must preempt the second request."""
+    a, b = seq("a", 7), seq("b", 7)
+    s.add(a)
+    s.add(b)
+    step(s)
+    step(s)
+    assert step(s).preempted == [b]
+    return a, b
+
+
 def ids(out: SchedulerOutput) -> list[tuple[str, int, bool]]:
     return [(it.seq.request_id, it.num_new, it.sample) for it in out.items]
 
@@ -184,13 +195,7 @@ def test_no_admission_in_a_step_that_preempted():
 
 def test_preempted_request_with_a_small_budget_recomputes_in_chunks():
     s = make(num_blocks=4, block_size=4, max_batched_tokens=16)
-    a, b = seq("a", 7), seq("b", 7)
-    s.add(a)
-    s.add(b)
-    step(s)
-    step(s)
-    out = step(s)
-    assert out.preempted == [b]
+    a, b = preempt_second_of_two(s)
     s.finish(a)
     s.config = SchedulerConfig(max_batched_tokens=4)
     out = step(s)
@@ -291,13 +296,7 @@ def test_abort_mid_chunked_prefill_frees_blocks():
 
 def test_finish_after_preemption_while_waiting():
     s = make(num_blocks=4, block_size=4)
-    a, b = seq("a", 7), seq("b", 7)
-    s.add(a)
-    s.add(b)
-    step(s)
-    step(s)
-    out = step(s)
-    assert out.preempted == [b]
+    a, b = preempt_second_of_two(s)
     s.finish(b)
     assert b.status is Status.FINISHED and list(s.waiting) == []
     s.finish(a)
@@ -347,3 +346,12 @@ def test_after_rollback_the_rejected_tokens_are_rescheduled():
     assert s.allocator.num_free == 6
     assert ids(step(s)) == [("a", 1, True)]
     assert a.num_computed == 8
+
+
+def test_token_slice_equals_slicing_the_whole_context():
+    q = seq("q", 5)
+    q.output_ids.extend([7, 8, 9])
+    whole = q.token_ids()
+    for start in range(len(whole) + 1):
+        for end in range(start, len(whole) + 1):
+            assert q.token_slice(start, end) == whole[start:end]
