@@ -1,0 +1,165 @@
+"""Step cost learned online from live step metrics.
+
+verify_ms(B, N_tok, N_kv) = f(N_tok) + per_request * B + per_kv_token * N_kv, where f
+is piecewise linear over fixed knots in N_tok: flat then linear on a GPU, linear
+almost at once on a CPU, both fit by the same knots. Knots between and beyond the
+observed token counts follow a straight line (a curvature penalty), so an unseen
+N_tok is extrapolated from its neighbours instead of guessed.
+
+propose_ms(k) = rtt + draft_step * max(k) + draft_per_token * sum(k) when anything
+is drafted: a draft model runs max(k) lockstep steps over a shrinking sub-batch.
+
+The fitter judges itself: before each step joins the fit, it predicts that
+step's verify time, and reports the median absolute relative error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TOKEN_KNOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, relative to one step
+PRIOR_WEIGHT = 0.05  # pull of each knot toward the prior, decisive only where no step says otherwise
+WINDOW_STEPS = 1024  # steps kept for fitting
+ERROR_WINDOW = 256  # steps the prediction error is reported over
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """A fitted cost model: what the planner evaluates and the controller pushes."""
+
+    verify_ms_at_knots: tuple[float, ...]  # f at TOKEN_KNOTS
+    verify_ms_per_request: float = 0.0
+    verify_ms_per_kv_token: float = 0.0
+    draft_step_ms: float = 0.0
+    draft_ms_per_token: float = 0.0
+    proposer_rtt_ms: float = 1.0
+    verify_relative_error: float = float("nan")
+    num_steps: int = 0  # steps the fit saw
+
+    def verify_ms(self, batch_size: int, tokens, kv_tokens) -> np.ndarray:
+        """Predicted target step time; `tokens` and `kv_tokens` broadcast (arrays allowed)."""
+        f = np.interp(tokens, TOKEN_KNOTS, self.verify_ms_at_knots)
+        return f + self.verify_ms_per_request * batch_size + self.verify_ms_per_kv_token * np.asarray(kv_tokens)
+
+    def propose_ms(self, max_k, sum_k) -> np.ndarray:
+        """Proposal time for drafts of depth max_k and sum_k tokens in all (0 when nothing is drafted)."""
+        max_k = np.asarray(max_k)
+        cost = self.proposer_rtt_ms + self.draft_step_ms * max_k + self.draft_ms_per_token * np.asarray(sum_k)
+        return np.where(max_k > 0, cost, 0.0)
+
+
+def linear_prior(ms_per_token: float, fixed_ms: float = 0.0) -> CostParams:
+    """An uncalibrated guess: fixed_ms plus ms_per_token per batched token, free drafting."""
+    return CostParams(tuple(fixed_ms + ms_per_token * k for k in TOKEN_KNOTS))
+
+
+@dataclass
+class StepSample:
+    """One engine step as the cost model sees it."""
+
+    batch_size: int
+    num_batched_tokens: int
+    num_kv_tokens: int
+    verify_ms: float
+    draft_steps: int = 0  # max k planned this step (0: nothing proposed)
+    draft_tokens: int = 0  # sum of k planned this step
+    propose_ms: float = 0.0  # proposal time the verifier waited
+    draft_ms: float = 0.0  # drafting time the proposers reported
+
+
+@dataclass
+class CostModelFitter:
+    prior: CostParams = field(default_factory=lambda: linear_prior(1.0, 5.0))
+    refit_every: int = 16
+
+    def __post_init__(self):
+        self._verify: deque[StepSample] = deque(maxlen=WINDOW_STEPS)
+        self._propose: deque[StepSample] = deque(maxlen=WINDOW_STEPS)
+        self._errors: deque[float] = deque(maxlen=ERROR_WINDOW)
+        self._since_fit = 0
+        self._seen = 0
+        self.params = self.prior
+
+    def observe(self, sample: StepSample) -> None:
+        if sample.verify_ms > 0:
+            predicted = float(self.params.verify_ms(sample.batch_size, sample.num_batched_tokens,
+                                                    sample.num_kv_tokens))
+            if self.params.num_steps:
+                self._errors.append(abs(predicted - sample.verify_ms) / sample.verify_ms)
+            self._verify.append(sample)
+        if sample.draft_steps > 0 and sample.propose_ms > 0:
+            self._propose.append(sample)
+        self._seen += 1
+        self._since_fit += 1
+        # Refit at once while the model is young, then every refit_every steps.
+        if self._since_fit >= self.refit_every or len(self._verify) < 2 * self.refit_every:
+            self.refit()
+
+    def relative_error(self) -> float:
+        """Median absolute relative error of verify-time predictions over recent steps."""
+        return float(np.median(self._errors)) if self._errors else float("nan")
+
+    def refit(self) -> CostParams:
+        self._since_fit = 0
+        verify = self._fit_verify() if self._verify else None
+        draft = self._fit_propose() if self._propose else None
+        p = self.params
+        knots, per_request, per_kv = verify or (p.verify_ms_at_knots, p.verify_ms_per_request,
+                                                p.verify_ms_per_kv_token)
+        step, per_token, rtt = draft or (p.draft_step_ms, p.draft_ms_per_token, p.proposer_rtt_ms)
+        self.params = CostParams(tuple(knots), per_request, per_kv, step, per_token, rtt,
+                                 self.relative_error(), self._seen)
+        return self.params
+
+    def _fit_verify(self) -> tuple[np.ndarray, float, float]:
+        rows = list(self._verify)
+        tokens = np.array([r.num_batched_tokens for r in rows], dtype=np.float64)
+        y = np.array([r.verify_ms for r in rows])
+        x = np.asarray(TOKEN_KNOTS, dtype=np.float64)
+        m = len(x)
+        # Hat basis: each step's f(N_tok) interpolates its two neighbouring knots.
+        hat = np.zeros((len(rows), m))
+        j = np.clip(np.searchsorted(x, tokens, side="right") - 1, 0, m - 2)
+        w = np.clip((tokens - x[j]) / (x[j + 1] - x[j]), 0.0, 1.0)
+        hat[np.arange(len(rows)), j] = 1 - w
+        hat[np.arange(len(rows)), j + 1] = w
+        batch = np.array([r.batch_size for r in rows], dtype=np.float64)
+        kv = np.array([r.num_kv_tokens for r in rows], dtype=np.float64)
+        extra = np.stack([batch, kv], axis=1)
+        scale = np.maximum(extra.max(axis=0), 1.0)
+        design = np.hstack([hat, extra / scale])
+        # Curvature rows: slope changes between knots cost CURVATURE_PENALTY (in ms per token).
+        curv = np.zeros((m - 2, m + 2))
+        for i in range(m - 2):
+            left, right = x[i + 1] - x[i], x[i + 2] - x[i + 1]
+            curv[i, i], curv[i, i + 1], curv[i, i + 2] = 1 / left, -(1 / left + 1 / right), 1 / right
+            curv[i] *= x[i + 1]  # relative slope change, so small and large knots weigh alike
+        prior = np.maximum(np.asarray(self.prior.verify_ms_at_knots), 1e-3)
+        pull = np.hstack([np.diag(PRIOR_WEIGHT / prior), np.zeros((m, 2))])  # relative: big knots weigh alike
+        a = np.vstack([design, CURVATURE_PENALTY * curv, pull])
+        b = np.concatenate([y, np.zeros(m - 2), np.full(m, PRIOR_WEIGHT)])
+        # B and N_kv can only add time: a column whose coefficient comes out negative is dropped.
+        keep = np.ones(m + 2, dtype=bool)
+        while True:
+            coef = np.zeros(m + 2)
+            coef[keep], *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
+            negative = [c for c in (m, m + 1) if keep[c] and coef[c] < 0]
+            if not negative:
+                break
+            keep[min(negative, key=lambda c: coef[c])] = False
+        knots = np.maximum.accumulate(np.maximum(coef[:m], 0.0))  # time never falls with more tokens
+        per_request, per_kv = coef[m:] / scale
+        return knots, float(per_request), float(per_kv)
+
+    def _fit_propose(self) -> tuple[float, float, float]:
+        rows = list(self._propose)
+        draft_ms = np.array([r.draft_ms for r in rows])
+        rtt = float(np.median(np.array([r.propose_ms for r in rows]) - draft_ms))
+        a = np.array([[r.draft_steps, r.draft_tokens] for r in rows], dtype=np.float64)
+        coef, *_ = np.linalg.lstsq(a, draft_ms, rcond=None)
+        step, per_token = np.maximum(coef, 0.0)
+        return float(step), float(per_token), max(rtt, 0.0)

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from controller.cost_model import TOKEN_KNOTS, CostModelFitter, CostParams, StepSample, linear_prior
+
+
+def gpu_like(tokens, batch, kv):
+    """Flat until 64 tokens, then linear: the knee a single line misses."""
+    return 10.0 + 0.05 * np.maximum(tokens - 64, 0) + 0.02 * batch + 0.0005 * kv
+
+
+def cpu_like(tokens, batch, kv):
+    return 40.0 + 8.0 * tokens + 0.3 * batch + 0.001 * kv
+
+
+def live_steps(rng, truth, n, noise=0.03):
+    for _ in range(n):
+        batch = int(rng.integers(1, 33))
+        k = int(rng.integers(0, 6))
+        tokens = batch * (k + 1) + int(rng.integers(0, 3)) * 16 * int(rng.random() < 0.2)
+        kv = batch * int(rng.integers(32, 600))
+        ms = truth(tokens, batch, kv) * (1 + noise * rng.standard_normal())
+        yield StepSample(batch, tokens, kv, ms)
+
+
+@pytest.mark.parametrize("truth", [gpu_like, cpu_like])
+def test_fits_both_shapes_with_low_prediction_error(truth):
+    rng = np.random.default_rng(0)
+    fitter = CostModelFitter()
+    for s in live_steps(rng, truth, 1500):
+        fitter.observe(s)
+    assert fitter.relative_error() < 0.05  # noise is 3%
+    p = fitter.refit()
+    for tokens in (8, 32, 64, 128, 192):
+        assert float(p.verify_ms(8, tokens, 8 * 300)) == pytest.approx(truth(tokens, 8, 8 * 300), rel=0.06)
+
+
+def test_a_single_line_misses_the_knee():
+    """What the piecewise fit is for: the best straight line is far off at the knee."""
+    rng = np.random.default_rng(1)
+    rows = list(live_steps(rng, gpu_like, 1500, noise=0.0))
+    x = np.array([[1, r.num_batched_tokens, r.batch_size, r.num_kv_tokens] for r in rows], dtype=float)
+    y = np.array([r.verify_ms for r in rows])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    line_error = np.median(np.abs(x @ coef - y) / y)
+    fitter = CostModelFitter()
+    for r in rows:
+        fitter.observe(r)
+    assert fitter.relative_error() < line_error / 3
+
+
+def test_extrapolates_unseen_token_counts_along_the_line():
+    fitter = CostModelFitter()
+    for tokens in (1, 2, 4, 8, 16) * 20:
+        fitter.observe(StepSample(tokens, tokens, 0, cpu_like(tokens, tokens, 0)))
+    p = fitter.refit()
+    assert float(p.verify_ms(32, 32, 0)) == pytest.approx(cpu_like(32, 32, 0), rel=0.1)
+    assert all(np.diff(p.verify_ms_at_knots) >= 0)
+
+
+def test_draft_cost_and_rtt_from_proposal_times():
+    rng = np.random.default_rng(2)
+    fitter = CostModelFitter()
+    for _ in range(300):
+        ks = rng.integers(1, 6, size=int(rng.integers(1, 9)))
+        draft = 4.0 * ks.max() + 0.5 * ks.sum()
+        fitter.observe(StepSample(len(ks), int(ks.sum() + len(ks)), 100, 50.0, int(ks.max()), int(ks.sum()),
+                                  propose_ms=draft + 0.8, draft_ms=draft))
+    p = fitter.refit()
+    assert p.draft_step_ms == pytest.approx(4.0, rel=0.01)
+    assert p.draft_ms_per_token == pytest.approx(0.5, rel=0.02)
+    assert p.proposer_rtt_ms == pytest.approx(0.8, rel=0.01)
+    assert float(p.propose_ms(3, 6)) == pytest.approx(0.8 + 12 + 3)
+    assert float(p.propose_ms(0, 0)) == 0.0
+
+
+def test_prediction_error_is_reported_and_reaches_the_params():
+    fitter = CostModelFitter()
+    assert np.isnan(fitter.relative_error())
+    rng = np.random.default_rng(3)
+    for s in live_steps(rng, cpu_like, 200, noise=0.0):
+        fitter.observe(s)
+    p = fitter.refit()
+    assert p.verify_relative_error == fitter.relative_error() < 0.02
+    assert p.num_steps == 200
+
+
+def test_linear_prior():
+    p = linear_prior(2.0, 5.0)
+    assert isinstance(p, CostParams)
+    assert float(p.verify_ms(1, TOKEN_KNOTS[3], 0)) == pytest.approx(5 + 2 * TOKEN_KNOTS[3])
