@@ -77,7 +77,7 @@ def run_engine(engine: Engine, prompt_ids: list[list[int]], new_tokens: int, k: 
         while engine.has_work():
             engine.step()
             first = first or time.perf_counter()
-            for proposed, acc in engine.last_stats.drafts:
+            for _, proposed, acc in engine.last_stats.drafts:
                 accepted += acc
                 tested += acc + (acc < proposed)
         tpots.append((time.perf_counter() - first) / (new_tokens - 1) * 1e3)
@@ -136,7 +136,7 @@ def main() -> None:
     try:
         wait_serving(args.port, proc, 120)
         proposer = SyncProposer(ProposerClient([f"127.0.0.1:{args.port}"], deadline_s=5.0))
-        engine = Engine(target_for_engine, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy(0)), proposer)
+        engine = Engine(target_for_engine, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy()), proposer)
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for p in prompts]
         run_engine(engine, ids[:1], 8, 2)  # warm-up

@@ -12,8 +12,10 @@ import asyncio
 import inspect
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 
-from verifier_svc.engine import Engine, FinishReason, RequestOutput
+from verifier_svc.engine import Engine, FinishReason, RequestOutput, StepStats
 from verifier_svc.metrics import Metrics
 from verifier_svc.planner import SpecMode
 from verifier_svc.sampler import SamplingParams
@@ -25,10 +27,24 @@ class EngineError(RuntimeError):
     """The step serving this request failed; it was dropped."""
 
 
+@dataclass
+class StepRecord:
+    """One finished step, as reported to the controller."""
+
+    step_id: int
+    stats: StepStats
+    propose_ms: float
+    draft_ms: float
+    step_ms: float
+    emitted_tokens: int
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, keep_steps: int = 4096):
         self.engine = engine
         self.metrics = metrics or Metrics()
+        self.steps: deque[StepRecord] = deque(maxlen=keep_steps)  # drained by the controller client
+        self._step_id = 0
         self._queues: dict[str, asyncio.Queue] = {}
         self._last_emit: dict[str, float] = {}
         self._deferred_aborts: set[str] = set()
@@ -87,7 +103,7 @@ class AsyncEngine:
     async def _step(self) -> None:
         start = time.perf_counter()
         sched = self.engine.schedule()
-        await self._propose(sched)
+        propose_ms, draft_ms = await self._propose(sched)
         self._in_step = True
         try:
             tokens = await asyncio.to_thread(self.engine.execute, sched)
@@ -101,17 +117,24 @@ class AsyncEngine:
             for request_id in self._deferred_aborts:
                 self.engine.abort(request_id)
             self._deferred_aborts.clear()
-        mid = time.perf_counter()
         outputs = self.engine.postprocess(sched, tokens)
         for out in outputs:
             self._deliver(out)
-        self._observe_step(sched, outputs, start, mid, time.perf_counter())
+        end = time.perf_counter()
+        self._observe_step(sched, outputs, start, end)
+        stats = self.engine.last_stats
+        if stats is not None:
+            self.engine.planner.observe(stats.outcome(propose_ms, draft_ms))
+            self._step_id += 1
+            self.steps.append(StepRecord(self._step_id, stats, propose_ms, draft_ms, (end - start) * 1e3,
+                                         sum(len(o.token_ids) for o in outputs)))
 
-    async def _propose(self, sched) -> None:
-        """Attaches drafts; a proposer problem only means no drafts this step."""
+    async def _propose(self, sched) -> tuple[float, float]:
+        """Attaches drafts; a proposer problem only means no drafts this step.
+        Returns (proposal time waited, drafting time the proposers reported), in ms."""
         requests = self.engine.draft_requests(sched)
         if not requests:
-            return
+            return 0.0, 0.0
         start = time.perf_counter()
         try:
             drafts = self.engine.proposer.propose(requests)
@@ -121,7 +144,9 @@ class AsyncEngine:
             self.metrics.proposer_failures.inc(getattr(self.engine.proposer, "last_failures", 0))
         except Exception:
             log.exception("proposer failed; this step runs without drafts")
-        self.metrics.step.labels("propose").observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.metrics.step.labels("propose").observe(elapsed)
+        return elapsed * 1e3, getattr(self.engine.proposer, "last_draft_ms", 0.0)
 
     def _fail(self, request_id: str, exc: Exception) -> None:
         queue = self._queues.pop(request_id, None)
@@ -151,13 +176,13 @@ class AsyncEngine:
             self._last_emit.pop(out.request_id, None)
         queue.put_nowait(out)
 
-    def _observe_step(self, sched, outputs, start: float, mid: float, end: float) -> None:
+    def _observe_step(self, sched, outputs, start: float, end: float) -> None:
         m = self.metrics
         stats = self.engine.last_stats
         if stats is not None:
             m.step.labels("verify").observe(stats.forward_s)
             m.step.labels("sample").observe(stats.sample_s)
-            for proposed, accepted in stats.drafts:
+            for _, proposed, accepted in stats.drafts:
                 m.draft_tokens.inc(proposed)
                 m.accepted_tokens.inc(accepted)
                 for position in range(accepted):
@@ -168,6 +193,7 @@ class AsyncEngine:
         emitted = sum(len(o.token_ids) for o in outputs)
         m.goodput.set(emitted / (end - start) if end > start else 0.0)
         m.chosen_k.set(sum(it.k for it in sched.items) / max(1, len(sched.items)))
+        m.cost_model_error.set(self.engine.planner.fitter.relative_error())
         self._update_gauges()
 
     def _update_gauges(self) -> None:

@@ -19,7 +19,8 @@ import torch
 from verifier_svc.kv_cache import BlockAllocator
 from verifier_svc.model_runner import ForwardItem, ModelRunner
 from verifier_svc.output import TextStream
-from verifier_svc.planner import Policy, SpecMode, plan
+from controller.cost_model import StepSample
+from verifier_svc.planner import MAX_K, Policy, SpecMode, SpecPlanner, StepOutcome
 from verifier_svc.rejection import Draft, Verified, verify
 from verifier_svc.sampler import SamplingParams, make_generator, sample
 from verifier_svc.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
@@ -68,21 +69,32 @@ class DraftRequest:
 @dataclass
 class StepStats:
     batch_size: int
-    num_batched_tokens: int
+    num_batched_tokens: int  # tokens fed to the target, drafts included
     num_prefill_tokens: int
     num_kv_tokens: int
     num_preempted: int
     forward_s: float
     sample_s: float
-    drafts: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per speculating item
+    planned: list[int] = field(default_factory=list)  # k the planner chose, per item
+    drafts: list[tuple[str, int, int]] = field(default_factory=list)  # (request id, proposed, accepted)
+
+    def outcome(self, propose_ms: float = 0.0, draft_ms: float = 0.0) -> StepOutcome:
+        """The step as the planner learns from it."""
+        cost = StepSample(self.batch_size, self.num_batched_tokens, self.num_kv_tokens,
+                          (self.forward_s + self.sample_s) * 1e3, max(self.planned, default=0), sum(self.planned),
+                          propose_ms, draft_ms)
+        return StepOutcome(self.drafts, cost)
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), proposer=None):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), proposer=None,
+                 planner: SpecPlanner | None = None):
         """`proposer`: drafts tokens, `propose(list[DraftRequest]) -> list[Draft]` and
-        `release(request_ids)`; without one nothing speculates."""
+        `release(request_ids)`; without one nothing speculates. `planner` chooses k per
+        request per step (default: one following `config.policy`)."""
         self.config = config
         self.proposer = proposer
+        self.planner = planner or SpecPlanner(config.policy)
         self.tokenizer = tokenizer
         num_blocks = -(-config.kv_cache_tokens // config.block_size)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
@@ -135,21 +147,27 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         sched = self.schedule()
         requests = self.draft_requests(sched)
+        propose_ms = 0.0
         if requests:
+            start = time.perf_counter()
             self.attach_drafts(sched, self.proposer.propose(requests))
-        return self.postprocess(sched, self.execute(sched))
+            propose_ms = (time.perf_counter() - start) * 1e3
+        results = self.execute(sched)
+        self.planner.observe(self.last_stats.outcome(propose_ms, getattr(self.proposer, "last_draft_ms", 0.0)))
+        return self.postprocess(sched, results)
 
     def schedule(self) -> SchedulerOutput:
         sched = self.scheduler.schedule()
-        if self.proposer is None:
+        if self.proposer is None or not self.planner.policy.speculates and not self._overrides(sched):
             return sched
-        for item, k in zip(sched.items, plan(self.config.policy, sched.items)):
-            seq = item.seq
-            # Never draft past max_new_tokens: a step emits at most k + 1 tokens.
-            k = min(k, seq.params.max_new_tokens - len(seq.output_ids) - 1)
+        for item, k in zip(sched.items, self.planner.plan(sched.items)):
             if k > 0 and self.scheduler.reserve_drafts(item, k):
                 item.k = k
         return sched
+
+    @staticmethod
+    def _overrides(sched: SchedulerOutput) -> bool:
+        return any(it.seq.spec_mode == SpecMode.FIXED for it in sched.items)
 
     def draft_requests(self, sched: SchedulerOutput) -> list[DraftRequest]:
         return [DraftRequest(it.seq.request_id, it.seq.token_ids(), it.k, it.seq.params)
@@ -159,7 +177,12 @@ class Engine:
         """Drafts in the order of draft_requests(); None (proposer failed) means k = 0 this step."""
         speculating = iter(it for it in sched.items if it.k > 0)
         for item, draft in zip(speculating, drafts):
-            if draft is not None and draft.token_ids and self._well_formed(draft):
+            if draft is None:
+                continue
+            # A proposer that offers fewer tokens than asked (no n-gram match) is asked
+            # for at most one more next step.
+            item.seq.draft_cap = len(draft.token_ids) + 1 if len(draft.token_ids) < item.k else MAX_K
+            if draft.token_ids and self._well_formed(draft):
                 item.draft = Draft(draft.token_ids[: item.k], draft.probs[: item.k] if draft.probs else None)
 
     def _well_formed(self, draft: Draft) -> bool:
@@ -186,13 +209,15 @@ class Engine:
         results = self._sample(sched, logits)
         self.last_stats = StepStats(
             batch_size=len(sched.items),
-            num_batched_tokens=sched.num_batched_tokens,
+            num_batched_tokens=sum(len(f.token_ids) for f in fwd),
             num_prefill_tokens=sum(it.num_new for it in sched.items if it.num_new > 1 or not it.sample),
             num_kv_tokens=sum(it.seq.num_computed + it.num_new for it in sched.items),
             num_preempted=len(sched.preempted),
             forward_s=mid - start,
             sample_s=time.perf_counter() - mid,
-            drafts=[(len(it.draft.token_ids), r.num_accepted) for it, r in zip(sched.items, results) if it.draft],
+            planned=[it.k for it in sched.items],
+            drafts=[(it.seq.request_id, len(it.draft.token_ids), r.num_accepted)
+                    for it, r in zip(sched.items, results) if it.draft],
         )
         return results
 
@@ -266,6 +291,7 @@ class Engine:
         self._seqs.pop(seq.request_id, None)
         self._streams.pop(seq.request_id, None)
         self.scheduler.finish(seq)
+        self.planner.release(seq.request_id)
         if self.proposer is not None:
             self.proposer.release([seq.request_id])
 

@@ -27,6 +27,9 @@ class Metrics:
         self.goodput = Gauge("smartspec_goodput_tokens_per_second",
                              "Tokens emitted per second of engine step time, last step.", registry=r)
         self.chosen_k = Gauge("smartspec_chosen_k", "Mean speculation length chosen, last step.", registry=r)
+        self.cost_model_error = Gauge("smartspec_cost_model_relative_error",
+                                      "Median absolute relative error of this verifier's verify-time predictions.",
+                                      registry=r)
         self.batch_tokens = Histogram("smartspec_step_batched_tokens", "Tokens fed to the target per step.",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
                                       registry=r)

@@ -1,53 +1,150 @@
 """The per-step planning seam: how many draft tokens each scheduled request gets.
 
-Policies: `off` (k = 0) and `fixed:K`; a request may override the server's
-policy (off, or fixed with its own k). Only requests that are decoding (their
-one pending token is fed and a token is sampled) may speculate.
+Policies: `off`, `fixed:K`, `smartspec[:KMAX]` (per-request goodput) and
+`smartspec-uniform[:KMAX]` (one k for the batch). A request may override the
+server's policy (off, or fixed with its own k). Only requests that are decoding
+(their one pending token is fed and a token is sampled) may speculate.
+
+`SpecPlanner` keeps what the goodput policies learn in this process: acceptance
+per request and a cost model fitted on this verifier's own steps. A controller
+may push a cost model fitted over all verifiers; the local fit is the fallback
+whenever none is pushed or the controller is gone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from controller.acceptance import AcceptanceEstimator
+from controller.cost_model import CostModelFitter, CostParams, StepSample, linear_prior
+from controller.planner import Batch, expected_tokens
+from controller.planner import plan as plan_goodput
 
 MAX_K = 8
 
 
 class SpecMode:
+    """A request's override."""
+
     AUTO = "auto"  # follow the server's policy
     OFF = "off"
     FIXED = "fixed"
 
 
+class Mode:
+    OFF = "off"
+    FIXED = "fixed"
+    SMARTSPEC = "smartspec"
+    UNIFORM = "smartspec-uniform"
+
+
 @dataclass(frozen=True)
 class Policy:
-    k: int = 0  # draft tokens per request per step for `fixed:K`; 0 is `off`
+    mode: str = Mode.OFF
+    k: int = 0  # draft tokens per request per step for `fixed`
+    k_max: int = MAX_K  # the most the goodput modes may choose
+
+    @staticmethod
+    def fixed(k: int) -> "Policy":
+        return Policy(Mode.FIXED, k) if k else Policy()
+
+    @property
+    def speculates(self) -> bool:
+        return self.mode != Mode.OFF
 
     @staticmethod
     def parse(text: str) -> "Policy":
-        if text == "off":
-            return Policy(0)
-        if text.startswith("fixed:"):
-            try:
-                k = int(text.removeprefix("fixed:"))
-            except ValueError:
-                k = -1
-            if 1 <= k <= MAX_K:
-                return Policy(k)
-        raise ValueError(f"policy must be 'off' or 'fixed:K' with 1 <= K <= {MAX_K}, got {text!r}")
+        name, _, arg = text.partition(":")
+        try:
+            n = int(arg) if arg else None
+        except ValueError:
+            n = -1
+        if name == Mode.OFF and n is None:
+            return Policy()
+        if name == Mode.FIXED and n is not None and 1 <= n <= MAX_K:
+            return Policy(Mode.FIXED, n)
+        if name in (Mode.SMARTSPEC, Mode.UNIFORM) and (n is None or 1 <= n <= MAX_K):
+            return Policy(name, 0, n or MAX_K)
+        raise ValueError(f"policy must be off, fixed:K, smartspec[:KMAX] or smartspec-uniform[:KMAX] "
+                         f"with 1 <= K <= {MAX_K}, got {text!r}")
 
     def __str__(self) -> str:
-        return f"fixed:{self.k}" if self.k else "off"
+        if self.mode == Mode.FIXED:
+            return f"fixed:{self.k}"
+        if self.mode in (Mode.SMARTSPEC, Mode.UNIFORM):
+            return f"{self.mode}:{self.k_max}"
+        return self.mode
 
 
-def plan(policy: Policy, items) -> list[int]:
-    """k_i per scheduled item (0 = no speculation)."""
-    ks = []
-    for item in items:
-        seq = item.seq
-        if not item.sample or item.num_new != 1 or seq.spec_mode == SpecMode.OFF:
-            ks.append(0)
-        elif seq.spec_mode == SpecMode.FIXED:
-            ks.append(seq.spec_k)
-        else:
-            ks.append(policy.k)
-    return ks
+@dataclass
+class StepOutcome:
+    """What one step tells the planner: per speculating request, and the step's cost."""
+
+    drafts: list[tuple[str, int, int]]  # (request id, proposed, accepted)
+    cost: StepSample
+
+
+class SpecPlanner:
+    def __init__(self, policy: Policy = Policy(), cost_prior: CostParams | None = None):
+        self.policy = policy
+        self.acceptance = AcceptanceEstimator()
+        self.fitter = CostModelFitter(prior=cost_prior or linear_prior(20.0, 40.0))
+        self.pushed_cost: CostParams | None = None
+        self.last_ks: list[int] = []
+
+    @property
+    def cost(self) -> CostParams:
+        return self.pushed_cost or self.fitter.params
+
+    def apply(self, policy: Policy, cost: CostParams | None = None, prior: float | None = None) -> None:
+        """A policy from the controller; cost None keeps using the local fit."""
+        self.policy = policy
+        self.pushed_cost = cost if cost is not None and cost.num_steps else None
+        if prior is not None and 0 < prior < 1 and self.acceptance.prior_trials < 100:
+            self.acceptance.seed_prior(prior)
+
+    def plan(self, items) -> list[int]:
+        """k_i per scheduled item (0 = no speculation); never more than the request can still emit."""
+        policy = self.policy
+        ks = [0] * len(items)
+        auto, other_tokens, forced = [], 0.0, 0
+        for i, item in enumerate(items):
+            seq = item.seq
+            room = seq.params.max_new_tokens - len(seq.output_ids) - 1
+            if not item.sample or item.num_new != 1 or seq.spec_mode == SpecMode.OFF or room <= 0:
+                other_tokens += 1 if item.sample else 0
+            elif seq.spec_mode == SpecMode.FIXED:
+                ks[i] = min(seq.spec_k, room)
+                forced += ks[i]
+                other_tokens += float(expected_tokens(self.acceptance.rate(seq.request_id), ks[i]))
+            elif policy.mode == Mode.FIXED:
+                ks[i] = min(policy.k, room)
+            elif policy.mode in (Mode.SMARTSPEC, Mode.UNIFORM):
+                auto.append((i, min(seq.draft_cap, room)))
+            else:
+                other_tokens += 1
+        if auto:
+            ids = [items[i].seq.request_id for i, _ in auto]
+            batch = Batch(len(items), sum(it.num_new for it in items) + forced,
+                          sum(it.seq.num_computed + it.num_new for it in items))
+            chosen = plan_goodput(self.acceptance.rates(ids), np.array([c for _, c in auto]), self.cost, batch,
+                                  policy.k_max, uniform=policy.mode == Mode.UNIFORM, other_tokens=other_tokens)
+            for (i, cap), k, request_id in zip(auto, chosen, ids):
+                ks[i] = int(k)
+                if k == 0 and cap > 0:
+                    self.acceptance.idle(request_id)
+        self.last_ks = ks
+        return ks
+
+    def observe(self, outcome: StepOutcome) -> None:
+        for request_id, proposed, accepted in outcome.drafts:
+            self.acceptance.observe(request_id, proposed, accepted)
+        self.fitter.observe(outcome.cost)
+
+    def release(self, request_id: str) -> None:
+        self.acceptance.release(request_id)
+
+    def snapshot(self) -> CostParams:
+        return replace(self.fitter.params, verify_relative_error=self.fitter.relative_error())

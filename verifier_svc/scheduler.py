@@ -47,6 +47,7 @@ class Sequence:
     num_proposed: int = 0
     num_accepted: int = 0
     num_spec_steps: int = 0
+    draft_cap: int = 8  # most drafts the proposer offered lately (planner.MAX_K until it offers fewer)
 
     @property
     def num_tokens(self) -> int:

@@ -57,7 +57,7 @@ class VerifierConfig:
             "kv_cache_tokens": "KV cache capacity in tokens",
             "max_batched_tokens": "token budget per engine step",
             "max_waiting": "waiting-queue bound (beyond it: RESOURCE_EXHAUSTED)",
-            "policy": "speculation policy: off | fixed:K (drafts need --proposer)",
+            "policy": "speculation policy: off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX] (drafts need --proposer)",
             "proposer": "'ngram' (prompt lookup in this process), host:port[,host:port...] of proposer replicas, "
                         "or dns:NAME:PORT re-resolved every 10 s",
             "proposer_deadline_ms": "a proposer slower than this gives no drafts that step",
@@ -79,7 +79,7 @@ class VerifierConfig:
 
     def parsed_policy(self) -> Policy:
         policy = Policy.parse(self.policy)
-        if policy.k and not self.proposer:
+        if policy.speculates and not self.proposer:
             raise ValueError(f"policy {self.policy!r} needs --proposer")
         return policy
 

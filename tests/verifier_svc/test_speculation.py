@@ -45,7 +45,7 @@ def tiny(tiny_llama_dir, smollm2_tokenizer):
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_with_ngram_drafts_equals_target_greedy(tiny, k):
     model, reference, tok = tiny
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy(k)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy.fixed(k)), LocalNgramProposer())
     prompts = [tok(p).input_ids for p in PROMPTS + REPETITIVE]
     out = run(engine, prompts, SamplingParams(max_new_tokens=24))
     for i, ids in enumerate(prompts):
@@ -57,7 +57,7 @@ def test_greedy_with_ngram_drafts_equals_target_greedy(tiny, k):
 def test_speculation_stats_and_per_request_override(small_vocab):
     """Over 12 tokens greedy output soon repeats, so prompt lookup drafts and gets accepted."""
     model, _, tok = small_vocab
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy(3)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy.fixed(3)), LocalNgramProposer())
     ids = [3, 4, 5, 3, 4, 5, 3, 4]
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     on = engine.add_request("on", ids, params)
@@ -66,7 +66,7 @@ def test_speculation_stats_and_per_request_override(small_vocab):
     proposed_per_step = []
     while engine.has_work():
         engine.step()
-        proposed_per_step.extend(p for p, _ in engine.last_stats.drafts)
+        proposed_per_step.extend(p for _, p, _ in engine.last_stats.drafts)
     assert off.num_proposed == 0 and on.num_proposed > 0
     assert max(proposed_per_step) <= 3 and fixed.num_proposed <= fixed.num_spec_steps
     assert on.output_ids == off.output_ids == fixed.output_ids  # greedy: speculation changes nothing
@@ -76,7 +76,7 @@ def test_speculation_stats_and_per_request_override(small_vocab):
 
 def test_sampled_output_with_speculation_follows_the_target(small_vocab):
     model, reference, tok = small_vocab
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, max_num_seqs=256, policy=Policy(3)),
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, max_num_seqs=256, policy=Policy.fixed(3)),
                     LocalNgramProposer(n_min=1, n_max=2))
     prompt = [3, 4, 5, 3, 4, 5, 3, 4]  # lookup keeps proposing 5, 3, 4, ...
     steps, n = 4, 2400
@@ -104,7 +104,7 @@ def test_sampled_output_with_speculation_follows_the_target(small_vocab):
 def test_smollm2_greedy_with_ngram_drafts(smollm2_pair, smollm2_tokenizer, k):
     model, reference = smollm2_pair
     tok = smollm2_tokenizer
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy(k)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy.fixed(k)), LocalNgramProposer())
     prompts = [tok(p).input_ids for p in PROMPTS[:6] + REPETITIVE]
     out = run(engine, prompts, SamplingParams(max_new_tokens=24))
     for i, ids in enumerate(prompts):
@@ -113,7 +113,7 @@ def test_smollm2_greedy_with_ngram_drafts(smollm2_pair, smollm2_tokenizer, k):
 
 def test_malformed_drafts_are_dropped_not_fed_to_the_target(small_vocab):
     model, _, tok = small_vocab
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=1024, policy=Policy(2)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=1024, policy=Policy.fixed(2)), LocalNgramProposer())
     engine.add_request("x", [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8, ignore_eos=True))
     engine.step()  # prefill
     for bad in (Draft([5, 99]), Draft([5], [([5, 3], [1.0])]), Draft([5, 3], [([5], [1.0])])):
@@ -122,3 +122,22 @@ def test_malformed_drafts_are_dropped_not_fed_to_the_target(small_vocab):
         assert sched.items[0].draft is None
         engine.postprocess(sched, engine.execute(sched))  # the step still runs, without drafts
     assert engine.get("x") is not None and len(engine.get("x").output_ids) == 4
+
+
+@pytest.mark.parametrize("policy", ["smartspec", "smartspec-uniform"])
+def test_goodput_policies_are_lossless_and_learn_from_steps(tiny, policy):
+    from controller.cost_model import TOKEN_KNOTS, CostParams
+    from verifier_svc.planner import SpecPlanner
+
+    model, reference, tok = tiny
+    planner = SpecPlanner(Policy.parse(policy))
+    # A flat verify cost makes speculation pay, so the planner drafts.
+    planner.apply(planner.policy, CostParams(tuple(20.0 for _ in TOKEN_KNOTS), proposer_rtt_ms=0.1, num_steps=1))
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096), LocalNgramProposer(), planner)
+    prompts = [tok(p).input_ids for p in PROMPTS + REPETITIVE]
+    out = run(engine, prompts, SamplingParams(max_new_tokens=24))
+    for i, ids in enumerate(prompts):
+        assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 24))
+    assert planner.fitter.params.num_steps > 0  # the local fit saw every step
+    assert planner.acceptance.prior_trials > planner.acceptance.prior_weight  # drafts were verified and counted
+    assert len(planner.acceptance) == 0  # released as requests finished
