@@ -104,13 +104,16 @@ class AcceptanceEstimator:
         """Restarts the global prior at `prior` (e.g. the controller's, on a fresh verifier)."""
         self._global = _Trials(prior * self.prior_weight, self.prior_weight)
 
-    def observe(self, request_id: str, proposed: int, accepted: int) -> None:
+    def observe(self, request_id: str | None, proposed: int, accepted: int) -> None:
+        """One request's draft outcome in a step; request_id None feeds the global prior only."""
         tested = num_tested(proposed, accepted)
         if tested == 0:
             return
         g = self._global
         g.accepted = g.accepted * self._prior_decay ** tested + accepted
         g.tested = g.tested * self._prior_decay ** tested + tested
+        if request_id is None:
+            return
         history = self._requests.get(request_id)
         if history is None:
             self._requests[request_id] = history = _History()

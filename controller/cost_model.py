@@ -99,6 +99,19 @@ class CostModelFitter:
         if self._since_fit >= self.refit_every or len(self._verify) < 2 * self.refit_every:
             self.refit()
 
+    @property
+    def num_seen(self) -> int:
+        return self._seen
+
+    def seed(self, samples: list[StepSample]) -> CostParams:
+        """Steps measured before serving (a profile or a calibration): fitted, not scored."""
+        for sample in samples:
+            if sample.verify_ms > 0:
+                self._verify.append(sample)
+            if sample.draft_steps > 0 and sample.propose_ms > 0:
+                self._propose.append(sample)
+        return self.refit()
+
     def relative_error(self) -> float:
         """Median absolute relative error of verify-time predictions over recent steps."""
         return float(np.median(self._errors)) if self._errors else float("nan")

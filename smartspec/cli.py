@@ -8,8 +8,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from controller_svc.server import ControllerConfig
     from proposer_svc.server import ProposerConfig
-    from smartspec import bench, client, up
+    from smartspec import bench, client, ctl, up
     from verifier_svc.server import VerifierConfig
 
     parser = argparse.ArgumentParser(prog="smartspec", description="LLM serving with goodput-driven speculation.")
@@ -17,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     VerifierConfig.add_arguments(sub.add_parser("verifier", help="serve the target model (Generation API)"))
     ProposerConfig.add_arguments(sub.add_parser("proposer", help="serve draft proposals (Proposer API)"))
+    ControllerConfig.add_arguments(sub.add_parser("controller", help="serve the goodput controller (Controller API)"))
+    ctl.add_arguments(sub.add_parser("ctl", help="read or change the controller's policy"))
     client.add_arguments(sub.add_parser("generate", help="stream one completion from a running server"))
     bench.add_arguments(sub.add_parser("bench", help="load-test a running server"))
     up.add_arguments(sub.add_parser("up", help="start the local stack: proposer replicas and a verifier"))
@@ -34,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         from proposer_svc.server import main as proposer_main
 
         return proposer_main(args)
+    if args.command == "controller":
+        from controller_svc.server import main as controller_main
+
+        return controller_main(args)
+    if args.command == "ctl":
+        from smartspec.ctl import run
+
+        return run(args)
     if args.command == "generate":
         from smartspec.client import run
 

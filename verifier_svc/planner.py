@@ -13,7 +13,7 @@ whenever none is pushed or the controller is gone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,8 +21,9 @@ from controller.acceptance import AcceptanceEstimator
 from controller.cost_model import CostModelFitter, CostParams, StepSample, linear_prior
 from controller.planner import Batch, expected_tokens
 from controller.planner import plan as plan_goodput
+from controller.policy import MAX_K, Mode, Policy
 
-MAX_K = 8
+__all__ = ["MAX_K", "Mode", "Policy", "SpecMode", "SpecPlanner", "StepOutcome"]
 
 
 class SpecMode:
@@ -31,51 +32,6 @@ class SpecMode:
     AUTO = "auto"  # follow the server's policy
     OFF = "off"
     FIXED = "fixed"
-
-
-class Mode:
-    OFF = "off"
-    FIXED = "fixed"
-    SMARTSPEC = "smartspec"
-    UNIFORM = "smartspec-uniform"
-
-
-@dataclass(frozen=True)
-class Policy:
-    mode: str = Mode.OFF
-    k: int = 0  # draft tokens per request per step for `fixed`
-    k_max: int = MAX_K  # the most the goodput modes may choose
-
-    @staticmethod
-    def fixed(k: int) -> "Policy":
-        return Policy(Mode.FIXED, k) if k else Policy()
-
-    @property
-    def speculates(self) -> bool:
-        return self.mode != Mode.OFF
-
-    @staticmethod
-    def parse(text: str) -> "Policy":
-        name, _, arg = text.partition(":")
-        try:
-            n = int(arg) if arg else None
-        except ValueError:
-            n = -1
-        if name == Mode.OFF and n is None:
-            return Policy()
-        if name == Mode.FIXED and n is not None and 1 <= n <= MAX_K:
-            return Policy(Mode.FIXED, n)
-        if name in (Mode.SMARTSPEC, Mode.UNIFORM) and (n is None or 1 <= n <= MAX_K):
-            return Policy(name, 0, n or MAX_K)
-        raise ValueError(f"policy must be off, fixed:K, smartspec[:KMAX] or smartspec-uniform[:KMAX] "
-                         f"with 1 <= K <= {MAX_K}, got {text!r}")
-
-    def __str__(self) -> str:
-        if self.mode == Mode.FIXED:
-            return f"fixed:{self.k}"
-        if self.mode in (Mode.SMARTSPEC, Mode.UNIFORM):
-            return f"{self.mode}:{self.k_max}"
-        return self.mode
 
 
 @dataclass
@@ -145,6 +101,3 @@ class SpecPlanner:
 
     def release(self, request_id: str) -> None:
         self.acceptance.release(request_id)
-
-    def snapshot(self) -> CostParams:
-        return replace(self.fitter.params, verify_relative_error=self.fitter.relative_error())

@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, fields
 
 import grpc
 import torch
 
+from controller.profile import load_profile, samples_from_rows
 from smartspec import models
 from smartspec.serving import add_health_and_reflection, set_serving, until_signalled
 from smartspec.v1 import generation_pb2, generation_pb2_grpc
 from verifier_svc.async_engine import AsyncEngine
+from verifier_svc.controller_client import ControllerClient
 from verifier_svc.engine import Engine, EngineConfig
 from verifier_svc.local_ngram import LocalNgramProposer
 from verifier_svc.metrics import Metrics
@@ -44,6 +47,9 @@ class VerifierConfig:
     policy: str = "off"
     proposer: str = ""  # "ngram" (in-process lookup) or host:port[,host:port...] of proposer replicas
     proposer_deadline_ms: float = 100.0
+    controller: str = ""  # host:port of the controller; empty: plan on local fits only
+    verifier_id: str = ""  # reported to the controller; empty: hostname:port
+    cost_profile: str = ""  # measured step times (JSON[#model]) to start the cost model from; empty: calibrate
     grace_seconds: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
@@ -61,6 +67,9 @@ class VerifierConfig:
             "proposer": "'ngram' (prompt lookup in this process), host:port[,host:port...] of proposer replicas, "
                         "or dns:NAME:PORT re-resolved every 10 s",
             "proposer_deadline_ms": "a proposer slower than this gives no drafts that step",
+            "controller": "host:port of the smartspec controller (policy and cost model pushed from there)",
+            "cost_profile": "step-time profile (JSON, FILE#MODEL for one of several) seeding the cost model; "
+                            "empty: time a few forward passes at start; 'none': neither",
             "grace_seconds": "on SIGTERM, how long in-flight streams may finish",
         }
         for f in fields(VerifierConfig):
@@ -102,14 +111,34 @@ class Verifier:
         self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(config.model)
         if model is None:
             model = models.load_model(config.model, config.dtype, config.device)
-        self.engine = Engine(model, self.tokenizer, config.engine_config(), config.make_proposer())
+        engine_config = config.engine_config()
+        self.engine = Engine(model, self.tokenizer, engine_config, config.make_proposer())
+        if self.engine.proposer is not None:
+            self._seed_cost_model()
         self.metrics = Metrics()
         self.server: grpc.aio.Server | None = None
         self.port = 0
 
+    def _seed_cost_model(self) -> None:
+        profile = self.config.cost_profile
+        if profile == "none":
+            return
+        if profile:
+            samples = load_profile(profile)
+        else:
+            start = time.perf_counter()
+            samples = samples_from_rows(self.engine.calibrate())
+            log.info("calibrated the cost model on %d shapes in %.1f s", len(samples), time.perf_counter() - start)
+        self.engine.planner.fitter.seed(samples)
+
     async def start(self) -> None:
         self.async_engine = AsyncEngine(self.engine, self.metrics)
         self.async_engine.start()
+        self.controller = None
+        if self.config.controller:
+            verifier_id = self.config.verifier_id or f"{socket.gethostname()}:{self.config.port}"
+            self.controller = ControllerClient(self.config.controller, verifier_id, self.async_engine)
+            self.controller.start()
         limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         self.servicer = GenerationServicer(self.async_engine, self.tokenizer, limits)
         self.server = grpc.aio.server()
@@ -133,6 +162,8 @@ class Verifier:
             log.warning("grace period over: aborting %d requests", self.async_engine.num_requests)
             self.async_engine.abort_all()
         await self.server.stop(grace=1.0)
+        if self.controller is not None:
+            await self.controller.stop()
         await self.async_engine.stop()
         if isinstance(self.engine.proposer, ProposerClient):
             await self.engine.proposer.close()

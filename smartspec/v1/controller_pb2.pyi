@@ -21,22 +21,26 @@ POLICY_MODE_SMARTSPEC: PolicyMode
 POLICY_MODE_SMARTSPEC_UNIFORM: PolicyMode
 
 class CostModel(_message.Message):
-    __slots__ = ("verify_token_knots", "verify_ms_at_knots", "verify_ms_per_kv_token", "draft_batch_knots", "draft_step_ms_at_knots", "proposer_rtt_ms", "verify_relative_error")
+    __slots__ = ("verify_token_knots", "verify_ms_at_knots", "verify_ms_per_kv_token", "proposer_rtt_ms", "verify_relative_error", "verify_ms_per_request", "draft_step_ms", "draft_ms_per_token", "num_steps")
     VERIFY_TOKEN_KNOTS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_MS_AT_KNOTS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_MS_PER_KV_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_BATCH_KNOTS_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_STEP_MS_AT_KNOTS_FIELD_NUMBER: _ClassVar[int]
     PROPOSER_RTT_MS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_RELATIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
     verify_token_knots: _containers.RepeatedScalarFieldContainer[float]
     verify_ms_at_knots: _containers.RepeatedScalarFieldContainer[float]
     verify_ms_per_kv_token: float
-    draft_batch_knots: _containers.RepeatedScalarFieldContainer[float]
-    draft_step_ms_at_knots: _containers.RepeatedScalarFieldContainer[float]
     proposer_rtt_ms: float
     verify_relative_error: float
-    def __init__(self, verify_token_knots: _Optional[_Iterable[float]] = ..., verify_ms_at_knots: _Optional[_Iterable[float]] = ..., verify_ms_per_kv_token: _Optional[float] = ..., draft_batch_knots: _Optional[_Iterable[float]] = ..., draft_step_ms_at_knots: _Optional[_Iterable[float]] = ..., proposer_rtt_ms: _Optional[float] = ..., verify_relative_error: _Optional[float] = ...) -> None: ...
+    verify_ms_per_request: float
+    draft_step_ms: float
+    draft_ms_per_token: float
+    num_steps: int
+    def __init__(self, verify_token_knots: _Optional[_Iterable[float]] = ..., verify_ms_at_knots: _Optional[_Iterable[float]] = ..., verify_ms_per_kv_token: _Optional[float] = ..., proposer_rtt_ms: _Optional[float] = ..., verify_relative_error: _Optional[float] = ..., verify_ms_per_request: _Optional[float] = ..., draft_step_ms: _Optional[float] = ..., draft_ms_per_token: _Optional[float] = ..., num_steps: _Optional[int] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("mode", "k", "k_max", "cost_model", "acceptance_prior", "acceptance_prior_weight", "version")
@@ -57,7 +61,7 @@ class Policy(_message.Message):
     def __init__(self, mode: _Optional[_Union[PolicyMode, str]] = ..., k: _Optional[int] = ..., k_max: _Optional[int] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ..., acceptance_prior: _Optional[float] = ..., acceptance_prior_weight: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
-    __slots__ = ("step_id", "batch_size", "num_batched_tokens", "num_kv_tokens", "num_prefill_tokens", "proposed", "accepted", "verify_ms", "propose_ms", "draft_ms", "step_ms", "emitted_tokens")
+    __slots__ = ("step_id", "batch_size", "num_batched_tokens", "num_kv_tokens", "num_prefill_tokens", "proposed", "accepted", "verify_ms", "propose_ms", "draft_ms", "step_ms", "emitted_tokens", "draft_steps", "draft_tokens", "planned_k")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +74,9 @@ class StepMetrics(_message.Message):
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_MS_FIELD_NUMBER: _ClassVar[int]
     EMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_K_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     batch_size: int
     num_batched_tokens: int
@@ -82,7 +89,10 @@ class StepMetrics(_message.Message):
     draft_ms: float
     step_ms: float
     emitted_tokens: int
-    def __init__(self, step_id: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_batched_tokens: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ..., proposed: _Optional[_Iterable[int]] = ..., accepted: _Optional[_Iterable[int]] = ..., verify_ms: _Optional[float] = ..., propose_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., step_ms: _Optional[float] = ..., emitted_tokens: _Optional[int] = ...) -> None: ...
+    draft_steps: int
+    draft_tokens: int
+    planned_k: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_batched_tokens: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ..., proposed: _Optional[_Iterable[int]] = ..., accepted: _Optional[_Iterable[int]] = ..., verify_ms: _Optional[float] = ..., propose_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., step_ms: _Optional[float] = ..., emitted_tokens: _Optional[int] = ..., draft_steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., planned_k: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VerifierReport(_message.Message):
     __slots__ = ("verifier_id", "steps")

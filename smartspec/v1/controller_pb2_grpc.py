@@ -73,7 +73,7 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetPolicy(self, request, context):
-        """Changes mode and k at run time; fitted fields are kept.
+        """Changes mode, k and k_max at run time; fitted fields are kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -89,3 +89,27 @@ def test_linear_prior():
     p = linear_prior(2.0, 5.0)
     assert isinstance(p, CostParams)
     assert float(p.verify_ms(1, TOKEN_KNOTS[3], 0)) == pytest.approx(5 + 2 * TOKEN_KNOTS[3])
+
+
+def test_profiles_seed_the_fit(tmp_path):
+    from controller.profile import load_profile, write_profile
+
+    rows = [{"B": b, "q": q, "ctx": 128, "ms": cpu_like(b * q, b, b * (128 + q))} for b in (1, 4, 16) for q in (1, 2, 4)]
+    write_profile(str(tmp_path / "p.json"), rows)
+    fitter = CostModelFitter()
+    for s in load_profile(str(tmp_path / "p.json")):
+        fitter.observe(s)
+    p = fitter.refit()
+    assert float(p.verify_ms(8, 16, 8 * 130)) == pytest.approx(cpu_like(16, 8, 8 * 130), rel=0.05)
+
+
+def test_shared_gpu_profile_loads_per_model():
+    from pathlib import Path
+
+    from controller.profile import load_profile
+
+    path = Path(__file__).resolve().parents[2] / "profiles" / "h200_transformers_eager.json"
+    samples = load_profile(f"{path}#llama-7b")
+    assert samples and all(s.verify_ms > 0 for s in samples)
+    with pytest.raises(ValueError, match="no model"):
+        load_profile(f"{path}#nope")

@@ -1,0 +1,93 @@
+"""The controller's state: the policy in force and what it learns from every verifier.
+
+Pure Python: the gRPC servicer converts messages and hands them here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from controller.acceptance import AcceptanceEstimator
+from controller.cost_model import CostModelFitter, CostParams, StepSample
+from controller.policy import MAX_K, Mode, Policy
+
+
+@dataclass
+class StepReport:
+    """One verifier step: its cost, its draft outcomes, what the planner chose, what it emitted."""
+
+    sample: StepSample
+    drafts: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per request
+    planned_k: list[int] = field(default_factory=list)
+    emitted_tokens: int = 0
+    step_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    policy: Policy
+    cost: CostParams
+    acceptance_prior: float
+    acceptance_prior_weight: float
+    version: int
+
+
+class ControllerState:
+    def __init__(self, policy: Policy, goodput_window_steps: int = 256):
+        self.policy = policy
+        self.version = 1
+        self.fitter = CostModelFitter()
+        self.acceptance = AcceptanceEstimator()
+        self._window = goodput_window_steps
+        self._recent: dict[str, deque[tuple[int, float]]] = {}  # verifier -> (emitted, step_ms)
+        self._fitted_steps = 0
+
+    def set_policy(self, mode: str | None = None, k: int = 0, k_max: int = 0) -> Policy:
+        """Changes what is given; raises ValueError naming the bad field."""
+        mode = mode or self.policy.mode
+        if mode not in (Mode.OFF, Mode.FIXED, Mode.SMARTSPEC, Mode.UNIFORM):
+            raise ValueError(f"mode: unknown policy mode {mode!r}")
+        if not 0 <= k <= MAX_K:
+            raise ValueError(f"k: must be in [0, {MAX_K}], got {k}")
+        if not 0 <= k_max <= MAX_K:
+            raise ValueError(f"k_max: must be in [0, {MAX_K}], got {k_max}")
+        k = k or self.policy.k
+        if mode == Mode.FIXED and not k:
+            raise ValueError("k: POLICY_MODE_FIXED needs k >= 1")
+        self.policy = replace(self.policy, mode=mode, k=k if mode == Mode.FIXED else 0,
+                              k_max=k_max or self.policy.k_max)
+        self.version += 1
+        return self.policy
+
+    def ingest(self, verifier_id: str, reports: list[StepReport]) -> None:
+        recent = self._recent.setdefault(verifier_id, deque(maxlen=self._window))
+        for r in reports:
+            self.fitter.observe(r.sample)
+            for proposed, accepted in r.drafts:
+                self.acceptance.observe(None, proposed, accepted)
+            if r.step_ms > 0:
+                recent.append((r.emitted_tokens, r.step_ms))
+
+    def refresh(self) -> bool:
+        """Refits on the steps seen so far; True (and a new version) when anything new came in."""
+        seen = self.fitter.num_seen
+        if seen == self._fitted_steps:
+            return False
+        self.fitter.refit()
+        self._fitted_steps = seen
+        self.version += 1
+        return True
+
+    def forget(self, verifier_id: str) -> None:
+        self._recent.pop(verifier_id, None)
+
+    def goodput(self, verifier_id: str) -> float:
+        """Tokens emitted per second of step time over the verifier's recent steps."""
+        recent = self._recent.get(verifier_id)
+        ms = sum(t for _, t in recent) if recent else 0.0
+        return 1e3 * sum(e for e, _ in recent) / ms if ms else 0.0
+
+    def snapshot(self) -> Snapshot:
+        cost = replace(self.fitter.params, verify_relative_error=self.fitter.relative_error())
+        return Snapshot(self.policy, cost, self.acceptance.prior, self.acceptance.prior_weight, self.version)

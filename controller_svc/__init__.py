@@ -1,0 +1,1 @@
+"""The Controller gRPC service around the pure controller library."""

@@ -1,0 +1,135 @@
+"""smartspec.v1.Controller: batch metrics in, policy and proposer endpoints out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import grpc
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+
+from controller.policy import MAX_K
+from controller.state import ControllerState
+from controller_svc.convert import MODE_FROM_PB, policy_to_pb, report_from_pb
+from smartspec.v1 import controller_pb2 as pb
+from smartspec.v1 import controller_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class ControllerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+        self.goodput = Gauge("smartspec_goodput_tokens_per_second",
+                             "Tokens emitted per second of step time over a verifier's recent steps.",
+                             ["verifier"], registry=r)
+        self.chosen_k = Histogram("smartspec_chosen_k", "k chosen per request per step, as verifiers report.",
+                                  buckets=tuple(range(MAX_K + 1)), registry=r)
+        self.cost_error = Gauge("smartspec_cost_model_relative_error",
+                                "Median absolute relative error of verify-time predictions on live steps.",
+                                registry=r)
+        self.prior = Gauge("smartspec_acceptance_prior", "Global acceptance prior (per tested draft token).",
+                           registry=r)
+        self.verifiers = Gauge("smartspec_connected_verifiers", "Verifiers with an open Connect stream.",
+                               registry=r)
+        self.version = Gauge("smartspec_policy_version", "Version of the policy in force.", registry=r)
+
+
+def check_report(report: pb.VerifierReport) -> None:
+    """Raises ValueError naming the first bad field."""
+    if not report.verifier_id:
+        raise ValueError("verifier_id: required")
+    for i, s in enumerate(report.steps):
+        where = f"steps[{i}]"
+        if len(s.proposed) != len(s.accepted):
+            raise ValueError(f"{where}.accepted: {len(s.accepted)} entries for {len(s.proposed)} proposed")
+        if any(a < 0 or a > p for p, a in zip(s.proposed, s.accepted)):
+            raise ValueError(f"{where}.accepted: each must be in [0, proposed]")
+        for name in ("verify_ms", "propose_ms", "draft_ms", "step_ms"):
+            value = getattr(s, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{where}.{name}: must be finite and >= 0, got {value}")
+        if s.batch_size < 0 or s.num_batched_tokens < 0 or s.num_kv_tokens < 0:
+            raise ValueError(f"{where}: batch_size, num_batched_tokens and num_kv_tokens must be >= 0")
+
+
+class ControllerServicer(pb_grpc.ControllerServicer):
+    def __init__(self, state: ControllerState, metrics: ControllerMetrics, endpoints: list[str]):
+        self.state = state
+        self.metrics = metrics
+        self.endpoints = pb.ProposerEndpoints(addresses=endpoints, version=1)
+        self._streams: set[asyncio.Queue] = set()
+
+    def broadcast_policy(self) -> None:
+        update = pb.ControllerUpdate(policy=policy_to_pb(self.state.snapshot()))
+        for queue in self._streams:
+            queue.put_nowait(update)
+        self.update_gauges()
+
+    def update_gauges(self) -> None:
+        snap = self.state.snapshot()
+        if not math.isnan(snap.cost.verify_relative_error):
+            self.metrics.cost_error.set(snap.cost.verify_relative_error)
+        self.metrics.prior.set(snap.acceptance_prior)
+        self.metrics.version.set(snap.version)
+        self.metrics.verifiers.set(len(self._streams))
+
+    async def Connect(self, request_iterator, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams.add(queue)
+        self.update_gauges()
+        reader = asyncio.ensure_future(self._read(request_iterator, context))
+        try:
+            yield pb.ControllerUpdate(policy=policy_to_pb(self.state.snapshot()), endpoints=self.endpoints)
+            while True:
+                get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    error = reader.result()
+                    if error:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+                    return
+                yield get.result()
+        finally:
+            reader.cancel()
+            self._streams.discard(queue)
+            self.update_gauges()
+
+    async def _read(self, request_iterator, context) -> str:
+        """Ingests reports until the verifier closes its side; returns an error message or ''."""
+        verifier_id = ""
+        try:
+            async for report in request_iterator:
+                try:
+                    check_report(report)
+                except ValueError as e:
+                    return str(e)
+                verifier_id = report.verifier_id
+                reports = [report_from_pb(s) for s in report.steps]
+                self.state.ingest(verifier_id, reports)
+                for r in reports:
+                    for k in r.planned_k:
+                        self.metrics.chosen_k.observe(k)
+                self.metrics.goodput.labels(verifier_id).set(self.state.goodput(verifier_id))
+        except (asyncio.CancelledError, grpc.aio.AioRpcError):
+            pass
+        finally:
+            if verifier_id:
+                log.info("verifier %s disconnected", verifier_id)
+        return ""
+
+    async def GetPolicy(self, request, context):
+        return policy_to_pb(self.state.snapshot())
+
+    async def SetPolicy(self, request, context):
+        if request.mode not in MODE_FROM_PB and request.mode != pb.POLICY_MODE_UNSPECIFIED:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode: unknown value {request.mode}")
+        try:
+            policy = self.state.set_policy(MODE_FROM_PB.get(request.mode), request.k, request.k_max)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        log.info("policy set to %s (version %d)", policy, self.state.version)
+        self.broadcast_policy()
+        return policy_to_pb(self.state.snapshot())

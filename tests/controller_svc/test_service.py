@@ -1,0 +1,102 @@
+"""The Controller service over real gRPC: reports in, policy out, admin RPCs, bad input."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from controller_svc.server import Controller, ControllerConfig
+from service_threads import LoopThread
+from smartspec.v1 import controller_pb2 as pb
+from smartspec.v1 import controller_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+def controller():
+    loop = LoopThread()
+    ctl = Controller(ControllerConfig(port=0, metrics_port=0, policy="smartspec:4", proposers="10.0.0.1:50061",
+                                      push_interval_s=0.1))
+    loop.run(ctl.start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{ctl.port}")
+    yield ctl, pb_grpc.ControllerStub(channel)
+    channel.close()
+    loop.run(ctl.stop())
+    loop.stop()
+
+
+def step(i: int, batch: int = 4, k: int = 2, verify_ms: float | None = None) -> pb.StepMetrics:
+    tokens = batch * (k + 1)
+    return pb.StepMetrics(step_id=i, batch_size=batch, num_batched_tokens=tokens, num_kv_tokens=batch * 100,
+                          proposed=[k] * batch if k else [], accepted=[1] * batch if k else [], verify_ms=verify_ms or 20.0 + 2.0 * tokens,
+                          propose_ms=3.0, draft_ms=2.5, step_ms=30.0, emitted_tokens=2 * batch, draft_steps=k,
+                          draft_tokens=k * batch, planned_k=[k] * batch)
+
+
+def reports(n: int, verifier_id: str = "v1", then_wait_s: float = 3.0):
+    """n reports, then the stream stays open like a live verifier's."""
+    for i in range(n):
+        yield pb.VerifierReport(verifier_id=verifier_id, steps=[step(i * 4 + j, batch=1 + (i + j) % 8, k=j % 4)
+                                                                for j in range(4)])
+    time.sleep(then_wait_s)
+
+
+def test_connect_gets_the_policy_and_endpoints_then_fitted_updates(controller):
+    ctl, stub = controller
+    call = stub.Connect(reports(30), timeout=20)
+    first = next(call)
+    assert first.policy.mode == pb.POLICY_MODE_SMARTSPEC and first.policy.k_max == 4
+    assert list(first.endpoints.addresses) == ["10.0.0.1:50061"]
+    for update in call:  # the periodic push after reports arrived carries a fitted model
+        if update.policy.cost_model.num_steps:
+            break
+    cost = update.policy.cost_model
+    assert cost.num_steps > 0 and update.policy.version > first.policy.version
+    assert 0.5 < update.policy.acceptance_prior < 0.9  # 1 accepted of 1 or 2 tested per request step
+    call.cancel()
+    got = stub.GetPolicy(pb.GetPolicyRequest())
+    assert got.cost_model.num_steps == 120 and got.cost_model.draft_step_ms > 0
+
+
+def test_set_policy_is_pushed_to_connected_verifiers(controller):
+    ctl, stub = controller
+
+    call = stub.Connect(reports(0), timeout=10)
+    assert next(call).policy.mode == pb.POLICY_MODE_SMARTSPEC
+    reply = stub.SetPolicy(pb.SetPolicyRequest(mode=pb.POLICY_MODE_FIXED, k=3))
+    assert reply.mode == pb.POLICY_MODE_FIXED and reply.k == 3 and reply.k_max == 4
+    pushed = next(call)
+    assert pushed.policy.mode == pb.POLICY_MODE_FIXED and pushed.policy.version == reply.version
+    kept = stub.SetPolicy(pb.SetPolicyRequest(k_max=6))  # unspecified mode keeps fixed:3
+    assert (kept.mode, kept.k, kept.k_max) == (pb.POLICY_MODE_FIXED, 3, 6)
+    call.cancel()
+
+
+@pytest.mark.parametrize("request_,field", [
+    (pb.SetPolicyRequest(k=9), "k:"),
+    (pb.SetPolicyRequest(k_max=-1), "k_max:"),
+    (pb.SetPolicyRequest(mode=pb.POLICY_MODE_FIXED), "k:"),
+    (pb.SetPolicyRequest(mode=42), "mode:"),
+])
+def test_bad_set_policy(controller, request_, field):
+    _, stub = controller
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SetPolicy(request_)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    assert stub.GetPolicy(pb.GetPolicyRequest()).mode == pb.POLICY_MODE_SMARTSPEC  # nothing changed
+
+
+@pytest.mark.parametrize("report,field", [
+    (pb.VerifierReport(steps=[step(0)]), "verifier_id"),
+    (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(proposed=[2], accepted=[3])]), "steps[0].accepted"),
+    (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(proposed=[2])]), "steps[0].accepted"),
+    (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(verify_ms=float("nan"))]), "steps[0].verify_ms"),
+])
+def test_bad_reports_end_the_stream_naming_the_field(controller, report, field):
+    _, stub = controller
+    call = stub.Connect(iter([report]), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    assert stub.GetPolicy(pb.GetPolicyRequest()).cost_model.num_steps == 0  # nothing ingested
