@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=_positive_float, default=2.0,
                         help="mean requests per second; 'inf' sends them all at once")
     parser.add_argument("--num-requests", type=_positive_int, default=32)
-    parser.add_argument("--prompts", default=None, help="ShareGPT-style JSON file (default: built-in set)")
+    parser.add_argument("--prompts", default=None,
+                        help="'builtin' (chat, code, rewrites; the default), 'grounded' (rewrites of a given "
+                             "passage) or a ShareGPT-style JSON file")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
@@ -40,7 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt order and sampling")
     parser.add_argument("--burstiness", type=_positive_float, default=1.0,
                         help="gamma shape of inter-arrival times; 1 is Poisson, below 1 is burstier")
-    parser.add_argument("--output", default="results/bench.json", help="JSON results; a PNG goes next to it")
+    parser.add_argument("--output", default="results/bench.json", help="JSON results; PNGs go next to it")
+    sweep = parser.add_argument_group("sweep (rates x policies, the latency-vs-rate figure)")
+    sweep.add_argument("--rates", default=None, help="comma-separated request rates; turns on the sweep")
+    sweep.add_argument("--policies", default=None,
+                       help="comma-separated policies, e.g. off,fixed:1,fixed:3,fixed:5,smartspec,smartspec-uniform "
+                            "(turns on the sweep)")
+    sweep.add_argument("--repeats", type=_positive_int, default=3, help="runs per (rate, policy); medians reported")
+    sweep.add_argument("--controller", default=None,
+                       help="host:port of the controller that sets each policy (needed for smartspec policies)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -282,6 +292,8 @@ async def run_benchmark(target: str, prompts: list[str], rate: float, num_reques
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rates or args.policies:
+        return run_sweep_command(args)
     result = asyncio.run(run_benchmark(
         target=args.target, prompts=load_prompts(args.prompts), rate=args.rate,
         num_requests=args.num_requests, max_new_tokens=args.max_new_tokens,
@@ -295,6 +307,29 @@ def run(args: argparse.Namespace) -> int:
     plot_latencies(result["requests"], output.with_suffix(".png"))
     print(f"wrote {output} and {output.with_suffix('.png')}")
     return 0 if result["summary"]["errors"] == 0 else 1
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from smartspec import sweep
+
+    rates = [_positive_float(r) for r in (args.rates or str(args.rate)).split(",")]
+    policies = (args.policies or args.speculation).split(",")
+    try:
+        points = asyncio.run(sweep.run_sweep(
+            args.target, load_prompts(args.prompts), rates, policies, args.repeats, args.num_requests,
+            args.max_new_tokens, chat=args.chat, controller=args.controller, temperature=args.temperature,
+            seed=args.seed))
+    except ValueError as e:
+        raise SystemExit(f"smartspec bench: {e}") from None
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"rates": rates, "policies": policies, "repeats": args.repeats,
+                                  "num_requests": args.num_requests, "max_new_tokens": args.max_new_tokens,
+                                  "prompts": args.prompts or "builtin", "points": points}, indent=1) + "\n")
+    print(sweep.markdown_table(points, rates, policies))
+    pngs = sweep.plot(points, rates, policies, output.parent)
+    print(f"wrote {output}, " + ", ".join(str(p) for p in pngs))
+    return 0 if all(p["errors"] == 0 for p in points) else 1
 
 
 def plot_latencies(requests: list[dict], path: Path) -> None:

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_arguments(sub.add_parser("ctl", help="read or change the controller's policy"))
     client.add_arguments(sub.add_parser("generate", help="stream one completion from a running server"))
     bench.add_arguments(sub.add_parser("bench", help="load-test a running server"))
-    up.add_arguments(sub.add_parser("up", help="start the local stack: proposer replicas and a verifier"))
+    up.add_arguments(sub.add_parser("up", help="start the local stack: proposer replicas, the controller and a verifier"))
     return parser
 
 

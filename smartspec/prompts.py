@@ -60,18 +60,61 @@ BUILTIN_PROMPTS: list[str] = [
     f"Fix the spelling, grammar and capitalisation of this message.\n\n{_PASSAGE_MEETING}",
 ]
 
+_PASSAGE_BRIDGE = (
+    "The old stone bridge across the river was built by hand over seven summers. Each block "
+    "was cut in the quarry on the hill, dragged down on sledges, and set without mortar. "
+    "Floods have swept away two wooden bridges upstream since then, but the stone arch has "
+    "stood through every one of them, and carts still cross it on market days."
+)
+_PASSAGE_GARDEN = (
+    "Every spring the community garden opens its gates on the first warm Saturday. Volunteers "
+    "turn the soil, mend the fences and plant rows of beans, carrots and lettuce. Children "
+    "water the seedlings with small green cans, and by midsummer the beds are so full that "
+    "the extra vegetables are given away at the gate to anyone who passes."
+)
+_PASSAGE_TRAIN = (
+    "The night train left the city a few minutes after ten. Most passengers were asleep before "
+    "the lights of the suburbs had faded, but an old man in the dining car sat by the window "
+    "with a cup of tea, watching the dark fields go by. At dawn the train reached the coast, "
+    "and he was the first to step down onto the empty platform."
+)
+
+
+def _typos(text: str) -> str:
+    """A few misspellings for a copy-editing task: swap two letters in every ninth word."""
+    words = text.split(" ")
+    for i in range(4, len(words), 9):
+        w = words[i]
+        if len(w) > 4 and w.isalpha():
+            words[i] = w[:2] + w[3] + w[2] + w[4:]
+    return " ".join(words)
+
+
+# Input-grounded tasks: the answer mostly restates a passage given in the prompt,
+# which is where n-gram prompt lookup drafts well.
+GROUNDED_PROMPTS: list[str] = [
+    *(f"Correct the spelling mistakes in the following passage and write out the corrected passage.\n\n"
+      f"{_typos(p)}" for p in (_PASSAGE_LIGHTHOUSE, _PASSAGE_BRIDGE, _PASSAGE_GARDEN, _PASSAGE_TRAIN)),
+    *(f"Rewrite the following story in the present tense.\n\n{p}"
+      for p in (_PASSAGE_LIGHTHOUSE, _PASSAGE_BRIDGE, _PASSAGE_GARDEN, _PASSAGE_TRAIN)),
+    f"Summarise the following passage in one sentence.\n\n{_PASSAGE_SPECULATION}",
+    f"Fix the spelling, grammar and capitalisation of this message.\n\n{_PASSAGE_MEETING}",
+]
+
+PROMPT_SETS = {"builtin": BUILTIN_PROMPTS, "grounded": GROUNDED_PROMPTS}
+
 _HUMAN_ROLES = ("human", "user")
 
 
 def load_prompts(path: str | None) -> list[str]:
-    """Return the built-in prompts, or the prompts of a JSON file.
+    """Return a built-in set (None or 'builtin', 'grounded'), or the prompts of a JSON file.
 
     The file is a list whose items are prompt strings, objects with a "prompt"
     key, or ShareGPT conversations (the first human turn is the prompt).
     ShareGPT items without a human turn are skipped, because real dumps hold many.
     """
-    if path is None:
-        return list(BUILTIN_PROMPTS)
+    if path is None or path in PROMPT_SETS:
+        return list(PROMPT_SETS[path or "builtin"])
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -1,4 +1,5 @@
-"""`smartspec up`: the whole local stack as separate processes — proposer replicas and a verifier."""
+"""`smartspec up`: the whole local stack as separate processes — proposer replicas, the controller
+and a verifier."""
 
 from __future__ import annotations
 
@@ -21,21 +22,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, help="proposer processes")
     parser.add_argument("--port", type=int, default=50051, help="verifier gRPC port")
     parser.add_argument("--proposer-port", type=int, default=50061, help="first proposer port")
-    parser.add_argument("--metrics-port", type=int, default=9400)
-    parser.add_argument("--policy", default="fixed:3", help="verifier speculation policy")
+    parser.add_argument("--controller-port", type=int, default=50071, help="controller gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=9400,
+                        help="verifier metrics port; the controller's is the next one (0 = off)")
+    parser.add_argument("--policy", default="smartspec",
+                        help="off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX]; `smartspec ctl set` "
+                             "changes it at run time")
     parser.add_argument("--kv-cache-tokens", type=int, default=16384)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:
-    """The processes to start: proposers first, then the verifier that drafts from them."""
+    """The processes to start: proposers first, the controller, then the verifier that drafts from them."""
     base = [sys.executable, "-m", "smartspec.cli"]
     kind = ["--ngram"] if args.ngram else ["--draft", args.draft or "smollm2-draft"]
     ports = [args.proposer_port + i for i in range(args.replicas)]
+    proposers = ",".join(f"127.0.0.1:{p}" for p in ports)
     procs = [base + ["proposer", *kind, "--port", str(p)] for p in ports]
+    procs.append(base + ["controller", "--port", str(args.controller_port), "--policy", args.policy,
+                         "--metrics-port", str(args.metrics_port + 1 if args.metrics_port else 0),
+                         "--proposers", proposers])
     procs.append(base + ["verifier", "--model", args.model, "--port", str(args.port),
                          "--metrics-port", str(args.metrics_port), "--kv-cache-tokens", str(args.kv_cache_tokens),
-                         "--policy", args.policy, "--proposer", ",".join(f"127.0.0.1:{p}" for p in ports)])
+                         "--policy", args.policy, "--proposer", proposers,
+                         "--controller", f"127.0.0.1:{args.controller_port}"])
     return procs
 
 
@@ -64,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
             procs.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
             port = int(cmd[cmd.index("--port") + 1])
             wait_serving(port, procs[-1], args.startup_timeout)
-        print(f"smartspec stack up: verifier on 127.0.0.1:{args.port} "
-              f"({args.replicas} proposer{'s' if args.replicas > 1 else ''}); Ctrl-C stops it", flush=True)
+        print(f"smartspec stack up: verifier on 127.0.0.1:{args.port}, controller on "
+              f"127.0.0.1:{args.controller_port} ({args.replicas} proposer{'s' if args.replicas > 1 else ''}); "
+              "Ctrl-C stops it", flush=True)
         while not stop["now"] and all(p.poll() is None for p in procs):
             time.sleep(0.2)
     except KeyboardInterrupt:

@@ -1,11 +1,13 @@
 """`smartspec up` as real processes: SmolLM2 verifying drafts from a proposer process (the
-built-in draft model, or n-gram lookup), lossless for fixed k in {1, 3, 5} with 8 concurrent requests."""
+built-in draft model, or n-gram lookup), lossless for fixed k in {1, 3, 5} with 8 concurrent requests,
+and under the goodput policy set through the controller."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -32,9 +34,10 @@ NEW_TOKENS = 24
 @pytest.mark.slow
 @pytest.mark.parametrize("proposer", [["--ngram"], ["--draft", "smollm2-draft"]], ids=["ngram", "builtin-draft"])
 def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smollm2_pair):
-    port, proposer_port = unused_tcp_port, unused_tcp_port + 1
+    port, proposer_port, controller_port = unused_tcp_port, unused_tcp_port + 1, unused_tcp_port + 2
     proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "up", *proposer, "--port", str(port),
-                             "--proposer-port", str(proposer_port), "--metrics-port", "0", "--policy", "off"])
+                             "--proposer-port", str(proposer_port), "--controller-port", str(controller_port),
+                             "--metrics-port", "0", "--policy", "off"])
     reference = smollm2_pair[1]
     try:
         wait_serving(port, proc, 180)
@@ -43,9 +46,10 @@ def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smol
             ids = [smollm2_tokenizer(p).input_ids for p in PROMPTS]
 
             def generate(prompt_ids, k):
+                mode = pb.SPECULATION_MODE_FIXED if k else pb.SPECULATION_MODE_AUTO
                 chunks = list(stub.Generate(pb.GenerateRequest(
                     prompt_token_ids=pb.TokenIds(ids=prompt_ids), max_new_tokens=NEW_TOKENS,
-                    speculation=pb.Speculation(mode=pb.SPECULATION_MODE_FIXED, k=k)), timeout=300))
+                    speculation=pb.Speculation(mode=mode, k=k)), timeout=300))
                 return [t for c in chunks for t in c.token_ids], chunks[-1].speculation
 
             expected = [hf_greedy(reference, p, NEW_TOKENS) for p in ids]
@@ -56,6 +60,12 @@ def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smol
                         assert_same_greedy(reference, p, got, want)
                     assert sum(s.proposed_tokens for _, s in results) > 0
                     assert sum(s.accepted_tokens for _, s in results) > 0
+                # The goodput policy, set at run time; whatever k it picks, output is the target's.
+                subprocess.run([sys.executable, "-m", "smartspec.cli", "ctl", "--controller",
+                                f"127.0.0.1:{controller_port}", "set", "smartspec"], check=True, timeout=30)
+                time.sleep(0.5)
+                for p, want, (got, _) in zip(ids, expected, pool.map(lambda p: generate(p, 0), ids)):
+                    assert_same_greedy(reference, p, got, want)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
