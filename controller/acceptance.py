@@ -42,9 +42,17 @@ class _History:
     def __init__(self):
         self.accepted = 0.0
         self.tested = 0.0
+        self.idle_steps = 0  # steps without drafts since the last add(); they fade the history
         self._cum: list[tuple[float, float]] = [(0.0, 0.0)]  # (accepted, tested) totals after each step
 
+    def faded(self) -> tuple[float, float]:
+        f = IDLE_DECAY ** self.idle_steps
+        return self.accepted * f, self.tested * f
+
     def add(self, accepted: int, tested: int) -> None:
+        if self.idle_steps:
+            self.fade(IDLE_DECAY ** self.idle_steps)
+            self.idle_steps = 0
         self.accepted += accepted
         self.tested += tested
         self._cum.append((self.accepted, self.tested))
@@ -123,16 +131,23 @@ class AcceptanceEstimator:
         """A step in which the request drafted nothing."""
         history = self._requests.get(request_id)
         if history is not None:
-            history.fade(IDLE_DECAY)
+            history.idle_steps += 1  # applied lazily: O(1) per step
 
     def rate(self, request_id: str) -> float:
         history = self._requests.get(request_id)
-        accepted, tested = (history.accepted, history.tested) if history else (0.0, 0.0)
+        accepted, tested = history.faded() if history else (0.0, 0.0)
         w = self.prior_weight
         return (accepted + w * self.prior) / (tested + w)
 
     def rates(self, request_ids: list[str]) -> np.ndarray:
-        return np.array([self.rate(r) for r in request_ids], dtype=np.float64)
+        prior, w = self.prior, self.prior_weight
+        out = np.full(len(request_ids), prior)
+        for i, request_id in enumerate(request_ids):
+            history = self._requests.get(request_id)
+            if history is not None:
+                accepted, tested = history.faded()
+                out[i] = (accepted + w * prior) / (tested + w)
+        return out
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
