@@ -8,6 +8,7 @@ N_tok is extrapolated from its neighbours instead of guessed.
 
 propose_ms(k) = rtt + draft_step * max(k) + draft_per_token * sum(k) when anything
 is drafted: a draft model runs max(k) lockstep steps over a shrinking sub-batch.
+It is fitted on the time the verifier waited for proposals, timeouts included.
 
 The fitter judges itself: before each step joins the fit, it predicts that
 step's verify time, and reports the median absolute relative error.
@@ -169,10 +170,17 @@ class CostModelFitter:
         return knots, float(per_request), float(per_kv)
 
     def _fit_propose(self) -> tuple[float, float, float]:
+        """propose_ms = rtt + draft_step * max k + per_token * sum k, on what the verifier waited:
+        a proposer that times out under load costs its deadline, and the fit must see that."""
         rows = list(self._propose)
-        draft_ms = np.array([r.draft_ms for r in rows])
-        rtt = float(np.median(np.array([r.propose_ms for r in rows]) - draft_ms))
-        a = np.array([[r.draft_steps, r.draft_tokens] for r in rows], dtype=np.float64)
-        coef, *_ = np.linalg.lstsq(a, draft_ms, rcond=None)
-        step, per_token = np.maximum(coef, 0.0)
-        return float(step), float(per_token), max(rtt, 0.0)
+        y = np.array([r.propose_ms for r in rows])
+        a = np.array([[1.0, r.draft_steps, r.draft_tokens] for r in rows])
+        keep = np.ones(3, dtype=bool)
+        while True:
+            coef = np.zeros(3)
+            coef[keep], *_ = np.linalg.lstsq(a[:, keep], y, rcond=None)
+            if (coef[keep] >= 0).all():
+                break
+            keep[int(np.argmin(np.where(keep, coef, np.inf)))] = False
+        rtt, step, per_token = coef
+        return float(step), float(per_token), float(rtt)

@@ -124,7 +124,8 @@ class AsyncEngine:
         self._observe_step(sched, outputs, start, end)
         stats = self.engine.last_stats
         if stats is not None:
-            self.engine.planner.observe(stats.outcome(propose_ms, draft_ms))
+            if self.engine.proposer is not None:  # without one there is nothing to plan
+                self.engine.planner.observe(stats.outcome(propose_ms, draft_ms))
             self._step_id += 1
             self.steps.append(StepRecord(self._step_id, stats, propose_ms, draft_ms, (end - start) * 1e3,
                                          sum(len(o.token_ids) for o in outputs)))

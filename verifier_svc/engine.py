@@ -153,7 +153,8 @@ class Engine:
             self.attach_drafts(sched, self.proposer.propose(requests))
             propose_ms = (time.perf_counter() - start) * 1e3
         results = self.execute(sched)
-        self.planner.observe(self.last_stats.outcome(propose_ms, getattr(self.proposer, "last_draft_ms", 0.0)))
+        if self.proposer is not None:
+            self.planner.observe(self.last_stats.outcome(propose_ms, getattr(self.proposer, "last_draft_ms", 0.0)))
         return self.postprocess(sched, results)
 
     def schedule(self) -> SchedulerOutput:

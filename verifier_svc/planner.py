@@ -43,6 +43,10 @@ class StepOutcome:
 
 
 class SpecPlanner:
+    # A pushed cost model replaces the local fit (which starts from a calibration)
+    # only once it has seen this many live steps.
+    MIN_PUSHED_STEPS = 256
+
     def __init__(self, policy: Policy = Policy(), cost_prior: CostParams | None = None):
         self.policy = policy
         self.acceptance = AcceptanceEstimator()
@@ -57,7 +61,7 @@ class SpecPlanner:
     def apply(self, policy: Policy, cost: CostParams | None = None, prior: float | None = None) -> None:
         """A policy from the controller; cost None keeps using the local fit."""
         self.policy = policy
-        self.pushed_cost = cost if cost is not None and cost.num_steps else None
+        self.pushed_cost = cost if cost is not None and cost.num_steps >= self.MIN_PUSHED_STEPS else None
         if prior is not None and 0 < prior < 1 and self.acceptance.prior_trials < 100:
             self.acceptance.seed_prior(prior)
 

@@ -40,7 +40,27 @@ PROPOSER_PORT = 50061
 PROPOSER_RESOLVE_EVERY_S = 10
 # ProposerServer.stop(grace=...) after SIGTERM.
 PROPOSER_STOP_GRACE_S = 1
-COMPONENTS = {"verifier": VERIFIER, "proposer": PROPOSER}
+CONTROLLER = "smartspec-controller"
+CONTROLLER_LABELS = {"app.kubernetes.io/name": "smartspec", "app.kubernetes.io/component": "controller"}
+CONTROLLER_PORT = 50071
+CONTROLLER_METRICS_PORT = 9401
+# Controller.stop(): server.stop(grace=...) after SIGTERM.
+CONTROLLER_STOP_GRACE_S = 1
+COMPONENTS = {"verifier": VERIFIER, "proposer": PROPOSER, "controller": CONTROLLER}
+# The components that load a model, and so take --device/--dtype and a GPU in the overlay.
+MODEL_SERVERS = {"verifier": VERIFIER, "proposer": PROPOSER}
+GRPC_PORTS = {"verifier": GRPC_PORT, "proposer": PROPOSER_PORT, "controller": CONTROLLER_PORT}
+METRICS_PORTS = {"verifier": METRICS_PORT, "controller": CONTROLLER_METRICS_PORT}
+# How long the startup probe must allow: loading a model vs. importing the CLI.
+STARTUP_BUDGET_S = {"verifier": 300, "proposer": 300, "controller": 60}
+# What `controller.policy.Policy.parse` accepts (K and KMAX in 1..8).
+POLICY = re.compile(r"off|fixed:[1-8]|smartspec(-uniform)?(:[1-8])?")
+
+def policy(text: str) -> str:
+    if not POLICY.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"not a policy: {text!r}")
+    return text
+
 
 needs_kubectl = pytest.mark.skipif(
     shutil.which("kubectl") is None,
@@ -63,8 +83,11 @@ def verifier_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-tokens", type=int, required=True)
     parser.add_argument("--grace-seconds", type=float, required=True)
     parser.add_argument("--proposer", required=True)
-    parser.add_argument("--policy", required=True)
+    parser.add_argument("--policy", type=policy, required=True)
     parser.add_argument("--proposer-deadline-ms", type=float, required=True)
+    parser.add_argument("--controller", required=True)
+    parser.add_argument("--verifier-id", required=True)
+    parser.add_argument("--cost-profile", default="")
     return parser
 
 
@@ -81,13 +104,26 @@ def proposer_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARSERS = {"verifier": verifier_arg_parser, "proposer": proposer_arg_parser}
+def controller_arg_parser() -> argparse.ArgumentParser:
+    """The flags `smartspec controller` accepts, as the deployment relies on them."""
+    parser = argparse.ArgumentParser(prog="smartspec controller", add_help=False, allow_abbrev=False)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--metrics-port", type=int, required=True)
+    parser.add_argument("--policy", type=policy, required=True)
+    parser.add_argument("--proposers", default="")
+    parser.add_argument("--push-interval-s", type=float, default=1.0)
+    return parser
+
+
+PARSERS = {"verifier": verifier_arg_parser, "proposer": proposer_arg_parser, "controller": controller_arg_parser}
 FLAGS = {
     component: {option for action in make()._actions for option in action.option_strings}
     for component, make in PARSERS.items()
 }
 VERIFIER_FLAGS = FLAGS["verifier"]
 PROPOSER_FLAGS = FLAGS["proposer"]
+CONTROLLER_FLAGS = FLAGS["controller"]
 
 
 def parse_args(component: str, args: list[str]) -> argparse.Namespace:
@@ -111,6 +147,10 @@ def parse_verifier_args(args: list[str]) -> argparse.Namespace:
 
 def parse_proposer_args(args: list[str]) -> argparse.Namespace:
     return parse_args("proposer", args)
+
+
+def parse_controller_args(args: list[str]) -> argparse.Namespace:
+    return parse_args("controller", args)
 
 
 def kustomize(path: Path) -> list[dict]:
@@ -149,6 +189,24 @@ def verifier_container(objects: list[dict]) -> dict:
 
 def proposer_container(objects: list[dict]) -> dict:
     return component_container(objects, "proposer")
+
+
+def controller_container(objects: list[dict]) -> dict:
+    return component_container(objects, "controller")
+
+
+def service_port(objects: list[dict], service_name: str, port_name: str, component: str) -> int:
+    """The Service's port `port_name`, checked to reach the same-named containerPort of `component`."""
+    ports = {p["name"]: p for p in find(objects, "Service", service_name)["spec"]["ports"]}
+    assert port_name in ports, f"Service {service_name} has no port named {port_name}: {list(ports)}"
+    target = ports[port_name].get("targetPort", ports[port_name]["port"])
+    container = component_container(objects, component)
+    resolved = container_port(container, target) if isinstance(target, str) else target
+    assert resolved == container_port(container, port_name), (
+        f"Service {service_name} port {port_name} reaches {resolved}, the {component} listens on "
+        f"{container_port(container, port_name)}"
+    )
+    return ports[port_name]["port"]
 
 
 def container_port(container: dict, name: str) -> int:
@@ -209,6 +267,9 @@ def test_everything_lives_in_the_smartspec_namespace(name):
         ("Deployment", PROPOSER),
         ("Service", PROPOSER),
         ("PodDisruptionBudget", PROPOSER),
+        ("Deployment", CONTROLLER),
+        ("Service", CONTROLLER),
+        ("PodDisruptionBudget", CONTROLLER),
     } <= kinds
     for obj in objects:
         if obj["kind"] != "Namespace":
@@ -233,8 +294,10 @@ def test_verifier_args_parse_and_match_the_ports(name):
     assert args.max_waiting == 256
     assert args.kv_cache_tokens == 65536
     assert args.grace_seconds == 30
-    assert args.policy == "fixed:3"
+    assert args.policy == "smartspec"
     assert args.proposer_deadline_ms == 100
+    # Profiles are per hardware and the image ships none: time the pod's own device at start.
+    assert args.cost_profile == "", "--cost-profile names a file the image does not have"
 
 
 @needs_kubectl
@@ -249,7 +312,21 @@ def test_proposer_args_parse_and_match_the_port(name):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_controller_args_parse_and_match_the_ports(name):
+    container = controller_container(rendered(name))
+    assert "command" not in container, "command would replace the image's `smartspec` entrypoint"
+    args = parse_controller_args(container["args"])
+    assert args.host == "0.0.0.0", "must listen on all interfaces to be reachable in the pod"
+    assert args.port == container_port(container, "grpc") == CONTROLLER_PORT
+    assert args.metrics_port == container_port(container, "metrics") == CONTROLLER_METRICS_PORT
+    assert args.policy == "smartspec"
+    # A pushed endpoint list would replace the verifiers' own DNS view of the proposer replicas.
+    assert args.proposers == "", "verifiers resolve the proposers by DNS; the controller must not override it"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
 def test_base_runs_on_cpu(component):
     args = parse_args(component, component_container(rendered("base"), component)["args"])
     assert (args.device, args.dtype) == ("cpu", "float32")
@@ -261,17 +338,17 @@ def test_base_runs_on_cpu(component):
 def test_probes_use_native_grpc_on_the_grpc_port(name, component):
     container = component_container(rendered(name), component)
     port = container_port(container, "grpc")
-    assert port == {"verifier": GRPC_PORT, "proposer": PROPOSER_PORT}[component]
+    assert port == GRPC_PORTS[component]
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container.get(probe_name)
         assert probe, f"{probe_name} missing"
         assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
         assert probe["grpc"]["port"] == port, probe
-        # "" is the overall health of the server, SERVING once the model is loaded.
+        # "" is the overall health of the server, SERVING once it has started (model loaded).
         assert probe["grpc"].get("service", "") == "", probe
     startup = container["startupProbe"]
     startup_budget_s = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
-    assert startup_budget_s >= 300, f"only {startup_budget_s}s to load the model"
+    assert startup_budget_s >= STARTUP_BUDGET_S[component], f"only {startup_budget_s}s to start"
     liveness = container["livenessProbe"]
     assert liveness.get("failureThreshold", 3) * liveness.get("periodSeconds", 10) >= 30, (
         f"a liveness probe this eager restarts a busy {component} mid-stream"
@@ -307,13 +384,38 @@ def test_proposer_keeps_serving_until_the_verifiers_have_moved_away(name):
 
 
 @needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_controller_stops_within_its_grace_period(name):
+    objects = rendered(name)
+    pod = find(objects, "Deployment", CONTROLLER)["spec"]["template"]["spec"]
+    needed = prestop_sleep_seconds(controller_container(objects)) + CONTROLLER_STOP_GRACE_S
+    assert pod["terminationGracePeriodSeconds"] > needed
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_controller_is_one_replica_never_two_at_once(name):
+    deployment = find(rendered(name), "Deployment", CONTROLLER)["spec"]
+    # Two controllers would each fit on the verifiers the Service gave them and push disagreeing policies.
+    assert deployment.get("replicas", 1) == 1
+    strategy = deployment.get("strategy", {"type": "RollingUpdate"})
+    if strategy["type"] == "RollingUpdate":
+        # maxSurge defaults to 25%, which rounds up to a second pod.
+        assert str(strategy.get("rollingUpdate", {}).get("maxSurge", "25%")) in ("0", "0%"), (
+            f"a rolling update would run two controllers side by side: {strategy}"
+        )
+    else:
+        assert strategy == {"type": "Recreate"}, strategy
+
+
+@needs_kubectl
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_pod_is_locked_down(name, component):
     objects = rendered(name)
     pod = find(objects, "Deployment", COMPONENTS[component])["spec"]["template"]["spec"]
     container = component_container(objects, component)
-    assert pod.get("automountServiceAccountToken") is False, "neither talks to the API server"
+    assert pod.get("automountServiceAccountToken") is False, "no component talks to the API server"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"].get("runAsUser", 0) != 0
     security = container["securityContext"]
@@ -328,11 +430,13 @@ def test_pod_is_locked_down(name, component):
 
 
 @needs_kubectl
+@pytest.mark.parametrize("component", sorted(METRICS_PORTS))
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_cpu_resources_and_metrics_scrape(name):
+def test_cpu_resources_and_metrics_scrape(name, component):
     objects = rendered(name)
-    template = find(objects, "Deployment", VERIFIER)["spec"]["template"]
-    container = verifier_container(objects)
+    template = find(objects, "Deployment", COMPONENTS[component])["spec"]["template"]
+    container = component_container(objects, component)
+    assert container_port(container, "metrics") == METRICS_PORTS[component]
     assert "cpu" in container["resources"]["requests"]
     assert "cpu" in container["resources"]["limits"]
     assert "memory" in container["resources"]["limits"]
@@ -420,7 +524,89 @@ def test_verifier_finds_the_proposers_through_their_service(name):
     assert port == service["spec"]["ports"][0]["port"] == proposer_port, (
         f"--proposer dials port {port}, the proposers listen on {proposer_port}"
     )
-    assert args.policy.startswith("fixed:") and int(args.policy.removeprefix("fixed:")) > 0
+    assert args.policy != "off", "a policy that never drafts needs no proposers"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_controller_service_is_a_stable_address_over_the_controller_pod(name):
+    objects = rendered(name)
+    deployment = find(objects, "Deployment", CONTROLLER)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert CONTROLLER_LABELS.items() <= pod_labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    service = find(objects, "Service", CONTROLLER)["spec"]
+    # A virtual IP outlives the pod: verifiers reconnect to the same address after a restart.
+    assert service.get("type", "ClusterIP") == "ClusterIP"
+    assert service.get("clusterIP") != "None", "headless: nothing stable to reconnect to"
+    assert service["selector"].items() <= pod_labels.items()
+    ports = {p["name"]: p for p in service["ports"]}
+    assert set(ports) == {"grpc", "metrics"}
+    assert ports["grpc"]["appProtocol"] == "grpc"
+    assert service_port(objects, CONTROLLER, "grpc", "controller") == CONTROLLER_PORT
+    assert service_port(objects, CONTROLLER, "metrics", "controller") == CONTROLLER_METRICS_PORT
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_every_service_selects_only_its_own_pods(name):
+    objects = rendered(name)
+    pod_labels = {
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+        for d in objects if d["kind"] == "Deployment"
+    }
+    services = [o for o in objects if o["kind"] == "Service"]
+    assert {s["metadata"]["name"] for s in services} == set(COMPONENTS.values())
+    for service in services:
+        selector = service["spec"]["selector"]
+        selected = {d for d, labels in pod_labels.items() if selector.items() <= labels.items()}
+        assert selected == {service["metadata"]["name"]}, (
+            f"Service {service['metadata']['name']} selects the pods of {sorted(selected)}"
+        )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_verifier_reports_to_the_controller_through_its_service(name):
+    objects = rendered(name)
+    args = parse_verifier_args(verifier_container(objects)["args"])
+    match = re.fullmatch(r"([^:/]+):(\d+)", args.controller)
+    assert match, f"--controller {args.controller!r} is not HOST:PORT"
+    host, port = match[1], int(match[2])
+    service = find(objects, "Service", CONTROLLER)
+    namespace = service["metadata"]["namespace"]
+    assert host in {
+        f"{CONTROLLER}.{namespace}.svc.cluster.local",
+        f"{CONTROLLER}.{namespace}.svc",
+        f"{CONTROLLER}.{namespace}",
+    }, f"--controller names {host}, the controller Service is {CONTROLLER} in namespace {namespace}"
+    assert port == service_port(objects, CONTROLLER, "grpc", "controller"), (
+        f"--controller dials port {port}, the controller Service serves gRPC on another"
+    )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_verifier_id_is_the_pod_name(name):
+    container = verifier_container(rendered(name))
+    args = parse_verifier_args(container["args"])
+    # Kubernetes expands $(VAR) in args only for variables the container defines.
+    match = re.fullmatch(r"\$\((\w+)\)", args.verifier_id)
+    assert match, f"--verifier-id {args.verifier_id!r} is not $(VAR): replicas would report under one id"
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert match[1] in env, f"$({match[1]}) is not defined in the container: it stays literal"
+    assert env[match[1]].get("valueFrom") == {"fieldRef": {"fieldPath": "metadata.name"}}, env[match[1]]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_verifier_starts_on_the_controllers_policy(name):
+    objects = rendered(name)
+    verifier = parse_verifier_args(verifier_container(objects)["args"])
+    controller = parse_controller_args(controller_container(objects)["args"])
+    # Otherwise planning changes mode the moment the controller connects.
+    assert verifier.policy == controller.policy
 
 
 @needs_kubectl
@@ -443,7 +629,7 @@ def test_disruption_budget_covers_the_pods_without_blocking_drains(name, compone
 
 
 @needs_kubectl
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
 def test_gpu_overlay_runs_on_one_gpu(component):
     container = component_container(rendered("gpu"), component)
     args = parse_args(component, container["args"])
@@ -455,7 +641,7 @@ def test_gpu_overlay_runs_on_one_gpu(component):
 
 
 @needs_kubectl
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
 def test_gpu_overlay_changes_only_device_and_dtype(component):
     base_container = component_container(rendered("base"), component)
     gpu_container = component_container(rendered("gpu"), component)
@@ -466,6 +652,30 @@ def test_gpu_overlay_changes_only_device_and_dtype(component):
     # The argument order too: only the two values were swapped in place.
     changed = [i for i, (a, b) in enumerate(zip(base_container["args"], gpu_container["args"])) if a != b]
     assert len(base_container["args"]) == len(gpu_container["args"]) and len(changed) == 2
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_controller_takes_no_gpu(name):
+    objects = rendered(name)
+    container = controller_container(objects)
+    resources = container["resources"]
+    for section in ("requests", "limits"):
+        assert not any(r.startswith("nvidia.com/") for r in resources.get(section, {})), resources
+    pod = find(objects, "Deployment", CONTROLLER)["spec"]["template"]["spec"]
+    # No toleration: a model-free pod must not take room on the GPU nodes.
+    assert not any(t.get("key", "").startswith("nvidia.com/") for t in pod.get("tolerations", [])), pod
+    # One image per overlay: the controller runs what the verifiers run.
+    assert container["image"] == verifier_container(objects)["image"]
+
+
+@needs_kubectl
+def test_gpu_overlay_leaves_the_controller_alone():
+    base, gpu = (find(rendered(n), "Deployment", CONTROLLER) for n in ("base", "gpu"))
+    base_container, gpu_container = controller_container(rendered("base")), controller_container(rendered("gpu"))
+    assert base_container["args"] == gpu_container["args"]
+    assert base_container["resources"] == gpu_container["resources"]
+    assert base["spec"]["template"]["spec"].get("tolerations") == gpu["spec"]["template"]["spec"].get("tolerations")
 
 
 # --- image ------------------------------------------------------------------------
@@ -521,7 +731,7 @@ def skip_without_real_cli():
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
 def test_real_cli_knows_every_deployed_flag(component):
-    """The argparse mirrors above must not drift from `smartspec verifier` / `smartspec proposer`."""
+    """The argparse mirrors above must not drift from `smartspec verifier` / `proposer` / `controller`."""
     skip_without_real_cli()
     result = subprocess.run(
         [sys.executable, "-c", f"import sys; from smartspec.cli import main; sys.argv = ['smartspec', '{component}', '--help']; main()"],
@@ -569,3 +779,21 @@ def test_real_cli_parses_the_deployed_args():
         mirror = vars(parse_args(component, args))
         for key, value in mirror.items():
             assert real[key] == value, f"{name} {component}: real --{key.replace('_', '-')}={real[key]!r}, mirror {value!r}"
+
+
+@needs_kubectl
+def test_real_policy_parser_accepts_the_deployed_policies():
+    """Every --policy deployed parses with `controller.policy.Policy`, the same for verifier and controller."""
+    skip_without_real_cli()
+    policies = sorted({
+        parse_args(component, component_container(rendered(name), component)["args"]).policy
+        for name in sorted(KUSTOMIZATIONS)
+        for component in ("verifier", "controller")
+    })
+    result = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from controller.policy import Policy; "
+         "print(json.dumps([str(Policy.parse(p)) for p in json.load(sys.stdin)]))"],
+        input=json.dumps(policies), capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, f"a deployed policy is rejected:\n{result.stderr[-2000:]}"
+    assert "off" not in json.loads(result.stdout), "deployed with speculation off"

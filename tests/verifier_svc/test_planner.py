@@ -9,9 +9,9 @@ from verifier_svc.planner import MAX_K, Mode, Policy, SpecMode, SpecPlanner, Ste
 from verifier_svc.sampler import SamplingParams
 from verifier_svc.scheduler import ScheduledItem, Sequence
 
-FLAT = CostParams(tuple(30.0 for _ in TOKEN_KNOTS), proposer_rtt_ms=0.5, num_steps=100)
+FLAT = CostParams(tuple(30.0 for _ in TOKEN_KNOTS), proposer_rtt_ms=0.5, num_steps=1000)
 STEEP = CostParams(tuple(10.0 + 8.0 * k for k in TOKEN_KNOTS), draft_step_ms=2.0, proposer_rtt_ms=0.5,
-                   num_steps=100)
+                   num_steps=1000)
 
 
 def decoding(request_id: str, max_new_tokens: int = 64, **spec) -> ScheduledItem:
@@ -58,7 +58,7 @@ def test_goodput_policy_follows_the_cost_model():
 def test_learns_acceptance_per_request_from_outcomes():
     planner = SpecPlanner(Policy.parse("smartspec"))
     planner.apply(planner.policy, CostParams(tuple(30.0 + 0.3 * k for k in TOKEN_KNOTS), proposer_rtt_ms=0.5,
-                                             num_steps=100))
+                                             num_steps=1000))
     items = [decoding("good"), decoding("bad")]
     for _ in range(50):
         planner.observe(StepOutcome([("good", 4, 4), ("bad", 4, 0)], StepSample(2, 10, 100, 30.0)))
@@ -93,4 +93,10 @@ def test_local_fit_until_a_cost_model_is_pushed():
     planner.apply(planner.policy, FLAT)
     assert planner.cost is FLAT
     planner.apply(planner.policy, None)  # controller gone
+    assert planner.cost is planner.fitter.params
+
+
+def test_a_young_pushed_model_does_not_replace_the_calibrated_local_fit():
+    planner = SpecPlanner(Policy.parse("smartspec"))
+    planner.apply(planner.policy, CostParams(tuple(30.0 for _ in TOKEN_KNOTS), num_steps=10))
     assert planner.cost is planner.fitter.params

@@ -132,7 +132,7 @@ def test_goodput_policies_are_lossless_and_learn_from_steps(tiny, policy):
     model, reference, tok = tiny
     planner = SpecPlanner(Policy.parse(policy))
     # A flat verify cost makes speculation pay, so the planner drafts.
-    planner.apply(planner.policy, CostParams(tuple(20.0 for _ in TOKEN_KNOTS), proposer_rtt_ms=0.1, num_steps=1))
+    planner.apply(planner.policy, CostParams(tuple(20.0 for _ in TOKEN_KNOTS), proposer_rtt_ms=0.1, num_steps=1000))
     engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096), LocalNgramProposer(), planner)
     prompts = [tok(p).input_ids for p in PROMPTS + REPETITIVE]
     out = run(engine, prompts, SamplingParams(max_new_tokens=24))
