@@ -1,6 +1,6 @@
 """Batch-1 speculation with fixed k, against no speculation, the analytic optimum and HF assisted generation.
 
-    python benchmarks/speculation.py [--draft smollm2-draft | --ngram] [--quick]
+    python benchmarks/speculation.py [--draft smollm2-draft | --ngram] [--grounded] [--quick]
 
 The target (SmolLM2-135M) runs in this process through `Engine.step()`; drafts
 come over gRPC from `smartspec proposer` in its own process, as in production.
@@ -10,7 +10,10 @@ draft/target step-cost ratio c and the hop overhead r (both per target step).
 The analytic speedup of k is E(k) / (1 + k c + r) with E(k) = (1 - a^(k+1)) / (1 - a);
 the best fixed k is compared with the best analytic k. Hugging Face assisted
 generation (`assistant_model=` the same draft, or `prompt_lookup_num_tokens=`
-for n-gram) runs on the same prompts for comparison.
+for n-gram) runs on the same prompts for comparison. Last, the `smartspec`
+policy runs on the same prompts, its planner having learned costs and acceptance
+from the fixed-k runs before it. `--grounded` uses passage rewrites (the
+n-gram workload of the goodput sweep) instead of the default prompts.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proposer_svc.server import BUILTIN_DRAFT, builtin_draft_dir  # noqa: E402
 from smartspec.models import load_model, load_tokenizer  # noqa: E402
+from smartspec.prompts import GROUNDED_PROMPTS  # noqa: E402
 from smartspec.up import wait_serving  # noqa: E402
 from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
 from verifier_svc.planner import Policy  # noqa: E402
@@ -66,14 +70,14 @@ class SyncProposer:
         self.client.release(request_ids)
 
 
-def run_engine(engine: Engine, prompt_ids: list[list[int]], new_tokens: int, k: int) -> dict:
-    """Sequential batch-1 requests; TPOT excludes the first token (prefill)."""
+def run_engine(engine: Engine, prompt_ids: list[list[int]], new_tokens: int, k: int | None) -> dict:
+    """Sequential batch-1 requests; TPOT excludes the first token (prefill). k None: the server's policy."""
     tpots, accepted, tested = [], 0, 0
+    mode = "auto" if k is None else "fixed" if k else "off"
     for i, ids in enumerate(prompt_ids):
         engine.add_request(f"k{k}-{i}-{time.monotonic()}", ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
-                           spec_mode="fixed" if k else "off", spec_k=k)
+                           spec_mode=mode, spec_k=k or 0)
         first = None
-        start = time.perf_counter()
         while engine.has_work():
             engine.step()
             first = first or time.perf_counter()
@@ -117,14 +121,16 @@ def main() -> None:
     kind.add_argument("--draft", default=BUILTIN_DRAFT)
     kind.add_argument("--ngram", action="store_true")
     ap.add_argument("--quick", action="store_true", help="k in 1..3, 2 prompts, 24 tokens")
+    ap.add_argument("--grounded", action="store_true", help="passage rewrites instead of the default prompts")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--port", type=int, default=50681)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args()
     ks = [1, 2, 3] if args.quick else list(range(1, 9))
-    prompts = PROMPTS[:2] if args.quick else PROMPTS
+    prompts = GROUNDED_PROMPTS[:4] if args.grounded else PROMPTS
+    prompts = prompts[:2] if args.quick else prompts
     new_tokens = 24 if args.quick else args.new_tokens
-    name = "ngram" if args.ngram else Path(args.draft).name
+    name = ("ngram" if args.ngram else Path(args.draft).name) + ("_grounded" if args.grounded else "")
     out_dir = Path(args.output_dir or f"benchmarks/results/speculation_{name}")
 
     kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft]
@@ -154,6 +160,10 @@ def main() -> None:
             rows.append(row)
             print(f"k={k}: TPOT {row['tpot_ms']:.1f} ms (off {off['tpot_ms']:.1f}), a={row['acceptance']}, "
                   f"c={row['c']:.3f}, r={row['r']:.4f}, HF assisted {row['hf_tpot_ms']:.1f} ms", flush=True)
+        engine.planner.policy = Policy.parse("smartspec")
+        smart = run_engine(engine, ids, new_tokens, None)
+        smart["speedup"] = off["tpot_ms"] / smart["tpot_ms"]
+        print(f"smartspec: TPOT {smart['tpot_ms']:.1f} ms, a={smart['acceptance']}", flush=True)
     finally:
         proc.terminate()
         proc.wait()
@@ -165,12 +175,16 @@ def main() -> None:
     best = max(rows, key=lambda r: r["speedup"])
     summary = {"acceptance": a, "c": c, "r": r_hop, "analytic_optimum": optimum, "best_k": best["k"],
                "best_speedup": best["speedup"], "fraction_of_optimum": best["speedup"] / optimum,
-               "best_hf_tpot_ms": min(r["hf_tpot_ms"] for r in rows), "best_tpot_ms": best["tpot_ms"]}
+               "best_hf_tpot_ms": min(r["hf_tpot_ms"] for r in rows), "best_tpot_ms": best["tpot_ms"],
+               "smartspec_tpot_ms": smart["tpot_ms"], "smartspec_speedup": smart["speedup"],
+               "smartspec_fraction_of_optimum": smart["speedup"] / optimum,
+               "smartspec_fraction_of_best_fixed": smart["speedup"] / max(best["speedup"], 1.0)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "proposer": name, "new_tokens": new_tokens, "off": off, "rows": rows, "summary": summary}, indent=1))
-    print(f"\n| k | TPOT (ms) | speedup vs off | acceptance | analytic speedup | HF assisted TPOT (ms) |")
+        "proposer": name, "new_tokens": new_tokens, "off": off, "rows": rows, "smartspec": smart,
+        "summary": summary}, indent=1))
+    print("\n| k | TPOT (ms) | speedup vs off | acceptance | analytic speedup | HF assisted TPOT (ms) |")
     print("|---|---|---|---|---|---|")
     print(f"| off | {off['tpot_ms']:.1f} | 1.00 | - | 1.00 | - |")
     for row in rows:
@@ -179,7 +193,10 @@ def main() -> None:
               f"{analytic(a, row['k'], c, r_hop):.2f} | {row['hf_tpot_ms']:.1f} |")
     print(f"\na = {a:.3f}, c = {c:.3f}, r = {r_hop:.4f}; analytic optimum {optimum:.2f}x; best fixed k = "
           f"{best['k']} at {best['speedup']:.2f}x = {summary['fraction_of_optimum']:.0%} of it; "
-          f"best HF assisted TPOT {summary['best_hf_tpot_ms']:.1f} ms vs ours {best['tpot_ms']:.1f} ms")
+          f"best HF assisted TPOT {summary['best_hf_tpot_ms']:.1f} ms vs ours {best['tpot_ms']:.1f} ms; "
+          f"smartspec {smart['tpot_ms']:.1f} ms = {smart['speedup']:.2f}x, "
+          f"{summary['smartspec_fraction_of_optimum']:.0%} of the analytic optimum, "
+          f"{summary['smartspec_fraction_of_best_fixed']:.0%} of max(best fixed k, off)")
 
 
 if __name__ == "__main__":

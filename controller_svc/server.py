@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from dataclasses import dataclass, fields
-
-import grpc
+from dataclasses import dataclass
 
 from controller.policy import Policy
 from controller.state import ControllerState
 from controller_svc.servicer import ControllerMetrics, ControllerServicer
-from smartspec.serving import add_health_and_reflection, set_serving, until_signalled
+from smartspec.serving import add_config_arguments, config_from_args, start_server, until_signalled
 from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,13 +34,11 @@ class ControllerConfig:
             "push_interval_s": "how often the refitted cost model is pushed",
             "metrics_port": "Prometheus /metrics port (0 = off)",
         }
-        for f in fields(ControllerConfig):
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                help=help_.get(f.name, ""))
+        add_config_arguments(parser, ControllerConfig, help_)
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> "ControllerConfig":
-        return ControllerConfig(**{f.name: getattr(args, f.name) for f in fields(ControllerConfig)})
+        return config_from_args(ControllerConfig, args)
 
 
 class Controller:
@@ -55,17 +51,14 @@ class Controller:
         self.port = 0
 
     async def start(self) -> None:
-        self.server = grpc.aio.server()
-        controller_pb2_grpc.add_ControllerServicer_to_server(self.servicer, self.server)
-        self.health = add_health_and_reflection(self.server, [SERVICE_NAME])
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.server, self.health, self.port = await start_server(
+            controller_pb2_grpc.add_ControllerServicer_to_server, self.servicer, SERVICE_NAME,
+            self.config.host, self.config.port)
         if self.config.metrics_port:
             from prometheus_client import start_http_server
 
             self.metrics_server, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
                                                        registry=self.metrics.registry)
-        await self.server.start()
-        await set_serving(self.health, [SERVICE_NAME])
         self._pusher = asyncio.ensure_future(self._push_periodically())
         log.info("controller serving on %s:%d with policy %s", self.config.host, self.port, self.state.policy)
 

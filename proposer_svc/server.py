@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import grpc
 
 from proposer_svc.servicer import NgramBackend, ProposerServicer
-from smartspec.serving import add_health_and_reflection, set_serving, until_signalled
+from smartspec.serving import add_config_arguments, config_from_args, start_server, until_signalled
 from smartspec.v1 import proposer_pb2, proposer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,13 @@ class ProposerConfig:
         kind = parser.add_mutually_exclusive_group(required=True)
         kind.add_argument("--ngram", action="store_true", help="draft by n-gram prompt lookup")
         kind.add_argument("--draft", help=f"draft model: '{BUILTIN_DRAFT}' (built-in), a directory or a .gguf file")
-        for f in fields(ProposerConfig):
-            if f.name != "draft":
-                parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        add_config_arguments(parser, ProposerConfig, {}, skip=("draft",))
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> "ProposerConfig":
-        values = {f.name: getattr(args, f.name) for f in fields(ProposerConfig)}
-        values["draft"] = values["draft"] or ""
-        return ProposerConfig(**values)
+        config = config_from_args(ProposerConfig, args)
+        config.draft = config.draft or ""
+        return config
 
     def make_backend(self):
         if not self.draft:
@@ -75,12 +73,9 @@ class ProposerServer:
         self.port = 0
 
     async def start(self) -> None:
-        self.server = grpc.aio.server()
-        proposer_pb2_grpc.add_ProposerServicer_to_server(self.servicer, self.server)
-        self.health = add_health_and_reflection(self.server, [SERVICE_NAME])
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        await self.server.start()
-        await set_serving(self.health, [SERVICE_NAME])
+        self.server, self.health, self.port = await start_server(
+            proposer_pb2_grpc.add_ProposerServicer_to_server, self.servicer, SERVICE_NAME,
+            self.config.host, self.config.port)
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.health.enter_graceful_shutdown()

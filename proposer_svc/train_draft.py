@@ -169,7 +169,7 @@ def load_teacher_cache(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def make_student(args):
-    from transformers import AutoConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from smartspec.models import load_model
 
     teacher = load_model("smollm2")

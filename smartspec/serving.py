@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import signal
 
 import grpc
@@ -33,3 +35,28 @@ async def until_signalled() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def start_server(add_servicer, servicer, service_name: str, host: str, port: int):
+    """A started grpc.aio server with the servicer, health (SERVING) and reflection;
+    returns (server, health, bound port)."""
+    server = grpc.aio.server()
+    add_servicer(servicer, server)
+    health = add_health_and_reflection(server, [service_name])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await set_serving(health, [service_name])
+    return server, health, bound
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_type, help_: dict[str, str],
+                         skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a service's config dataclass, typed by its default."""
+    for f in dataclasses.fields(config_type):
+        if f.name not in skip:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                                help=help_.get(f.name, ""))
+
+
+def config_from_args(config_type, args: argparse.Namespace):
+    return config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from verifier_svc.kv_cache import BlockAllocator
 from verifier_svc.model_runner import ForwardItem, ModelRunner

@@ -7,14 +7,14 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import grpc
 import torch
 
 from controller.profile import load_profile, samples_from_rows
 from smartspec import models
-from smartspec.serving import add_health_and_reflection, set_serving, until_signalled
+from smartspec.serving import add_config_arguments, config_from_args, start_server, until_signalled
 from smartspec.v1 import generation_pb2, generation_pb2_grpc
 from verifier_svc.async_engine import AsyncEngine
 from verifier_svc.controller_client import ControllerClient
@@ -72,13 +72,11 @@ class VerifierConfig:
                             "empty: time a few forward passes at start; 'none': neither",
             "grace_seconds": "on SIGTERM, how long in-flight streams may finish",
         }
-        for f in fields(VerifierConfig):
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                help=help_.get(f.name, ""))
+        add_config_arguments(parser, VerifierConfig, help_)
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> "VerifierConfig":
-        return VerifierConfig(**{f.name: getattr(args, f.name) for f in fields(VerifierConfig)})
+        return config_from_args(VerifierConfig, args)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -141,14 +139,11 @@ class Verifier:
             self.controller.start()
         limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         self.servicer = GenerationServicer(self.async_engine, self.tokenizer, limits)
-        self.server = grpc.aio.server()
-        generation_pb2_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
-        self.health = add_health_and_reflection(self.server, [SERVICE_NAME])
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.config.metrics_port:
             self.metrics_server, _ = self.metrics.serve(self.config.metrics_port, self.config.host)
-        await self.server.start()
-        await set_serving(self.health, [SERVICE_NAME])
+        self.server, self.health, self.port = await start_server(
+            generation_pb2_grpc.add_GenerationServicer_to_server, self.servicer, SERVICE_NAME,
+            self.config.host, self.config.port)
         log.info("verifier serving on %s:%d", self.config.host, self.port)
 
     async def drain(self) -> None:
