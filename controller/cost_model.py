@@ -1,10 +1,14 @@
 """Step cost learned online from live step metrics.
 
 verify_ms(B, N_tok, N_kv) = f(N_tok) + per_request * B + per_kv_token * N_kv, where f
-is piecewise linear over fixed knots in N_tok: flat then linear on a GPU, linear
-almost at once on a CPU, both fit by the same knots. Knots between and beyond the
-observed token counts follow a straight line (a curvature penalty), so an unseen
-N_tok is extrapolated from its neighbours instead of guessed.
+is a table over knots in N_tok (every count up to 16, then denser than powers of
+two), linear in between: flat then linear on a GPU, linear almost at once on a
+CPU, both fit by the same knots. f is not forced to rise: CPU matrix kernels are
+often slower at some row counts than at larger ones (measured here: 16 tokens
+202 ms, 32 tokens 158 ms), and a planner that knows it can spend those tokens
+on drafts. Knots between and beyond the observed token counts follow a straight
+line (a curvature penalty), so an unseen N_tok is extrapolated from its
+neighbours instead of guessed.
 
 propose_ms(k) = rtt + draft_step * max(k) + draft_per_token * sum(k) when anything
 is drafted: a draft model runs max(k) lockstep steps over a shrinking sub-batch.
@@ -21,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TOKEN_KNOTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+TOKEN_KNOTS = (*range(1, 17), 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+               320, 384, 448, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
 CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, relative to one step
 PRIOR_WEIGHT = 0.05  # pull of each knot toward the prior, decisive only where no step says otherwise
 WINDOW_STEPS = 1024  # steps kept for fitting
@@ -156,16 +161,17 @@ class CostModelFitter:
         pull = np.hstack([np.diag(PRIOR_WEIGHT / prior), np.zeros((m, 2))])  # relative: big knots weigh alike
         a = np.vstack([design, CURVATURE_PENALTY * curv, pull])
         b = np.concatenate([y, np.zeros(m - 2), np.full(m, PRIOR_WEIGHT)])
-        # B and N_kv can only add time: a column whose coefficient comes out negative is dropped.
+        # B and N_kv can only add time, and no knot is below zero: when the batch size or KV
+        # column (often nearly collinear with N_tok) pulls the fit there, it is dropped.
         keep = np.ones(m + 2, dtype=bool)
         while True:
             coef = np.zeros(m + 2)
             coef[keep], *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
             negative = [c for c in (m, m + 1) if keep[c] and coef[c] < 0]
-            if not negative:
+            if not negative and (coef[:m].min() >= 0 or not keep[m:].any()):
                 break
-            keep[min(negative, key=lambda c: coef[c])] = False
-        knots = np.maximum.accumulate(np.maximum(coef[:m], 0.0))  # time never falls with more tokens
+            keep[min(negative, key=lambda c: coef[c]) if negative else (m if keep[m] else m + 1)] = False
+        knots = np.maximum(coef[:m], 0.0)
         per_request, per_kv = coef[m:] / scale
         return knots, float(per_request), float(per_kv)
 
