@@ -19,7 +19,7 @@ import numpy as np
 CHANGE_Z = 4.5  # disagreement, in standard errors, that counts as a change
 SPLITS = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate change points, in steps back
 MIN_TRIALS = 8.0  # trials each side of a split needs before a change can be declared
-IDLE_DECAY = 0.99  # per step without drafts: history fades, so the request gets tried again
+IDLE_DECAY = 0.9  # per step without drafts: history fades toward the prior, so the request is tried again
 
 
 def num_tested(proposed: int, accepted: int) -> int:

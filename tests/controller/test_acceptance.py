@@ -83,7 +83,7 @@ def test_idle_requests_drift_back_to_the_prior():
     for i in range(300):
         est.observe(f"good{i}", 4, 4)
     low = est.rate("bad")
-    for _ in range(300):
+    for _ in range(30):  # acceptance can change while nothing is drafted: look again within ~30 steps
         est.idle("bad")
     assert est.rate("bad") > low + 0.3
 
