@@ -74,7 +74,7 @@ class StepSample:
     draft_steps: int = 0  # max k planned this step (0: nothing proposed)
     draft_tokens: int = 0  # sum of k planned this step
     propose_ms: float = 0.0  # proposal time the verifier waited
-    draft_ms: float = 0.0  # drafting time the proposers reported
+    draft_ms: float = 0.0  # drafting time the proposers reported (reported, not fitted: timeouts report none)
 
 
 @dataclass

@@ -52,7 +52,6 @@ class SpecPlanner:
         self.acceptance = AcceptanceEstimator()
         self.fitter = CostModelFitter(prior=cost_prior or linear_prior(20.0, 40.0))
         self.pushed_cost: CostParams | None = None
-        self.last_ks: list[int] = []
 
     @property
     def cost(self) -> CostParams:
@@ -95,7 +94,6 @@ class SpecPlanner:
                 ks[i] = int(k)
                 if k == 0 and cap > 0:
                     self.acceptance.idle(request_id)
-        self.last_ks = ks
         return ks
 
     def observe(self, outcome: StepOutcome) -> None:
