@@ -80,20 +80,22 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self._streams.add(queue)
         self.update_gauges()
         reader = asyncio.ensure_future(self._read(request_iterator, context))
+        get = None
         try:
             yield pb.ControllerUpdate(policy=policy_to_pb(self.state.snapshot()), endpoints=self.endpoints)
             while True:
                 get = asyncio.ensure_future(queue.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
-                    get.cancel()
                     error = reader.result()
                     if error:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
                     return
                 yield get.result()
         finally:
-            reader.cancel()
+            for task in (get, reader):  # a cancelled stream leaves neither pending
+                if task is not None:
+                    task.cancel()
             self._streams.discard(queue)
             self.update_gauges()
 
