@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from verifier_svc.cpu_linear import use_cpu_linear
 from verifier_svc.attention import ATTN_IMPLEMENTATION, LAYOUT_KWARG, StepItem, StepLayout
 from verifier_svc.kv_cache import KVCache
 
@@ -31,6 +32,8 @@ class ModelRunner:
         self.model = model
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            use_cpu_linear(model)
         layers, kv_heads, head_dim = kv_shape(model.config)
         self.kv = KVCache(layers, num_blocks, block_size, kv_heads, head_dim,
                           next(model.parameters()).dtype, self.device)

@@ -1,0 +1,44 @@
+import pytest
+import torch
+from torch import nn
+
+from verifier_svc.cpu_linear import CpuLinear, padded_rows, use_cpu_linear
+
+
+@pytest.mark.parametrize("n,rows", [(1, 2), (2, 2), (3, 4), (5, 8), (9, 16), (17, 32), (32, 32), (33, 33), (100, 100)])
+def test_padded_rows(n, rows):
+    assert padded_rows(n) == rows
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 7), (1, 5, 7), (2, 9, 7), (40, 7)])
+def test_matches_linear(bias, shape):
+    torch.manual_seed(0)
+    ref = nn.Linear(7, 11, bias=bias)
+    fast = nn.Linear(7, 11, bias=bias)
+    fast.load_state_dict(ref.state_dict())
+    fast.__class__ = CpuLinear
+    x = torch.randn(*shape)
+    y = fast(x)
+    assert y.shape == (*shape[:-1], 11)
+    torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_switches_plain_linears_and_keeps_tied_weights():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(13, 4)
+            self.proj = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 13, bias=False)
+            self.head.weight = self.embed.weight
+            self.norm = nn.LayerNorm(4)
+
+    model = Tiny()
+    x = torch.tensor([[1, 2, 3]])
+    before = model.head(model.proj(model.embed(x)))
+    assert use_cpu_linear(model) == 2
+    assert type(model.proj) is CpuLinear and type(model.head) is CpuLinear
+    assert model.head.weight is model.embed.weight
+    torch.testing.assert_close(model.head(model.proj(model.embed(x))), before)
+    assert use_cpu_linear(model) == 0  # already switched
