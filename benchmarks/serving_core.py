@@ -1,11 +1,13 @@
 """Serving-core benchmark: SmartSpec's engine vs Hugging Face `generate` on SmolLM2-135M (CPU, float32).
 
-    python benchmarks/serving_core.py [--quick] [--output-dir benchmarks/results/serving_core]
+    python benchmarks/serving_core.py [--quick] [--hf-cpu-linear] [--output-dir benchmarks/results/serving_core]
 
 1. Throughput: 16 concurrent requests through `Engine.step()` vs one static left-padded HF batch.
 2. Batch-1 time per output token (first token excluded), engine vs HF.
 3. Step time of `ModelRunner.forward` for B requests x q new tokens over a 512-token cached context.
 
+`--hf-cpu-linear` gives the HF model the engine's CPU linear layers
+(verifier_svc/cpu_linear.py), which separates the kernel from the engine.
 Repetitions alternate engine/HF to spread noise; only ratios from one run are meaningful.
 Writes results.json, throughput_tpot.png and step_time.png into the output directory.
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smartspec.models import load_model, load_tokenizer  # noqa: E402
 from smartspec.prompts import BUILTIN_PROMPTS  # noqa: E402
+from verifier_svc.cpu_linear import use_cpu_linear  # noqa: E402
 from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
 from verifier_svc.model_runner import ForwardItem, kv_shape  # noqa: E402
 from verifier_svc.sampler import SamplingParams  # noqa: E402
@@ -245,6 +248,7 @@ def plot(results: dict, out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: R=1, 32 new tokens, B in {1,4}, q in {1,2}")
+    ap.add_argument("--hf-cpu-linear", action="store_true", help="HF generate with the engine's CPU linear layers")
     ap.add_argument("--output-dir", default="benchmarks/results/serving_core")
     args = ap.parse_args()
     cfg = config(args.quick)
@@ -254,6 +258,8 @@ def main() -> int:
 
     tok = load_tokenizer(MODEL)
     hf_model = load_model(MODEL, "float32", "cpu")  # stays on HF's attention
+    if args.hf_cpu_linear:
+        use_cpu_linear(hf_model)
     engine_model = load_model(MODEL, "float32", "cpu")  # Engine switches this one to paged attention
     blocks_per_req = -(-(CTX + max(cfg["qs"])) // BLOCK_SIZE)
     kv_tokens = max(max(cfg["batch_sizes"]) * blocks_per_req * BLOCK_SIZE, 4096)
@@ -271,7 +277,7 @@ def main() -> int:
     print("3. step-time table")
     steps = bench_step_table(engine, tok, cfg["batch_sizes"], cfg["qs"])
 
-    results = {"machine": machine_info(), "model": MODEL, "dtype": "float32",
+    results = {"machine": machine_info(), "model": MODEL, "dtype": "float32", "hf_cpu_linear": args.hf_cpu_linear,
                "config": {**cfg, "concurrent": NUM_CONCURRENT, "ctx": CTX, "block_size": BLOCK_SIZE,
                           "step_runs": STEP_RUNS, "kv_cache_tokens": kv_tokens,
                           "kv_bytes_per_token": 2 * 4 * torch.Size(kv_shape(engine_model.config)).numel()},
