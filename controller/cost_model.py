@@ -12,7 +12,8 @@ neighbours instead of guessed.
 
 propose_ms(k) = rtt + draft_step * max(k) + draft_per_token * sum(k) when anything
 is drafted: a draft model runs max(k) lockstep steps over a shrinking sub-batch.
-It is fitted on the time the verifier waited for proposals, timeouts included.
+The draft terms are fitted on the drafting time proposers report, the rtt on the
+rest of what the verifier waited, timeouts included.
 
 The fitter judges itself: before each step joins the fit, it predicts that
 step's verify time, and reports the median absolute relative error.
@@ -74,7 +75,7 @@ class StepSample:
     draft_steps: int = 0  # max k planned this step (0: nothing proposed)
     draft_tokens: int = 0  # sum of k planned this step
     propose_ms: float = 0.0  # proposal time the verifier waited
-    draft_ms: float = 0.0  # drafting time the proposers reported (reported, not fitted: timeouts report none)
+    draft_ms: float = 0.0  # drafting time the proposers reported (0: none, e.g. a timeout)
 
 
 @dataclass
@@ -176,17 +177,33 @@ class CostModelFitter:
         return knots, float(per_request), float(per_kv)
 
     def _fit_propose(self) -> tuple[float, float, float]:
-        """propose_ms = rtt + draft_step * max k + per_token * sum k, on what the verifier waited:
-        a proposer that times out under load costs its deadline, and the fit must see that."""
+        """propose_ms = rtt + draft_step * max k + per_token * sum k.
+
+        The step and per-token costs come from the drafting time the proposers
+        report, with no intercept: under one policy max k barely varies, and a
+        fit on the waited time alone then cannot tell a draft step from the hop
+        (drafts looked free). The rtt is the mean of what the verifier waited
+        beyond that, timeouts included: a proposer that times out under load
+        costs its deadline, and the fit must see that.
+        """
         rows = list(self._propose)
-        y = np.array([r.propose_ms for r in rows])
-        a = np.array([[1.0, r.draft_steps, r.draft_tokens] for r in rows])
-        keep = np.ones(3, dtype=bool)
-        while True:
-            coef = np.zeros(3)
-            coef[keep], *_ = np.linalg.lstsq(a[:, keep], y, rcond=None)
-            if (coef[keep] >= 0).all():
-                break
-            keep[int(np.argmin(np.where(keep, coef, np.inf)))] = False
-        rtt, step, per_token = coef
-        return float(step), float(per_token), float(rtt)
+        waited = np.array([r.propose_ms for r in rows])
+        a = np.array([[r.draft_steps, r.draft_tokens] for r in rows], dtype=np.float64)
+        reported = np.array([r.draft_ms > 0 for r in rows])
+        if reported.any():
+            step, per_token = _nonnegative_lstsq(a[reported], np.array([r.draft_ms for r in rows])[reported])
+            rtt = max(float(np.mean(waited - a @ (step, per_token))), 0.0)
+            return step, per_token, rtt
+        rtt, step, per_token = _nonnegative_lstsq(np.hstack([np.ones((len(rows), 1)), a]), waited)
+        return step, per_token, rtt
+
+
+def _nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> list[float]:
+    """Least squares, dropping the most negative column until none is negative."""
+    keep = np.ones(a.shape[1], dtype=bool)
+    while True:
+        coef = np.zeros(a.shape[1])
+        coef[keep], *_ = np.linalg.lstsq(a[:, keep], y, rcond=None)
+        if (coef[keep] >= 0).all():
+            return [float(c) for c in coef]
+        keep[int(np.argmin(np.where(keep, coef, np.inf)))] = False

@@ -91,6 +91,41 @@ def test_draft_cost_and_rtt_from_proposal_times():
     assert float(p.propose_ms(0, 0)) == 0.0
 
 
+def test_draft_step_is_told_from_the_hop_under_a_fixed_depth():
+    # One policy, one depth: from the waited time alone a 10 ms draft step and a 1 ms hop
+    # are indistinguishable; the reported drafting time separates them.
+    fitter = CostModelFitter()
+    for _ in range(100):
+        fitter.observe(StepSample(4, 16, 400, 50.0, 3, 12, propose_ms=31.0 + 1.0, draft_ms=31.0))
+    p = fitter.refit()
+    assert float(p.propose_ms(3, 12)) == pytest.approx(32.0)
+    assert float(p.propose_ms(1, 4)) < 14.0  # a shallower draft is cheaper, not the same 32 ms
+    assert p.proposer_rtt_ms == pytest.approx(1.0, abs=0.01)
+
+
+def test_timeouts_count_in_the_waited_time():
+    fitter = CostModelFitter()
+    for i in range(100):
+        timed_out = i % 10 == 0
+        fitter.observe(StepSample(4, 16, 400, 50.0, 2, 8, propose_ms=50.0 if timed_out else 9.0,
+                                  draft_ms=0.0 if timed_out else 8.0))
+    p = fitter.refit()
+    # 10% of steps wait the 50 ms deadline: the expected wait is 0.9 * 9 + 0.1 * 50 = 13.1 ms.
+    assert float(p.propose_ms(2, 8)) == pytest.approx(13.1, rel=0.01)
+
+
+def test_without_reported_drafting_time_the_waited_time_is_fitted():
+    rng = np.random.default_rng(4)
+    fitter = CostModelFitter()
+    for _ in range(200):
+        ks = rng.integers(1, 6, size=int(rng.integers(1, 9)))
+        fitter.observe(StepSample(len(ks), int(ks.sum() + len(ks)), 100, 50.0, int(ks.max()), int(ks.sum()),
+                                  propose_ms=2.0 + 3.0 * ks.max()))
+    p = fitter.refit()
+    assert p.draft_step_ms == pytest.approx(3.0, rel=0.01)
+    assert p.proposer_rtt_ms == pytest.approx(2.0, rel=0.02)
+
+
 def test_prediction_error_is_reported_and_reaches_the_params():
     fitter = CostModelFitter()
     assert np.isnan(fitter.relative_error())
