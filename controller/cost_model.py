@@ -1,7 +1,7 @@
 """Step cost learned online from live step metrics.
 
 verify_ms(B, N_tok, N_kv) = f(N_tok) + per_request * B + per_kv_token * N_kv, where f
-is a table over knots in N_tok (every count up to 16, then denser than powers of
+is a table over knots in N_tok (every count up to 17, then denser than powers of
 two), linear in between: flat then linear on a GPU, linear almost at once on a
 CPU, both fit by the same knots. f is not forced to rise: CPU matrix kernels are
 often slower at some row counts than at larger ones (measured here: 16 tokens
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TOKEN_KNOTS = (*range(1, 17), 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+TOKEN_KNOTS = (*range(1, 18), 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                320, 384, 448, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
-CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, relative to one step
+CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, relative to one step at an unseen knot
 PRIOR_WEIGHT = 0.05  # pull of each knot toward the prior, decisive only where no step says otherwise
 WINDOW_STEPS = 1024  # steps kept for fitting
 ERROR_WINDOW = 256  # steps the prediction error is reported over
@@ -158,6 +158,9 @@ class CostModelFitter:
             left, right = x[i + 1] - x[i], x[i + 2] - x[i + 1]
             curv[i, i], curv[i, i + 1], curv[i, i + 2] = 1 / left, -(1 / left + 1 / right), 1 / right
             curv[i] *= x[i + 1]  # relative slope change, so small and large knots weigh alike
+        # The straight-line prior yields where steps were seen: a cliff in the kernels
+        # (16 rows padded to 16, 17 to 32) must stay a cliff, not be smoothed over.
+        curv /= 1.0 + hat.sum(axis=0)[1:-1, None]
         prior = np.maximum(np.asarray(self.prior.verify_ms_at_knots), 1e-3)
         pull = np.hstack([np.diag(PRIOR_WEIGHT / prior), np.zeros((m, 2))])  # relative: big knots weigh alike
         a = np.vstack([design, CURVATURE_PENALTY * curv, pull])

@@ -75,6 +75,22 @@ def test_learns_a_dip_and_the_planner_spends_it_on_drafts():
     assert ks.sum() >= 8  # drafts that make the step cheaper pay even at acceptance 0.2
 
 
+def test_learns_the_cliff_of_power_of_two_row_counts():
+    # CPU linear layers pad rows to a power of two up to 32: 9..16 tokens cost as 16, 17 as 32.
+    def padded(tokens, batch, kv):
+        rows = np.where(tokens <= 32, 2 ** np.ceil(np.log2(np.maximum(tokens, 2))), tokens)
+        return 30.0 + 2.0 * rows
+
+    fitter = CostModelFitter()
+    rng = np.random.default_rng(5)
+    for _ in range(600):
+        tokens = int(rng.integers(1, 41))
+        fitter.observe(StepSample(1, tokens, 300, float(padded(tokens, 1, 300)) * rng.normal(1.0, 0.02)))
+    p = fitter.refit()
+    for tokens in (3, 4, 9, 16, 17, 20, 32):
+        assert float(p.verify_ms(1, tokens, 300)) == pytest.approx(float(padded(tokens, 1, 300)), rel=0.05)
+
+
 def test_draft_cost_and_rtt_from_proposal_times():
     rng = np.random.default_rng(2)
     fitter = CostModelFitter()
