@@ -42,3 +42,13 @@ def test_switches_plain_linears_and_keeps_tied_weights():
     assert model.head.weight is model.embed.weight
     torch.testing.assert_close(model.head(model.proj(model.embed(x))), before)
     assert use_cpu_linear(model) == 0  # already switched
+
+
+def test_the_cpu_runner_switches_the_models_linear_layers(tiny_llama_dir):
+    from smartspec.models import load_model
+    from verifier_svc.model_runner import ModelRunner
+
+    model = load_model(tiny_llama_dir)
+    ModelRunner(model, num_blocks=4, block_size=16)
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert kinds == {CpuLinear}
