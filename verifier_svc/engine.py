@@ -25,6 +25,12 @@ from verifier_svc.sampler import SamplingParams, make_generator, sample
 from verifier_svc.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 
 
+# (B, q) shapes timed at start-up. Batch 1 is timed densely: CPU kernels step at
+# power-of-two row counts (8 -> 9, 16 -> 17), which a sparse grid would smooth over.
+CALIBRATION_SHAPES = (*((1, q) for q in (1, 2, 3, 4, 5, 8, 9, 16, 17)),
+                      *((b, q) for b in (4, 16) for q in (1, 2, 4, 8)))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
@@ -298,24 +304,23 @@ class Engine:
     def _is_stop_token(self, seq: Sequence, token: int) -> bool:
         return token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.eos_token_ids)
 
-    def calibrate(self, batch_sizes=(1, 4, 16), tokens_per_request=(1, 2, 4, 8), ctx: int = 128) -> list[dict]:
-        """Times one forward per shape on scratch KV blocks (their contents do not matter for
-        timing); rows for controller.profile. Run before serving: it uses free blocks."""
+    def calibrate(self, shapes=CALIBRATION_SHAPES, ctx: int = 128) -> list[dict]:
+        """Times one forward per (B, q) shape on scratch KV blocks (their contents do not
+        matter for timing); rows for controller.profile. Run before serving: it uses free blocks."""
         rows = []
-        for b in batch_sizes:
-            for q in tokens_per_request:
-                if b * self.allocator.blocks_needed([], ctx + q) > self.allocator.num_free:
-                    continue  # a small cache: skip shapes it cannot hold
-                tables = [[] for _ in range(b)]
-                for table in tables:
-                    self.allocator.grow(table, ctx + q)
-                items = [ForwardItem([0] * q, ctx, table, q) for table in tables]
-                self.runner.forward(items)  # warm-up for this shape
-                start = time.perf_counter()
-                self.runner.forward(items)
-                rows.append({"B": b, "q": q, "ctx": ctx, "ms": (time.perf_counter() - start) * 1e3})
-                for table in tables:
-                    self.allocator.free(table)
+        for b, q in shapes:
+            if b * self.allocator.blocks_needed([], ctx + q) > self.allocator.num_free:
+                continue  # a small cache: skip shapes it cannot hold
+            tables = [[] for _ in range(b)]
+            for table in tables:
+                self.allocator.grow(table, ctx + q)
+            items = [ForwardItem([0] * q, ctx, table, q) for table in tables]
+            self.runner.forward(items)  # warm-up for this shape
+            start = time.perf_counter()
+            self.runner.forward(items)
+            rows.append({"B": b, "q": q, "ctx": ctx, "ms": (time.perf_counter() - start) * 1e3})
+            for table in tables:
+                self.allocator.free(table)
         return rows
 
     def kv_usage(self) -> float:

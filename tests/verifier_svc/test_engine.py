@@ -71,3 +71,16 @@ def test_stop_string_and_max_new_tokens(tiny):
     streamed = "".join(c.text for c in chunks)
     assert streamed == text[: text.index(stop)]
     assert len(free_run) == 12
+
+
+def test_calibration_times_every_shape_it_can_hold_and_frees_its_blocks(tiny):
+    from verifier_svc.engine import CALIBRATION_SHAPES
+
+    model, _, tok = tiny
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096))
+    rows = engine.calibrate()
+    assert [(r["B"], r["q"]) for r in rows] == list(CALIBRATION_SHAPES)
+    assert all(r["ms"] > 0 and r["ctx"] == 128 for r in rows)
+    assert engine.allocator.num_free == engine.allocator.num_blocks
+    small = Engine(model, tok, EngineConfig(kv_cache_tokens=512))  # 4 x 136 tokens do not fit
+    assert {r["B"] for r in small.calibrate()} == {1}
