@@ -2,13 +2,13 @@
 
 verify_ms(B, N_tok, N_kv) = f(N_tok) + per_request * B + per_kv_token * N_kv, where f
 is a table over knots in N_tok (every count up to 17, then denser than powers of
-two), linear in between: flat then linear on a GPU, linear almost at once on a
-CPU, both fit by the same knots. f is not forced to rise: CPU matrix kernels are
-often slower at some row counts than at larger ones (measured here: 16 tokens
-202 ms, 32 tokens 158 ms), and a planner that knows it can spend those tokens
-on drafts. Knots between and beyond the observed token counts follow a straight
-line (a curvature penalty), so an unseen N_tok is extrapolated from its
-neighbours instead of guessed.
+two), linear in between: flat then linear on a GPU, a staircase on a CPU
+(linear layers padded to power-of-two rows), both fit by the same knots. Knots
+between and beyond the observed token counts follow a straight line (a
+curvature penalty), so an unseen N_tok is extrapolated from its neighbours
+instead of guessed. f never falls: more tokens never cost less with the
+engine's kernels, and a dip the noise of shared cores put in a fit is one the
+planner would spend drafts on (measured: it did, and lost).
 
 propose_ms(k) = rtt + draft_step * max(k) + draft_per_token * sum(k) when anything
 is drafted: a draft model runs max(k) lockstep steps over a shrinking sub-batch.
@@ -175,7 +175,7 @@ class CostModelFitter:
             if not negative and (coef[:m].min() >= 0 or not keep[m:].any()):
                 break
             keep[min(negative, key=lambda c: coef[c]) if negative else (m if keep[m] else m + 1)] = False
-        knots = np.maximum(coef[:m], 0.0)
+        knots = _rising(np.maximum(coef[:m], 0.0), hat.sum(axis=0) + 1e-3)
         per_request, per_kv = coef[m:] / scale
         return knots, float(per_request), float(per_kv)
 
@@ -199,6 +199,17 @@ class CostModelFitter:
             return step, per_token, rtt
         rtt, step, per_token = _nonnegative_lstsq(np.hstack([np.ones((len(rows), 1)), a]), waited)
         return step, per_token, rtt
+
+
+def _rising(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The closest non-decreasing sequence in weighted least squares (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [weighted sum, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([v * w, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, w2, n = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + s, blocks[-1][1] + w2, blocks[-1][2] + n]
+    return np.concatenate([np.full(n, s / w) for s, w, n in blocks])
 
 
 def _nonnegative_lstsq(a: np.ndarray, y: np.ndarray) -> list[float]:

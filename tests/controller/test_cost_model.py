@@ -59,10 +59,9 @@ def test_extrapolates_unseen_token_counts_along_the_line():
         assert float(p.verify_ms(unseen, unseen, 0)) == pytest.approx(cpu_like(unseen, unseen, 0), rel=0.05)
 
 
-def test_learns_a_dip_and_the_planner_spends_it_on_drafts():
-    """Measured on this CPU: 16 batched tokens 202 ms, 32 tokens 158 ms (kernel choice by row count)."""
-    from controller.planner import Batch, plan
-
+def test_knots_never_fall():
+    """A dip in the data (here 16 tokens 202 ms, 32 tokens 158 ms) is noise of shared cores or a
+    kernel the engine no longer uses; a planner that believed it would draft to get there."""
     def dip(tokens):
         return {16: 202.0, 24: 180.0, 32: 158.0}.get(tokens, 60.0 + 4.0 * tokens)
 
@@ -70,9 +69,17 @@ def test_learns_a_dip_and_the_planner_spends_it_on_drafts():
     for tokens in (8, 12, 16, 24, 32, 48, 64) * 30:
         fitter.observe(StepSample(16 if tokens >= 16 else tokens, tokens, 0, dip(tokens)))
     p = fitter.refit()
-    assert float(p.verify_ms(16, 32, 0)) < float(p.verify_ms(16, 16, 0))
-    ks = plan(np.full(16, 0.2), np.full(16, 8), p, Batch(16, 16, 0), 8)
-    assert ks.sum() >= 8  # drafts that make the step cheaper pay even at acceptance 0.2
+    assert np.all(np.diff(p.verify_ms_at_knots) >= 0)
+    assert float(p.verify_ms(16, 32, 0)) == pytest.approx(float(p.verify_ms(16, 16, 0)), rel=0.02)  # pooled
+
+
+def test_rising_is_the_weighted_closest_non_decreasing_sequence():
+    from controller.cost_model import _rising
+
+    np.testing.assert_allclose(_rising(np.array([1.0, 3.0, 2.0, 4.0]), np.ones(4)), [1.0, 2.5, 2.5, 4.0])
+    np.testing.assert_allclose(_rising(np.array([1.0, 3.0, 2.0]), np.array([1.0, 1.0, 3.0])), [1.0, 2.25, 2.25])
+    np.testing.assert_allclose(_rising(np.array([5.0, 1.0, 1.0]), np.array([1e-3, 1.0, 1.0])), [1.002, 1.002, 1.002],
+                               rtol=1e-3)
 
 
 def test_learns_the_cliff_of_power_of_two_row_counts():
