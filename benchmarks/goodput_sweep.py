@@ -1,7 +1,7 @@
 """The goodput sweep: request rates x policies on the local stack, for both workloads.
 
     python benchmarks/goodput_sweep.py [--workload ngram-grounded|draft-chat-code|both]
-        [--rates 0.25,1,2] [--repeats 3] [--num-requests 10] [--max-new-tokens 48]
+        [--rates 0.25,1,2] [--repeats 3] [--num-requests 10] [--max-new-tokens 48] [--tables-only]
 
 For each workload it starts `smartspec up` (proposer, controller and verifier
 processes), then runs `smartspec bench`'s sweep: every policy at every rate,
@@ -21,6 +21,7 @@ import datetime
 import json
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ WORKLOADS = {
     "ngram-grounded": (["--ngram"], "grounded"),
     "draft-chat-code": (["--draft", "smollm2-draft"], "builtin"),
 }
-POLICIES = ["off", "fixed:1", "fixed:3", "fixed:5", "smartspec", "smartspec-uniform"]
+FIXED = ("off", "fixed:1", "fixed:3", "fixed:5")
+POLICIES = [*FIXED, "smartspec", "smartspec-uniform"]
 
 
 def ratios(points: list[dict], rates: list[float]) -> list[dict]:
@@ -43,13 +45,32 @@ def ratios(points: list[dict], rates: list[float]) -> list[dict]:
     mean = sweep.medians(points, "mean_e2e_ms")
     rows = []
     for r in rates:
-        fixed = {p: mean[(r, p)] for p in ("off", "fixed:1", "fixed:3", "fixed:5") if mean.get((r, p))}
+        fixed = {p: mean[(r, p)] for p in FIXED if mean.get((r, p))}
         best = min(fixed, key=fixed.get)
         rows.append({"rate": r, "best_fixed": best,
                      "smartspec_over_best": mean[(r, "smartspec")] / fixed[best],
                      "uniform_over_best": mean[(r, "smartspec-uniform")] / fixed[best],
                      "smartspec_over_uniform": mean[(r, "smartspec")] / mean[(r, "smartspec-uniform")],
                      "off_over_smartspec": fixed["off"] / mean[(r, "smartspec")]})
+    return rows
+
+
+def paired(points: list[dict], rates: list[float]) -> list[dict]:
+    """Per rate: the median over repetitions of each repetition's ratio. A repetition runs every
+    policy on the same arrivals, so this removes the swing of the arrivals between repetitions."""
+    mean = {(p["rate"], p["policy"], p["repeat"]): p["mean_e2e_ms"] for p in points}
+    rows = []
+    for r in rates:
+        reps = sorted({rep for rate, _, rep in mean if rate == r})
+        best = {i: min(mean[(r, p, i)] for p in FIXED if (r, p, i) in mean) for i in reps}
+        per_rep = [mean[(r, "smartspec", i)] / best[i] for i in reps]
+        rows.append({"rate": r, "smartspec_over_best": statistics.median(per_rep),
+                     "uniform_over_best": statistics.median(mean[(r, "smartspec-uniform", i)] / best[i] for i in reps),
+                     "smartspec_over_uniform": statistics.median(
+                         mean[(r, "smartspec", i)] / mean[(r, "smartspec-uniform", i)] for i in reps),
+                     "off_over_smartspec": statistics.median(mean[(r, "off", i)] / mean[(r, "smartspec", i)]
+                                                             for i in reps),
+                     "smartspec_over_best_per_repetition": per_rep})
     return rows
 
 
@@ -78,19 +99,34 @@ def run_workload(name: str, args) -> None:
         stack.wait(timeout=120)
     out = Path(args.output_dir) / f"goodput_sweep_{name}"
     out.mkdir(parents=True, exist_ok=True)
-    table = sweep.markdown_table(points, rates, POLICIES)
-    summary = ratios(points, rates)
     (out / "results.json").write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "workload": name,
         "prompts": prompts, "rates": rates, "policies": POLICIES, "repeats": args.repeats,
         "num_requests": args.num_requests, "max_new_tokens": args.max_new_tokens, "points": points,
-        "ratios": summary, "controller_at_end": controller}, indent=1))
+        "ratios": ratios(points, rates), "paired": paired(points, rates), "controller_at_end": controller}, indent=1))
     sweep.plot(points, rates, POLICIES, out)
-    lines = [f"### {name}", "", table, "", "| rate | best fixed | smartspec / best | uniform / best | "
-             "smartspec / uniform | off / smartspec |", "|---|---|---|---|---|---|"]
+    write_tables(out)
+
+
+def write_tables(out: Path) -> None:
+    """table.md from the results.json in `out`."""
+    res = json.loads((out / "results.json").read_text())
+    points, rates = res["points"], res["rates"]
+    lines = [f"### {res['workload']}", "", sweep.markdown_table(points, rates, POLICIES), "",
+             "Ratios of the medians:", "",
+             "| rate | best fixed | smartspec / best | uniform / best | smartspec / uniform | off / smartspec |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['rate']} | {r['best_fixed']} | {r['smartspec_over_best']:.2f} | {r['uniform_over_best']:.2f} | "
-              f"{r['smartspec_over_uniform']:.2f} | {r['off_over_smartspec']:.2f} |" for r in summary]
+              f"{r['smartspec_over_uniform']:.2f} | {r['off_over_smartspec']:.2f} |" for r in ratios(points, rates)]
+    lines += ["", "Paired (the median over repetitions of each repetition's ratio):", "",
+              "| rate | smartspec / best | uniform / best | smartspec / uniform | off / smartspec | "
+              "smartspec / best per repetition |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['rate']} | {r['smartspec_over_best']:.2f} | {r['uniform_over_best']:.2f} | "
+              f"{r['smartspec_over_uniform']:.2f} | {r['off_over_smartspec']:.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in r['smartspec_over_best_per_repetition'])} |"
+              for r in paired(points, rates)]
+    controller = res["controller_at_end"]
     cost = controller["cost_model"]
     lines += ["", f"Controller at the end: cost-model median relative error {cost['verify_relative_error']:.3f} "
                   f"over recent live steps ({cost['steps_fitted']} steps fitted), acceptance prior "
@@ -108,7 +144,12 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--port", type=int, default=50791)
     ap.add_argument("--output-dir", default="benchmarks/results")
+    ap.add_argument("--tables-only", action="store_true", help="rewrite table.md from the saved results.json")
     args = ap.parse_args()
+    if args.tables_only:
+        for name in WORKLOADS if args.workload == "both" else [args.workload]:
+            write_tables(Path(args.output_dir) / f"goodput_sweep_{name}")
+        return
     for name in WORKLOADS if args.workload == "both" else [args.workload]:
         run_workload(name, args)
 
