@@ -160,7 +160,8 @@ class CostModelFitter:
             curv[i] *= x[i + 1]  # relative slope change, so small and large knots weigh alike
         # The straight-line prior yields where steps were seen: a cliff in the kernels
         # (16 rows padded to 16, 17 to 32) must stay a cliff, not be smoothed over.
-        curv /= 1.0 + hat.sum(axis=0)[1:-1, None]
+        counts = hat.sum(axis=0)  # steps seen at each knot, split by interpolation weight
+        curv /= 1.0 + counts[1:-1, None]
         prior = np.maximum(np.asarray(self.prior.verify_ms_at_knots), 1e-3)
         pull = np.hstack([np.diag(PRIOR_WEIGHT / prior), np.zeros((m, 2))])  # relative: big knots weigh alike
         a = np.vstack([design, CURVATURE_PENALTY * curv, pull])
@@ -175,7 +176,7 @@ class CostModelFitter:
             if not negative and (coef[:m].min() >= 0 or not keep[m:].any()):
                 break
             keep[min(negative, key=lambda c: coef[c]) if negative else (m if keep[m] else m + 1)] = False
-        knots = _rising(np.maximum(coef[:m], 0.0), hat.sum(axis=0) + 1e-3)
+        knots = _rising(np.maximum(coef[:m], 0.0), counts + 1e-3)
         per_request, per_kv = coef[m:] / scale
         return knots, float(per_request), float(per_kv)
 
