@@ -141,8 +141,8 @@ def main() -> None:
     draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
     draft_for_hf = None if args.ngram else load_model(draft_path)
     # HF again with the engine's CPU linear layers: separates the kernel from the speculation.
-    hf_fast = (load_model("smollm2"), None if args.ngram else load_model(draft_path))
-    for m in hf_fast:
+    fast_target, fast_draft = load_model("smollm2"), None if args.ngram else load_model(draft_path)
+    for m in (fast_target, fast_draft):
         if m is not None:
             use_cpu_linear(m)
     try:
@@ -163,7 +163,7 @@ def main() -> None:
             row.update(speedup=off["tpot_ms"] / row["tpot_ms"], c=draft_step_ms / off["tpot_ms"],
                        r=hop_ms / off["tpot_ms"])
             row["hf_tpot_ms"] = hf_assisted(target_for_hf, tok, draft_for_hf, prompts, new_tokens, k, args.ngram)
-            row["hf_cpu_linear_tpot_ms"] = hf_assisted(*hf_fast[:1], tok, hf_fast[1], prompts, new_tokens, k,
+            row["hf_cpu_linear_tpot_ms"] = hf_assisted(fast_target, tok, fast_draft, prompts, new_tokens, k,
                                                        args.ngram)
             rows.append(row)
             print(f"k={k}: TPOT {row['tpot_ms']:.1f} ms (off {off['tpot_ms']:.1f}), a={row['acceptance']}, "
