@@ -67,6 +67,11 @@ class SyncProposer:
         self.draft_ms.append(self.client.last_draft_ms)
         return drafts
 
+    @property
+    def last_draft_ms(self) -> float:
+        """Drafting time the proposer reported for the last exchange (what the engine's cost fit reads)."""
+        return self.client.last_draft_ms
+
     def release(self, request_ids):
         self.client.release(request_ids)
 

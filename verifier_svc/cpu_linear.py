@@ -6,6 +6,8 @@ For a handful of rows that path is slow on CPU (SmolLM2's 49152 x 576 head:
 either way. Computing (W @ x^T)^T instead, with the row count padded up to a
 power of two (at least 2, while at most 32), streams W once at memory speed
 (2 to 4 rows: about 4.5 ms). Measured table: BENCHMARKS.md, "CPU linear layers".
+The rows must reach the product row-major: the output of the layer before is a
+transposed view, and fed as it is, the product is up to 4x slower.
 
 The rows are independent, so padding only adds zero rows that are dropped.
 GPUs keep `F.linear`: cuBLAS has no such cliff.
@@ -36,6 +38,10 @@ class CpuLinear(nn.Linear):
         pad = padded_rows(n) - n
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        else:
+            # A transposed view (the output of the layer before) as the right operand
+            # takes MKL's slow path: SmolLM2's down_proj at 2 rows, 120 -> 520 us.
+            rows = rows.contiguous()
         y = (self.weight @ rows.t()).t()[:n]  # [n, out]
         if self.bias is not None:
             y = y + self.bias

@@ -52,3 +52,16 @@ def test_the_cpu_runner_switches_the_models_linear_layers(tiny_llama_dir):
     ModelRunner(model, num_blocks=4, block_size=16)
     kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
     assert kinds == {CpuLinear}
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_chained_layers_take_the_transposed_output_of_the_one_before(n):
+    # CpuLinear returns a transposed view; the next layer must accept that layout.
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(7, 11), nn.SiLU(), nn.Linear(11, 5))
+    fast = nn.Sequential(nn.Linear(7, 11), nn.SiLU(), nn.Linear(11, 5))
+    fast.load_state_dict(ref.state_dict())
+    use_cpu_linear(fast)
+    x = torch.randn(1, n, 7)
+    assert not fast[0](x).is_contiguous()
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
