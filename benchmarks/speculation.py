@@ -140,7 +140,9 @@ def main() -> None:
     out_dir = Path(args.output_dir or f"benchmarks/results/speculation_{name}")
 
     kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft]
-    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port)])
+    # One thread: the proposer shares these cores with the target (see `smartspec up --proposer-threads`).
+    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port),
+                             "--threads", "1"])
     tok = load_tokenizer("smollm2")
     target_for_engine, target_for_hf = load_model("smollm2"), load_model("smollm2")
     draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft

@@ -39,13 +39,16 @@ class ProposerConfig:
     ngram_max: int = 4
     max_k: int = 8
     max_requests: int = 4096  # kept request states; the least recently used are evicted
+    threads: int = 0  # torch intra-op threads for the draft model; 0 keeps torch's default
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = parser.add_mutually_exclusive_group(required=True)
         kind.add_argument("--ngram", action="store_true", help="draft by n-gram prompt lookup")
         kind.add_argument("--draft", help=f"draft model: '{BUILTIN_DRAFT}' (built-in), a directory or a .gguf file")
-        add_config_arguments(parser, ProposerConfig, {}, skip=("draft",))
+        add_config_arguments(parser, ProposerConfig, {
+            "threads": "torch threads for the draft model (0 = all cores); 1 when it shares cores with a verifier",
+        }, skip=("draft",))
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> "ProposerConfig":
@@ -56,9 +59,13 @@ class ProposerConfig:
     def make_backend(self):
         if not self.draft:
             return NgramBackend(self.ngram_min, self.ngram_max)
+        import torch
+
         from proposer_svc.draft_model import DraftModelBackend
         from smartspec import models
 
+        if self.threads:
+            torch.set_num_threads(self.threads)
         path = builtin_draft_dir() if self.draft == BUILTIN_DRAFT else self.draft
         model = models.load_model(path, self.dtype, self.device)
         return DraftModelBackend(model, self.kv_cache_tokens, top_k_cap=self.top_k_cap)

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX]; `smartspec ctl set` "
                              "changes it at run time")
     parser.add_argument("--kv-cache-tokens", type=int, default=16384)
+    parser.add_argument("--proposer-threads", type=int, default=1,
+                        help="torch threads per proposer (0 = all cores). The processes share this machine's cores: "
+                             "a draft model on all of them slows every verify step it overlaps (measured: "
+                             "BENCHMARKS.md, 'Threads of a colocated proposer')")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
@@ -38,7 +42,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
     kind = ["--ngram"] if args.ngram else ["--draft", args.draft or "smollm2-draft"]
     ports = [args.proposer_port + i for i in range(args.replicas)]
     proposers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    procs = [base + ["proposer", *kind, "--port", str(p)] for p in ports]
+    procs = [base + ["proposer", *kind, "--port", str(p), "--threads", str(args.proposer_threads)] for p in ports]
     procs.append(base + ["controller", "--port", str(args.controller_port), "--policy", args.policy,
                          "--metrics-port", str(args.metrics_port + 1 if args.metrics_port else 0),
                          "--proposers", proposers])

@@ -103,3 +103,15 @@ def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2
     assert proposed > 500 and 0.05 < accepted / proposed < 0.95  # the noise gives partial acceptance
     for t, marginal in enumerate(exact_marginals(reference, prompt, steps, 12)):
         assert chi_square_p(counts[t], marginal) > 0.01, (t, counts[t].tolist(), marginal.tolist())
+
+
+def test_a_draft_proposer_runs_on_the_threads_it_is_given(small_vocab_dir):
+    from proposer_svc.server import ProposerConfig
+
+    before = torch.get_num_threads()
+    try:
+        backend = ProposerConfig(draft=small_vocab_dir, threads=1).make_backend()
+        assert isinstance(backend, DraftModelBackend)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

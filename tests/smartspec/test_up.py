@@ -1,0 +1,29 @@
+"""`smartspec up`'s process list (the processes themselves run in tests/e2e/test_stack.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from smartspec import up
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    up.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_proposers_come_first_and_get_one_thread_by_default():
+    procs = up.commands(parse("--replicas", "2"))
+    roles = [cmd[3] for cmd in procs]
+    assert roles == ["proposer", "proposer", "controller", "verifier"]
+    for cmd in procs[:2]:
+        assert cmd[cmd.index("--threads") + 1] == "1"
+    verifier = procs[-1]
+    assert verifier[verifier.index("--proposer") + 1] == "127.0.0.1:50061,127.0.0.1:50062"
+
+
+def test_proposer_threads_can_be_raised():
+    procs = up.commands(parse("--ngram", "--proposer-threads", "0"))
+    assert procs[0][procs[0].index("--threads") + 1] == "0"
+    assert "--ngram" in procs[0]
