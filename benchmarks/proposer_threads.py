@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from proposer_svc.server import builtin_draft_dir  # noqa: E402
 from smartspec.models import load_model, load_tokenizer  # noqa: E402
 from smartspec.up import wait_serving  # noqa: E402
-from speculation import PROMPTS, SyncProposer, run_engine  # noqa: E402
+from speculation import PROMPTS, TimedProposer, run_engine  # noqa: E402
 from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
 from verifier_svc.proposer_client import ProposerClient  # noqa: E402
 
@@ -39,7 +39,7 @@ def measure(threads: int, model, tok, ids: list[list[int]], repeats: int, new_to
                              "--port", str(port), "--threads", str(threads)])
     try:
         wait_serving(port, proc, 120)
-        proposer = SyncProposer(ProposerClient([f"127.0.0.1:{port}"], deadline_s=5.0))
+        proposer = TimedProposer(ProposerClient([f"127.0.0.1:{port}"], deadline_s=5.0))
         engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192), proposer)
         run_engine(engine, ids[:1], 8, 1)  # warm-up
         tpot = {k: [] for k in KS}

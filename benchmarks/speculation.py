@@ -1,6 +1,6 @@
 """Batch-1 speculation with fixed k, against no speculation, the analytic optimum and HF assisted generation.
 
-    python benchmarks/speculation.py [--draft smollm2-draft | --ngram] [--grounded] [--quick]
+    python benchmarks/speculation.py [--draft smollm2-draft | --ngram] [--grounded] [--in-process] [--quick]
 
 The target (SmolLM2-135M) runs in this process through `Engine.step()`; drafts
 come over gRPC from `smartspec proposer` in its own process, as in production.
@@ -14,6 +14,8 @@ for n-gram) runs on the same prompts for comparison. Last, the `smartspec`
 policy runs on the same prompts, its planner having learned costs and acceptance
 from the fixed-k runs before it. `--grounded` uses passage rewrites (the
 n-gram workload of the goodput sweep) instead of the default prompts.
+`--in-process` drafts in this process, as `smartspec verifier --proposer
+draft:MODEL` does on one node: no hop, no second process on the same cores.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from proposer_svc.draft_model import DraftModelBackend  # noqa: E402
 from proposer_svc.server import BUILTIN_DRAFT, builtin_draft_dir  # noqa: E402
+from proposer_svc.servicer import NgramBackend  # noqa: E402
 from smartspec.models import load_model, load_tokenizer  # noqa: E402
 from smartspec.prompts import GROUNDED_PROMPTS  # noqa: E402
 from smartspec.up import wait_serving  # noqa: E402
 from verifier_svc.cpu_linear import use_cpu_linear  # noqa: E402
 from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
+from verifier_svc.local_proposer import LocalProposer  # noqa: E402
 from verifier_svc.planner import Policy  # noqa: E402
 from verifier_svc.proposer_client import ProposerClient  # noqa: E402
 from verifier_svc.sampler import SamplingParams  # noqa: E402
@@ -51,29 +56,32 @@ PROMPTS = [  # code and input-grounded prompts, chat-templated like real traffic
 ]
 
 
-class SyncProposer:
-    """Engine.step() is synchronous; the gRPC client is not."""
+class TimedProposer:
+    """Times each exchange for Engine.step() (synchronous) and keeps the drafting time the proposer
+    reported; drives the async gRPC client on a loop of its own."""
 
-    def __init__(self, client: ProposerClient):
-        self.client = client
+    def __init__(self, proposer):
+        self.proposer = proposer
         self.loop = asyncio.new_event_loop()
         self.exchange_ms: list[float] = []
         self.draft_ms: list[float] = []
 
     def propose(self, requests):
         start = time.perf_counter()
-        drafts = self.loop.run_until_complete(self.client.propose(requests))
+        drafts = self.proposer.propose(requests)
+        if asyncio.iscoroutine(drafts):
+            drafts = self.loop.run_until_complete(drafts)
         self.exchange_ms.append((time.perf_counter() - start) * 1e3)
-        self.draft_ms.append(self.client.last_draft_ms)
+        self.draft_ms.append(self.proposer.last_draft_ms)
         return drafts
 
     @property
     def last_draft_ms(self) -> float:
         """Drafting time the proposer reported for the last exchange (what the engine's cost fit reads)."""
-        return self.client.last_draft_ms
+        return self.proposer.last_draft_ms
 
     def release(self, request_ids):
-        self.client.release(request_ids)
+        self.proposer.release(request_ids)
 
 
 def run_engine(engine: Engine, prompt_ids: list[list[int]], new_tokens: int, k: int | None) -> dict:
@@ -128,6 +136,8 @@ def main() -> None:
     kind.add_argument("--ngram", action="store_true")
     ap.add_argument("--quick", action="store_true", help="k in 1..3, 2 prompts, 24 tokens")
     ap.add_argument("--grounded", action="store_true", help="passage rewrites instead of the default prompts")
+    ap.add_argument("--in-process", action="store_true",
+                    help="draft in this process (`verifier --proposer draft:MODEL` / `ngram`) instead of over gRPC")
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--port", type=int, default=50681)
     ap.add_argument("--output-dir", default=None)
@@ -136,13 +146,14 @@ def main() -> None:
     prompts = GROUNDED_PROMPTS[:4] if args.grounded else PROMPTS
     prompts = prompts[:2] if args.quick else prompts
     new_tokens = 24 if args.quick else args.new_tokens
-    name = ("ngram" if args.ngram else Path(args.draft).name) + ("_grounded" if args.grounded else "")
+    name = (("ngram" if args.ngram else Path(args.draft).name) + ("_grounded" if args.grounded else "")
+            + ("_in_process" if args.in_process else ""))
     out_dir = Path(args.output_dir or f"benchmarks/results/speculation_{name}")
 
     kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft]
     # One thread: the proposer shares these cores with the target (see `smartspec up --proposer-threads`).
-    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port),
-                             "--threads", "1"])
+    proc = None if args.in_process else subprocess.Popen(
+        [sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port), "--threads", "1"])
     tok = load_tokenizer("smollm2")
     target_for_engine, target_for_hf = load_model("smollm2"), load_model("smollm2")
     draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
@@ -153,8 +164,12 @@ def main() -> None:
         if m is not None:
             use_cpu_linear(m)
     try:
-        wait_serving(args.port, proc, 120)
-        proposer = SyncProposer(ProposerClient([f"127.0.0.1:{args.port}"], deadline_s=5.0))
+        if args.in_process:
+            backend = NgramBackend() if args.ngram else DraftModelBackend(load_model(draft_path), 8192)
+            proposer = TimedProposer(LocalProposer(backend))
+        else:
+            wait_serving(args.port, proc, 120)
+            proposer = TimedProposer(ProposerClient([f"127.0.0.1:{args.port}"], deadline_s=5.0))
         engine = Engine(target_for_engine, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy()), proposer)
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for p in prompts]
@@ -181,8 +196,9 @@ def main() -> None:
         smart["speedup"] = off["tpot_ms"] / smart["tpot_ms"]
         print(f"smartspec: TPOT {smart['tpot_ms']:.1f} ms, a={smart['acceptance']}", flush=True)
     finally:
-        proc.terminate()
-        proc.wait()
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
     measured = [r for r in rows if r["acceptance"] is not None]
     a = statistics.median(r["acceptance"] for r in measured) if measured else 0.0
     c = statistics.median(r["c"] for r in rows)

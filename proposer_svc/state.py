@@ -37,6 +37,11 @@ class StateStore:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._states
 
+    def length(self, request_id: str) -> int | None:
+        """Tokens the request's state holds; None when there is none."""
+        state = self._states.get(request_id)
+        return None if state is None else len(state)
+
     def update(self, request_id: str, new_tokens: list[int], total_length: int, full_context: bool):
         """Applies a call's tokens; raises UnknownRequest or LengthMismatch (dropping the state)."""
         if full_context:

@@ -13,13 +13,15 @@ import grpc
 import torch
 
 from controller.profile import load_profile, samples_from_rows
+from proposer_svc.server import BUILTIN_DRAFT, ProposerConfig
+from proposer_svc.servicer import NgramBackend
 from smartspec import models
 from smartspec.serving import add_config_arguments, config_from_args, start_server, until_signalled
 from smartspec.v1 import generation_pb2, generation_pb2_grpc
 from verifier_svc.async_engine import AsyncEngine
 from verifier_svc.controller_client import ControllerClient
 from verifier_svc.engine import Engine, EngineConfig
-from verifier_svc.local_ngram import LocalNgramProposer
+from verifier_svc.local_proposer import LocalProposer
 from verifier_svc.metrics import Metrics
 from verifier_svc.planner import Policy
 from verifier_svc.proposer_client import ProposerClient
@@ -45,7 +47,7 @@ class VerifierConfig:
     max_waiting: int = 256
     max_model_len: int = 0  # 0: the model's own context, capped by the cache
     policy: str = "off"
-    proposer: str = ""  # "ngram" (in-process lookup) or host:port[,host:port...] of proposer replicas
+    proposer: str = ""  # "ngram" / "draft:MODEL" (in this process) or host:port[,host:port...] of replicas
     proposer_deadline_ms: float = 100.0
     controller: str = ""  # host:port of the controller; empty: plan on local fits only
     verifier_id: str = ""  # reported to the controller; empty: hostname:port
@@ -64,7 +66,8 @@ class VerifierConfig:
             "max_batched_tokens": "token budget per engine step",
             "max_waiting": "waiting-queue bound (beyond it: RESOURCE_EXHAUSTED)",
             "policy": "speculation policy: off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX] (drafts need --proposer)",
-            "proposer": "'ngram' (prompt lookup in this process), host:port[,host:port...] of proposer replicas, "
+            "proposer": "'ngram' (prompt lookup in this process), 'draft:MODEL' (a draft model in this process, "
+                        f"'{BUILTIN_DRAFT}' or a path), host:port[,host:port...] of proposer replicas, "
                         "or dns:NAME:PORT re-resolved every 10 s",
             "proposer_deadline_ms": "a proposer slower than this gives no drafts that step",
             "controller": "host:port of the smartspec controller (policy and cost model pushed from there)",
@@ -94,7 +97,11 @@ class VerifierConfig:
         if not self.proposer:
             return None
         if self.proposer == "ngram":
-            return LocalNgramProposer()
+            return LocalProposer(NgramBackend())
+        if self.proposer.startswith("draft:"):
+            draft = ProposerConfig(draft=self.proposer.removeprefix("draft:"), dtype=self.dtype, device=self.device,
+                                   kv_cache_tokens=self.kv_cache_tokens)
+            return LocalProposer(draft.make_backend())
         return ProposerClient([a.strip() for a in self.proposer.split(",") if a.strip()],
                               deadline_s=self.proposer_deadline_ms / 1e3)
 

@@ -9,9 +9,10 @@ import torch
 
 from distributions import chi_square_p, exact_marginals
 from greedy_reference import PROMPTS, assert_same_greedy, hf_greedy
+from proposer_svc.servicer import NgramBackend
 from smartspec.models import load_model
 from verifier_svc.engine import Engine, EngineConfig
-from verifier_svc.local_ngram import LocalNgramProposer
+from verifier_svc.local_proposer import LocalProposer
 from verifier_svc.planner import Policy, SpecMode
 from verifier_svc.rejection import Draft
 from verifier_svc.sampler import SamplingParams
@@ -45,19 +46,19 @@ def tiny(tiny_llama_dir, smollm2_tokenizer):
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_greedy_with_ngram_drafts_equals_target_greedy(tiny, k):
     model, reference, tok = tiny
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy.fixed(k)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy.fixed(k)), LocalProposer(NgramBackend()))
     prompts = [tok(p).input_ids for p in PROMPTS + REPETITIVE]
     out = run(engine, prompts, SamplingParams(max_new_tokens=24))
     for i, ids in enumerate(prompts):
         assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 24))
     assert engine.allocator.num_free == engine.allocator.num_blocks
-    assert not engine.proposer._indices  # released as requests finished
+    assert not len(engine.proposer)  # released as requests finished
 
 
 def test_speculation_stats_and_per_request_override(small_vocab):
     """Over 12 tokens greedy output soon repeats, so prompt lookup drafts and gets accepted."""
     model, _, tok = small_vocab
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy.fixed(3)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy.fixed(3)), LocalProposer(NgramBackend()))
     ids = [3, 4, 5, 3, 4, 5, 3, 4]
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     on = engine.add_request("on", ids, params)
@@ -77,7 +78,7 @@ def test_speculation_stats_and_per_request_override(small_vocab):
 def test_sampled_output_with_speculation_follows_the_target(small_vocab):
     model, reference, tok = small_vocab
     engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, max_num_seqs=256, policy=Policy.fixed(3)),
-                    LocalNgramProposer(n_min=1, n_max=2))
+                    LocalProposer(NgramBackend(n_min=1, n_max=2)))
     prompt = [3, 4, 5, 3, 4, 5, 3, 4]  # lookup keeps proposing 5, 3, 4, ...
     steps, n = 4, 2400
     counts = [torch.zeros(12, dtype=torch.float64) for _ in range(steps)]
@@ -104,7 +105,7 @@ def test_sampled_output_with_speculation_follows_the_target(small_vocab):
 def test_smollm2_greedy_with_ngram_drafts(smollm2_pair, smollm2_tokenizer, k):
     model, reference = smollm2_pair
     tok = smollm2_tokenizer
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy.fixed(k)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=8192, policy=Policy.fixed(k)), LocalProposer(NgramBackend()))
     prompts = [tok(p).input_ids for p in PROMPTS[:6] + REPETITIVE]
     out = run(engine, prompts, SamplingParams(max_new_tokens=24))
     for i, ids in enumerate(prompts):
@@ -113,7 +114,7 @@ def test_smollm2_greedy_with_ngram_drafts(smollm2_pair, smollm2_tokenizer, k):
 
 def test_malformed_drafts_are_dropped_not_fed_to_the_target(small_vocab):
     model, _, tok = small_vocab
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=1024, policy=Policy.fixed(2)), LocalNgramProposer())
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=1024, policy=Policy.fixed(2)), LocalProposer(NgramBackend()))
     engine.add_request("x", [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8, ignore_eos=True))
     engine.step()  # prefill
     for bad in (Draft([5, 99]), Draft([5], [([5, 3], [1.0])]), Draft([5, 3], [([5], [1.0])])):
@@ -133,7 +134,7 @@ def test_goodput_policies_are_lossless_and_learn_from_steps(tiny, policy):
     planner = SpecPlanner(Policy.parse(policy))
     # A flat verify cost makes speculation pay, so the planner drafts.
     planner.apply(planner.policy, CostParams(tuple(20.0 for _ in TOKEN_KNOTS), proposer_rtt_ms=0.1, num_steps=1000))
-    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096), LocalNgramProposer(), planner)
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096), LocalProposer(NgramBackend()), planner)
     prompts = [tok(p).input_ids for p in PROMPTS + REPETITIVE]
     out = run(engine, prompts, SamplingParams(max_new_tokens=24))
     for i, ids in enumerate(prompts):
@@ -141,3 +142,32 @@ def test_goodput_policies_are_lossless_and_learn_from_steps(tiny, policy):
     assert planner.fitter.params.num_steps > 0  # the local fit saw every step
     assert planner.acceptance.prior_trials > planner.acceptance.prior_weight  # drafts were verified and counted
     assert len(planner.acceptance) == 0  # released as requests finished
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_greedy_with_an_in_process_draft_model_equals_target_greedy(tiny, tiny_llama_dir, k):
+    from proposer_svc.draft_model import DraftModelBackend
+
+    model, reference, tok = tiny
+    # The target as its own draft: every draft is accepted, so drafted KV is reused across steps.
+    proposer = LocalProposer(DraftModelBackend(load_model(tiny_llama_dir), kv_cache_tokens=4096))
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=4096, policy=Policy.fixed(k)), proposer)
+    prompts = [tok(p).input_ids for p in PROMPTS[:4]]
+    seqs = [engine.add_request(str(i), ids, SamplingParams(max_new_tokens=16)) for i, ids in enumerate(prompts)]
+    while engine.has_work():
+        engine.step()
+    for seq, ids in zip(seqs, prompts):
+        assert_same_greedy(reference, ids, seq.output_ids, hf_greedy(reference, ids, 16))
+        assert seq.num_proposed > 0 and seq.num_accepted >= 0.9 * seq.num_proposed
+    assert proposer.last_draft_ms > 0
+    assert not len(proposer)  # released as requests finished, with the draft's KV blocks
+    assert proposer.backend.allocator.num_free == proposer.backend.allocator.num_blocks
+
+
+def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
+    from proposer_svc.draft_model import DraftModelBackend
+    from verifier_svc.server import VerifierConfig
+
+    draft = VerifierConfig(proposer=f"draft:{tiny_llama_dir}", kv_cache_tokens=1024).make_proposer()
+    assert isinstance(draft, LocalProposer) and isinstance(draft.backend, DraftModelBackend)
+    assert isinstance(VerifierConfig(proposer="ngram").make_proposer().backend, NgramBackend)
