@@ -103,9 +103,9 @@ class AsyncEngine:
     async def _step(self) -> None:
         start = time.perf_counter()
         sched = self.engine.schedule()
-        propose_ms, draft_ms = await self._propose(sched)
-        self._in_step = True
+        self._in_step = True  # aborts wait for the step's end: the proposal and forward use its blocks
         try:
+            propose_ms, draft_ms = await self._propose(sched)
             tokens = await asyncio.to_thread(self.engine.execute, sched)
         except Exception as exc:  # a bug or device error must not take the server down
             log.exception("engine step failed; dropping its %d requests", len(sched.items))
@@ -138,9 +138,11 @@ class AsyncEngine:
             return 0.0, 0.0
         start = time.perf_counter()
         try:
-            drafts = self.engine.proposer.propose(requests)
-            if inspect.isawaitable(drafts):
-                drafts = await drafts
+            propose = self.engine.proposer.propose
+            if inspect.iscoroutinefunction(propose):
+                drafts = await propose(requests)
+            else:  # in-process: a draft model's forwards must not stall the event loop
+                drafts = await asyncio.to_thread(propose, requests)
             self.engine.attach_drafts(sched, drafts)
             self.metrics.proposer_failures.inc(getattr(self.engine.proposer, "last_failures", 0))
         except Exception:

@@ -2,7 +2,7 @@
 
 Lookup costs microseconds, less than any network hop; a small draft model next
 to the target saves the hop and, on shared CPU cores, the contention of a
-second process (BENCHMARKS.md, "Batch 1, draft pair"). The backends and their
+second process (BENCHMARKS.md, "Speculation at batch 1 (built-in draft pair)"). The backends and their
 per-request states are the proposer service's own; the state follows the
 verifier's committed context (it only grows, so the new tokens are its tail).
 """

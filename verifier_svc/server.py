@@ -99,8 +99,13 @@ class VerifierConfig:
         if self.proposer == "ngram":
             return LocalProposer(NgramBackend())
         if self.proposer.startswith("draft:"):
-            draft = ProposerConfig(draft=self.proposer.removeprefix("draft:"), dtype=self.dtype, device=self.device,
-                                   kv_cache_tokens=self.kv_cache_tokens)
+            name = self.proposer.removeprefix("draft:")
+            if not name:
+                raise ValueError(f"proposer: 'draft:' needs a model ('draft:{BUILTIN_DRAFT}' or a path)")
+            # Twice the target's token capacity: the draft's KV is small, and requests the
+            # target preempted keep theirs until they finish.
+            draft = ProposerConfig(draft=name, dtype=self.dtype, device=self.device,
+                                   kv_cache_tokens=2 * self.kv_cache_tokens)
             return LocalProposer(draft.make_backend())
         return ProposerClient([a.strip() for a in self.proposer.split(",") if a.strip()],
                               deadline_s=self.proposer_deadline_ms / 1e3)

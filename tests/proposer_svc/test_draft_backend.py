@@ -77,6 +77,22 @@ def test_identical_draft_is_always_accepted_through_the_services(small_vocab_dir
         proposer.kill()
 
 
+def test_an_in_process_draft_model_serves_through_the_verifier(small_vocab_dir, smollm2_tokenizer):
+    """`--proposer draft:MODEL`: the draft runs off the event loop, next to the target."""
+    target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
+    verifier = VerifierThread(target, smollm2_tokenizer, [f"draft:{small_vocab_dir}"], policy="fixed:3")
+    try:
+        prompt = [3, 4, 5, 6, 7]
+        chunks = list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
+                                                                max_new_tokens=25, ignore_eos=True), timeout=60))
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert_same_greedy(reference, prompt, tokens, hf_greedy(reference, prompt, 25, ignore_eos=True))
+        stats = chunks[-1].speculation
+        assert stats.accepted_tokens == stats.proposed_tokens > 0
+    finally:
+        verifier.close()
+
+
 def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2_tokenizer, tmp_path):
     draft_dir = noisy_copy(small_vocab_dir, tmp_path / "noisy", scale=0.5, seed=3)
     target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
@@ -109,6 +125,7 @@ def test_a_draft_proposer_runs_on_the_threads_it_is_given(small_vocab_dir):
     from proposer_svc.server import ProposerConfig
 
     before = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
         backend = ProposerConfig(draft=small_vocab_dir, threads=1).make_backend()
         assert isinstance(backend, DraftModelBackend)

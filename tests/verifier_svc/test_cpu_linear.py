@@ -65,3 +65,25 @@ def test_chained_layers_take_the_transposed_output_of_the_one_before(n):
     x = torch.randn(1, n, 7)
     assert not fast[0](x).is_contiguous()
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_product_gets_row_major_rows():
+    # Numbers are equal either way; the layout decides MKL's fast or slow path.
+    from torch.overrides import TorchFunctionMode
+
+    operands = []
+
+    class RecordMatmul(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__"):
+                operands.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = nn.Linear(7, 11)
+    use_cpu_linear(layer)
+    transposed_view = torch.randn(7, 4).t()  # [4, 7], like the output of the layer before
+    with RecordMatmul():
+        layer(transposed_view)
+        layer(torch.randn(3, 7))  # padded to 4 rows, built fresh
+    assert len(operands) == 2 and all(op.t().is_contiguous() for op in operands)

@@ -171,3 +171,5 @@ def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
     draft = VerifierConfig(proposer=f"draft:{tiny_llama_dir}", kv_cache_tokens=1024).make_proposer()
     assert isinstance(draft, LocalProposer) and isinstance(draft.backend, DraftModelBackend)
     assert isinstance(VerifierConfig(proposer="ngram").make_proposer().backend, NgramBackend)
+    with pytest.raises(ValueError, match="proposer: 'draft:' needs a model"):
+        VerifierConfig(proposer="draft:").make_proposer()
