@@ -59,17 +59,22 @@ def test_sampled_drafts_return_their_exact_truncated_distribution(small_vocab_di
         assert abs(sum(probs) - 1) < 1e-5 and min(probs) > 0
 
 
+def generate_greedy(verifier, prompt: list[int], max_new_tokens: int):
+    """Greedy tokens from the verifier service and the final chunk's speculation stats."""
+    chunks = list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
+                                                            max_new_tokens=max_new_tokens, ignore_eos=True),
+                                         timeout=60))
+    return [t for c in chunks for t in c.token_ids], chunks[-1].speculation
+
+
 def test_identical_draft_is_always_accepted_through_the_services(small_vocab_dir, smollm2_tokenizer):
     target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
     proposer = ProposerThread(backend=DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=2048))
     verifier = VerifierThread(target, smollm2_tokenizer, [proposer.address], policy="fixed:3")
     try:
         prompt = [3, 4, 5, 6, 7]
-        chunks = list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
-                                                                max_new_tokens=33, ignore_eos=True), timeout=60))
-        tokens = [t for c in chunks for t in c.token_ids]
+        tokens, stats = generate_greedy(verifier, prompt, 33)
         assert_same_greedy(reference, prompt, tokens, hf_greedy(reference, prompt, 33, ignore_eos=True))
-        stats = chunks[-1].speculation
         assert stats.accepted_tokens == stats.proposed_tokens > 0
         assert stats.mean_accepted_length == pytest.approx(4.0)  # k + 1 every speculative step
     finally:
@@ -83,11 +88,8 @@ def test_an_in_process_draft_model_serves_through_the_verifier(small_vocab_dir, 
     verifier = VerifierThread(target, smollm2_tokenizer, [f"draft:{small_vocab_dir}"], policy="fixed:3")
     try:
         prompt = [3, 4, 5, 6, 7]
-        chunks = list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
-                                                                max_new_tokens=25, ignore_eos=True), timeout=60))
-        tokens = [t for c in chunks for t in c.token_ids]
+        tokens, stats = generate_greedy(verifier, prompt, 25)
         assert_same_greedy(reference, prompt, tokens, hf_greedy(reference, prompt, 25, ignore_eos=True))
-        stats = chunks[-1].speculation
         assert stats.accepted_tokens == stats.proposed_tokens > 0
     finally:
         verifier.close()
