@@ -92,9 +92,11 @@ class _History:
 class AcceptanceEstimator:
     """Acceptance rate per request id, plus the global prior over all requests."""
 
-    def __init__(self, prior: float = 0.5, prior_weight: float = 4.0, prior_window: float = 2000.0):
-        """`prior_weight`: trials the prior counts for in a request's estimate; `prior_window`:
-        trials the global prior remembers (it forgets older ones exponentially)."""
+    def __init__(self, prior: float = 0.5, prior_weight: float = 16.0, prior_window: float = 2000.0):
+        """`prior_weight`: trials the prior counts for in a request's estimate. A light prior lets a
+        few early rejections sink a request to k = 0 (at batch 1 that forfeited the whole gain of
+        speculation); 16 trials is about 8 steps of drafting. `prior_window`: trials the global
+        prior remembers (it forgets older ones exponentially)."""
         self.prior_weight = prior_weight
         self._prior_decay = 1.0 - 1.0 / prior_window
         self._global = _Trials(prior * prior_weight, prior_weight)
