@@ -67,8 +67,13 @@ def load_model(model: str, dtype: str = "float32", device: str = "cpu", attn_imp
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     m = AutoModelForCausalLM.from_pretrained(src.directory, dtype=DTYPES[dtype], **kwargs)
-    # GGUF weights arrive dequantised to float32 whatever dtype was asked for.
-    return m.to(device=device, dtype=DTYPES[dtype]).eval()
+    # GGUF weights arrive dequantised to float32 whatever dtype was asked for. Cast the
+    # parameters only: buffers such as the rotary inverse frequencies stay float32, since
+    # positions near 1000 rounded through bfloat16 are off by about a radian.
+    m = m.to(device=device)
+    for p in m.parameters():
+        p.data = p.data.to(DTYPES[dtype])
+    return m.eval()
 
 
 class IncompatibleTokenizers(ValueError):

@@ -22,7 +22,10 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 def test_directory_model_loads_with_dtype(tiny_llama_dir):
     model = models.load_model(tiny_llama_dir, dtype="bfloat16")
-    assert next(model.parameters()).dtype == models.DTYPES["bfloat16"]
+    assert {p.dtype for p in model.parameters()} == {models.DTYPES["bfloat16"]}
+    # Rotary inverse frequencies stay float32: rounded to bfloat16 they shift far positions' angles.
+    inv_freq = [b for name, b in model.named_buffers() if name.endswith("inv_freq")]
+    assert inv_freq and all(b.dtype == models.DTYPES["float32"] for b in inv_freq)
     with pytest.raises(ValueError, match="dtype"):
         models.load_model(tiny_llama_dir, dtype="int3")
 
