@@ -16,6 +16,8 @@ from the fixed-k runs before it. `--grounded` uses passage rewrites (the
 n-gram workload of the goodput sweep) instead of the default prompts.
 `--in-process` drafts in this process, as `smartspec verifier --proposer
 draft:MODEL` does on one node: no hop, no second process on the same cores.
+`--device cuda --dtype bfloat16` runs both models on a GPU (the proposer
+process too); the CPU-linear HF column is then left out.
 """
 
 from __future__ import annotations
@@ -102,11 +104,21 @@ def run_engine(engine: Engine, prompt_ids: list[list[int]], new_tokens: int, k: 
     return {"k": k, "tpot_ms": statistics.mean(tpots), "acceptance": accepted / tested if tested else None}
 
 
-def hf_assisted(target, tok, draft, prompts: list[str], new_tokens: int, k: int, ngram: bool) -> float:
+def synchronize(model) -> None:
+    """Waits for the model's queued kernels (a no-op on CPU), so that wall-clock timers are honest."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_assisted(target, tok, draft, prompts: list[str], new_tokens: int, k: int, ngram: bool) -> float | None:
+    if target is None:
+        return None
     tpots = []
+    device = next(target.parameters()).device
     for p in prompts:
         ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
+                                      return_tensors="pt", return_dict=True).to(device)
         kwargs = {"prompt_lookup_num_tokens": k} if ngram else {"assistant_model": draft}
         if not ngram:
             draft.generation_config.num_assistant_tokens = k
@@ -114,14 +126,26 @@ def hf_assisted(target, tok, draft, prompts: list[str], new_tokens: int, k: int,
         with torch.inference_mode():
             t0 = time.perf_counter()
             target.generate(**ids, max_new_tokens=1, do_sample=False)
+            synchronize(target)
             ttft = time.perf_counter() - t0
             t0 = time.perf_counter()
             out = target.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   **kwargs)
+            synchronize(target)
             total = time.perf_counter() - t0
         n = out.shape[1] - ids["input_ids"].shape[1]
         tpots.append((total - ttft) / (n - 1) * 1e3)
     return statistics.mean(tpots)
+
+
+def fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.1f}"
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def analytic(a: float, k: int, c: float, r: float) -> float:
@@ -139,6 +163,9 @@ def main() -> None:
     ap.add_argument("--in-process", action="store_true",
                     help="draft in this process (`verifier --proposer draft:MODEL` / `ngram`) instead of over gRPC")
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--target", default="smollm2", help="target model: 'smollm2', a .gguf file or a directory")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both models, the proposer's too)")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     ap.add_argument("--port", type=int, default=50681)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args()
@@ -153,19 +180,26 @@ def main() -> None:
     kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft]
     # One thread: the proposer shares these cores with the target (see `smartspec up --proposer-threads`).
     proc = None if args.in_process else subprocess.Popen(
-        [sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port), "--threads", "1"])
-    tok = load_tokenizer("smollm2")
-    target_for_engine, target_for_hf = load_model("smollm2"), load_model("smollm2")
+        [sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port), "--threads", "1",
+         "--device", args.device, "--dtype", args.dtype])
+
+    def load(model: str):
+        return load_model(model, args.dtype, args.device)
+
+    tok = load_tokenizer(args.target)
+    target_for_engine, target_for_hf = load(args.target), load(args.target)
     draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
-    draft_for_hf = None if args.ngram else load_model(draft_path)
+    draft_for_hf = None if args.ngram else load(draft_path)
     # HF again with the engine's CPU linear layers: separates the kernel from the speculation.
-    fast_target, fast_draft = load_model("smollm2"), None if args.ngram else load_model(draft_path)
+    on_cpu = torch.device(args.device).type == "cpu"
+    fast_target = load(args.target) if on_cpu else None
+    fast_draft = load(draft_path) if on_cpu and not args.ngram else None
     for m in (fast_target, fast_draft):
         if m is not None:
             use_cpu_linear(m)
     try:
         if args.in_process:
-            backend = NgramBackend() if args.ngram else DraftModelBackend(load_model(draft_path), 8192)
+            backend = NgramBackend() if args.ngram else DraftModelBackend(load(draft_path), 8192)
             proposer = TimedProposer(LocalProposer(backend))
         else:
             wait_serving(args.port, proc, 120)
@@ -174,6 +208,7 @@ def main() -> None:
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for p in prompts]
         run_engine(engine, ids[:1], 8, 2)  # warm-up
+        hf_assisted(target_for_hf, tok, draft_for_hf, prompts[:1], 8, 2, args.ngram)
         off = run_engine(engine, ids, new_tokens, 0)
         rows = []
         for k in ks:
@@ -190,7 +225,7 @@ def main() -> None:
             rows.append(row)
             print(f"k={k}: TPOT {row['tpot_ms']:.1f} ms (off {off['tpot_ms']:.1f}), a={row['acceptance']}, "
                   f"c={row['c']:.3f}, r={row['r']:.4f}, HF assisted {row['hf_tpot_ms']:.1f} ms "
-                  f"({row['hf_cpu_linear_tpot_ms']:.1f} ms with CPU linear)", flush=True)
+                  f"({fmt(row['hf_cpu_linear_tpot_ms'])} ms with CPU linear)", flush=True)
         engine.planner.policy = Policy.parse("smartspec")
         smart = run_engine(engine, ids, new_tokens, None)
         smart["speedup"] = off["tpot_ms"] / smart["tpot_ms"]
@@ -208,13 +243,15 @@ def main() -> None:
     summary = {"acceptance": a, "c": c, "r": r_hop, "analytic_optimum": optimum, "best_k": best["k"],
                "best_speedup": best["speedup"], "fraction_of_optimum": best["speedup"] / optimum,
                "best_hf_tpot_ms": min(r["hf_tpot_ms"] for r in rows), "best_tpot_ms": best["tpot_ms"],
-               "best_hf_cpu_linear_tpot_ms": min(r["hf_cpu_linear_tpot_ms"] for r in rows),
+               "best_hf_cpu_linear_tpot_ms": None if fast_target is None else min(
+                   r["hf_cpu_linear_tpot_ms"] for r in rows),
                "smartspec_tpot_ms": smart["tpot_ms"], "smartspec_speedup": smart["speedup"],
                "smartspec_fraction_of_optimum": smart["speedup"] / optimum,
                "smartspec_fraction_of_best_fixed": smart["speedup"] / max(best["speedup"], 1.0)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "device": device_name(args.device), "dtype": args.dtype,
         "proposer": name, "new_tokens": new_tokens, "off": off, "rows": rows, "smartspec": smart,
         "summary": summary}, indent=1))
     print("\n| k | TPOT (ms) | speedup vs off | acceptance | analytic speedup | HF assisted TPOT (ms) "
@@ -224,11 +261,11 @@ def main() -> None:
     for row in rows:
         print(f"| {row['k']} | {row['tpot_ms']:.1f} | {row['speedup']:.2f} | "
               f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)} | "
-              f"{analytic(a, row['k'], c, r_hop):.2f} | {row['hf_tpot_ms']:.1f} | {row['hf_cpu_linear_tpot_ms']:.1f} |")
+              f"{analytic(a, row['k'], c, r_hop):.2f} | {row['hf_tpot_ms']:.1f} | {fmt(row['hf_cpu_linear_tpot_ms'])} |")
     print(f"\na = {a:.3f}, c = {c:.3f}, r = {r_hop:.4f}; analytic optimum {optimum:.2f}x; best fixed k = "
           f"{best['k']} at {best['speedup']:.2f}x = {summary['fraction_of_optimum']:.0%} of it; "
           f"best HF assisted TPOT {summary['best_hf_tpot_ms']:.1f} ms "
-          f"({summary['best_hf_cpu_linear_tpot_ms']:.1f} ms with CPU linear) vs ours {best['tpot_ms']:.1f} ms; "
+          f"({fmt(summary['best_hf_cpu_linear_tpot_ms'])} ms with CPU linear) vs ours {best['tpot_ms']:.1f} ms; "
           f"smartspec {smart['tpot_ms']:.1f} ms = {smart['speedup']:.2f}x, "
           f"{summary['smartspec_fraction_of_optimum']:.0%} of the analytic optimum, "
           f"{summary['smartspec_fraction_of_best_fixed']:.0%} of max(best fixed k, off)")
