@@ -183,21 +183,21 @@ def main() -> None:
         [sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port), "--threads", "1",
          "--device", args.device, "--dtype", args.dtype])
 
-    def load(model: str):
-        return load_model(model, args.dtype, args.device)
+    try:  # the proposer process goes down with this one, whatever fails
+        def load(model: str):
+            return load_model(model, args.dtype, args.device)
 
-    tok = load_tokenizer(args.target)
-    target_for_engine, target_for_hf = load(args.target), load(args.target)
-    draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
-    draft_for_hf = None if args.ngram else load(draft_path)
-    # HF again with the engine's CPU linear layers: separates the kernel from the speculation.
-    on_cpu = torch.device(args.device).type == "cpu"
-    fast_target = load(args.target) if on_cpu else None
-    fast_draft = load(draft_path) if on_cpu and not args.ngram else None
-    for m in (fast_target, fast_draft):
-        if m is not None:
-            use_cpu_linear(m)
-    try:
+        tok = load_tokenizer(args.target)
+        target_for_engine, target_for_hf = load(args.target), load(args.target)
+        draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
+        draft_for_hf = None if args.ngram else load(draft_path)
+        # HF again with the engine's CPU linear layers: separates the kernel from the speculation.
+        on_cpu = torch.device(args.device).type == "cpu"
+        fast_target = load(args.target) if on_cpu else None
+        fast_draft = load(draft_path) if on_cpu and not args.ngram else None
+        for m in (fast_target, fast_draft):
+            if m is not None:
+                use_cpu_linear(m)
         if args.in_process:
             backend = NgramBackend() if args.ngram else DraftModelBackend(load(draft_path), 8192)
             proposer = TimedProposer(LocalProposer(backend))
