@@ -166,6 +166,8 @@ def main() -> None:
     ap.add_argument("--target", default="smollm2", help="target model: 'smollm2', a .gguf file or a directory")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both models, the proposer's too)")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    ap.add_argument("--min-confidence", type=float, default=0.0,
+                    help="draft stops after a token the draft model gave less probability than this")
     ap.add_argument("--port", type=int, default=50681)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args()
@@ -174,10 +176,11 @@ def main() -> None:
     prompts = prompts[:2] if args.quick else prompts
     new_tokens = 24 if args.quick else args.new_tokens
     name = (("ngram" if args.ngram else Path(args.draft).name) + ("_grounded" if args.grounded else "")
-            + ("_in_process" if args.in_process else ""))
+            + ("_in_process" if args.in_process else "")
+            + (f"_conf{args.min_confidence:g}" if args.min_confidence and not args.ngram else ""))
     out_dir = Path(args.output_dir or f"benchmarks/results/speculation_{name}")
 
-    kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft]
+    kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft, "--min-confidence", str(args.min_confidence)]
     # One thread: the proposer shares these cores with the target (see `smartspec up --proposer-threads`).
     proc = None if args.in_process else subprocess.Popen(
         [sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port), "--threads", "1",
@@ -199,7 +202,8 @@ def main() -> None:
             if m is not None:
                 use_cpu_linear(m)
         if args.in_process:
-            backend = NgramBackend() if args.ngram else DraftModelBackend(load(draft_path), 8192)
+            backend = NgramBackend() if args.ngram else DraftModelBackend(
+                load(draft_path), 8192, min_confidence=args.min_confidence)
             proposer = TimedProposer(LocalProposer(backend))
         else:
             wait_serving(args.port, proc, 120)

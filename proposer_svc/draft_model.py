@@ -7,6 +7,11 @@ requests that still want more (k_i > j), so requests drop out as their k_i is
 reached. Drafted positions' KV is kept: when the verifier accepts them, the
 next call finds it already computed.
 
+With `min_confidence` > 0 a request's draft also stops after a token the
+draft model gave less than that probability: the verifier then checks fewer
+tokens that would likely be rejected. The stop depends on the draft model
+alone, so verification stays lossless (greedy and sampled).
+
 Greedy requests draft the argmax. Sampled requests draw from the draft's
 distribution after their own temperature / top-p and a top-k cap, and get
 that exact sparse distribution back for the rejection sampler.
@@ -52,7 +57,11 @@ class DraftCall:
 
 
 class DraftModelBackend:
-    def __init__(self, model, kv_cache_tokens: int = 65536, block_size: int = 16, top_k_cap: int = 32):
+    def __init__(self, model, kv_cache_tokens: int = 65536, block_size: int = 16, top_k_cap: int = 32,
+                 min_confidence: float = 0.0):
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        self.min_confidence = min_confidence
         num_blocks = -(-kv_cache_tokens // block_size)
         self.runner = ModelRunner(model, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks, block_size)
@@ -88,12 +97,12 @@ class DraftModelBackend:
             for row, i in enumerate(active):
                 c = calls[i]
                 c.state.num_computed += len(items[row].token_ids)
-                token, dist = self._pick(logits[row], c)
+                token, dist, confidence = self._pick(logits[row], c)
                 drafts[i].append(token)
                 c.state.drafted.append(token)
                 if dist is not None:
                     probs[i].append(dist)
-                if len(drafts[i]) < c.k:
+                if len(drafts[i]) < c.k and confidence >= self.min_confidence:
                     still.append(i)
             active = still
         return list(zip(drafts, probs))
@@ -110,16 +119,21 @@ class DraftModelBackend:
             return False
         return True
 
-    def _pick(self, logits: torch.Tensor, call: DraftCall) -> tuple[int, tuple[list[int], list[float]] | None]:
+    def _pick(self, logits: torch.Tensor, call: DraftCall) -> tuple[int, tuple[list[int], list[float]] | None, float]:
+        """The drafted token, its sparse distribution (sampled requests) and the draft's probability of it
+        (1.0 for greedy requests when no confidence stop is set: not computed)."""
         if call.params.greedy:
-            return int(logits.argmax()), None
+            token = int(logits.argmax())
+            if self.min_confidence <= 0.0:
+                return token, None, 1.0
+            return token, None, float(torch.softmax(logits.float(), -1)[token])
         p = call.params
         cap = min(p.top_k, self.top_k_cap) if p.top_k > 0 else self.top_k_cap
         dist = processed_probs(logits.float().cpu().unsqueeze(0),
                                [SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=cap)])[0]
         token = int(torch.multinomial(dist, 1, generator=call.state.generator))
         support = dist.nonzero().squeeze(1)
-        return token, (support.tolist(), dist[support].tolist())
+        return token, (support.tolist(), dist[support].tolist()), float(dist[token])
 
 
 def _generator(params: SamplingParams) -> torch.Generator:

@@ -35,6 +35,7 @@ class ProposerConfig:
     device: str = "cpu"
     kv_cache_tokens: int = 65536
     top_k_cap: int = 32  # sampled drafts come from at most this many tokens
+    min_confidence: float = 0.0  # a draft stops after a token the draft model gave less probability than this
     ngram_min: int = 1
     ngram_max: int = 4
     max_k: int = 8
@@ -48,6 +49,8 @@ class ProposerConfig:
         kind.add_argument("--draft", help=f"draft model: '{BUILTIN_DRAFT}' (built-in), a directory or a .gguf file")
         add_config_arguments(parser, ProposerConfig, {
             "threads": "torch threads for the draft model (0 = all cores); 1 when it shares cores with a verifier",
+            "min_confidence": "stop a request's draft after a token the draft model gave less probability than "
+                              "this (0 = draft all k tokens)",
         }, skip=("draft",))
 
     @staticmethod
@@ -68,7 +71,8 @@ class ProposerConfig:
             torch.set_num_threads(self.threads)
         path = builtin_draft_dir() if self.draft == BUILTIN_DRAFT else self.draft
         model = models.load_model(path, self.dtype, self.device)
-        return DraftModelBackend(model, self.kv_cache_tokens, top_k_cap=self.top_k_cap)
+        return DraftModelBackend(model, self.kv_cache_tokens, top_k_cap=self.top_k_cap,
+                                 min_confidence=self.min_confidence)
 
 
 class ProposerServer:

@@ -49,6 +49,7 @@ class VerifierConfig:
     policy: str = "off"
     proposer: str = ""  # "ngram" / "draft:MODEL" (in this process) or host:port[,host:port...] of replicas
     proposer_deadline_ms: float = 100.0
+    draft_min_confidence: float = 0.0  # with proposer draft:MODEL: see ProposerConfig.min_confidence
     controller: str = ""  # host:port of the controller; empty: plan on local fits only
     verifier_id: str = ""  # reported to the controller; empty: hostname:port
     cost_profile: str = ""  # measured step times (JSON[#model]) to start the cost model from; empty: calibrate
@@ -70,6 +71,8 @@ class VerifierConfig:
                         f"'{BUILTIN_DRAFT}' or a path), host:port[,host:port...] of proposer replicas, "
                         "or dns:NAME:PORT re-resolved every 10 s",
             "proposer_deadline_ms": "a proposer slower than this gives no drafts that step",
+            "draft_min_confidence": "with --proposer draft:MODEL, stop a request's draft after a token the draft "
+                                    "model gave less probability than this (0 = draft all k tokens)",
             "controller": "host:port of the smartspec controller (policy and cost model pushed from there)",
             "cost_profile": "step-time profile (JSON, FILE#MODEL for one of several) seeding the cost model; "
                             "empty: time a few forward passes at start; 'none': neither",
@@ -105,7 +108,8 @@ class VerifierConfig:
             # Twice the target's token capacity: the draft's KV is small, and requests the
             # target preempted keep theirs until they finish.
             draft = ProposerConfig(draft=name, dtype=self.dtype, device=self.device,
-                                   kv_cache_tokens=2 * self.kv_cache_tokens)
+                                   kv_cache_tokens=2 * self.kv_cache_tokens,
+                                   min_confidence=self.draft_min_confidence)
             return LocalProposer(draft.make_backend())
         return ProposerClient([a.strip() for a in self.proposer.split(",") if a.strip()],
                               deadline_s=self.proposer_deadline_ms / 1e3)

@@ -59,6 +59,32 @@ def test_sampled_drafts_return_their_exact_truncated_distribution(small_vocab_di
         assert abs(sum(probs) - 1) < 1e-5 and min(probs) > 0
 
 
+def test_a_draft_stops_after_a_token_below_the_confidence_floor(small_vocab_dir):
+    reference = load_model(small_vocab_dir)
+    prompt, k = [3, 4, 5, 6], 6
+    chain = hf_greedy(reference, prompt, k, ignore_eos=True)
+    with torch.no_grad():  # the draft model's probability of each token of its greedy chain
+        logits = reference(torch.tensor([prompt + chain])).logits[0, len(prompt) - 1:-1]
+    confidence = torch.softmax(logits.float(), -1).max(-1).values.tolist()
+    low, high = sorted(confidence)[k // 2 - 1: k // 2 + 1]
+    assert high - low > 1e-3  # a floor between them is not a near-tie
+    floor = (low + high) / 2
+    stop = next(j for j, c in enumerate(confidence) if c < floor)
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=floor)
+    state = backend.new_state()
+    state.extend(prompt)
+    [(ids, _)] = backend.propose([DraftCall(state, k, SamplingParams())])
+    assert ids == chain[:stop + 1]  # the low-confidence token is drafted, then the draft stops
+
+    never = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=1.0)
+    state = never.new_state()
+    state.extend(prompt)
+    [(ids, dists)] = never.propose([DraftCall(state, k, SamplingParams(temperature=1.5, seed=2))])
+    assert len(ids) == len(dists) == 1 and max(dists[0][1]) < 1.0  # sampled drafts stop the same way
+    with pytest.raises(ValueError, match="min_confidence"):
+        DraftModelBackend(reference, kv_cache_tokens=512, min_confidence=1.5)
+
+
 def generate_greedy(verifier, prompt: list[int], max_new_tokens: int):
     """Greedy tokens from the verifier service and the final chunk's speculation stats."""
     chunks = list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
@@ -95,10 +121,14 @@ def test_an_in_process_draft_model_serves_through_the_verifier(small_vocab_dir, 
         verifier.close()
 
 
-def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2_tokenizer, tmp_path):
+@pytest.mark.parametrize("min_confidence", [0.0, 0.6])
+def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2_tokenizer, tmp_path,
+                                                        min_confidence):
+    """Lossless sampling, also when drafts stop early at the draft's own low-confidence tokens."""
     draft_dir = noisy_copy(small_vocab_dir, tmp_path / "noisy", scale=0.5, seed=3)
     target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
-    proposer = ProposerThread(backend=DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192))
+    proposer = ProposerThread(backend=DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192,
+                                                        min_confidence=min_confidence))
     verifier = VerifierThread(target, smollm2_tokenizer, [proposer.address], policy="fixed:2",
                               max_num_seqs=128, kv_cache_tokens=8192)
     prompt, steps, n = [3, 4, 5, 6], 3, 2000

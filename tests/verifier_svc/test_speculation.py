@@ -168,8 +168,10 @@ def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
     from proposer_svc.draft_model import DraftModelBackend
     from verifier_svc.server import VerifierConfig
 
-    draft = VerifierConfig(proposer=f"draft:{tiny_llama_dir}", kv_cache_tokens=1024).make_proposer()
+    draft = VerifierConfig(proposer=f"draft:{tiny_llama_dir}", kv_cache_tokens=1024,
+                           draft_min_confidence=0.4).make_proposer()
     assert isinstance(draft, LocalProposer) and isinstance(draft.backend, DraftModelBackend)
+    assert draft.backend.min_confidence == 0.4
     assert isinstance(VerifierConfig(proposer="ngram").make_proposer().backend, NgramBackend)
     with pytest.raises(ValueError, match="proposer: 'draft:' needs a model"):
         VerifierConfig(proposer="draft:").make_proposer()
