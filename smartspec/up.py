@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="target model for the verifier")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for the verifier and draft models")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16, likewise")
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--draft", default=None, help="draft model for the proposers (default: the built-in draft)")
     kind.add_argument("--ngram", action="store_true", help="proposers draft by n-gram prompt lookup")
@@ -33,20 +35,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads per proposer (0 = all cores). The processes share this machine's cores: "
                              "a draft model on all of them slows every verify step it overlaps (measured: "
                              "BENCHMARKS.md, 'Threads of a colocated proposer')")
+    parser.add_argument("--draft-min-confidence", type=float, default=0.0,
+                        help="proposers stop a request's draft after a token the draft model gave less "
+                             "probability than this (0 = draft all k tokens)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:
     """The processes to start: proposers first, the controller, then the verifier that drafts from them."""
     base = [sys.executable, "-m", "smartspec.cli"]
-    kind = ["--ngram"] if args.ngram else ["--draft", args.draft or "smollm2-draft"]
+    kind = ["--ngram"] if args.ngram else ["--draft", args.draft or "smollm2-draft",
+                                           "--min-confidence", str(args.draft_min_confidence)]
+    placement = ["--device", args.device, "--dtype", args.dtype]
     ports = [args.proposer_port + i for i in range(args.replicas)]
     proposers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    procs = [base + ["proposer", *kind, "--port", str(p), "--threads", str(args.proposer_threads)] for p in ports]
+    procs = [base + ["proposer", *kind, *placement, "--port", str(p), "--threads", str(args.proposer_threads)]
+             for p in ports]
     procs.append(base + ["controller", "--port", str(args.controller_port), "--policy", args.policy,
                          "--metrics-port", str(args.metrics_port + 1 if args.metrics_port else 0),
                          "--proposers", proposers])
-    procs.append(base + ["verifier", "--model", args.model, "--port", str(args.port),
+    procs.append(base + ["verifier", "--model", args.model, *placement, "--port", str(args.port),
                          "--metrics-port", str(args.metrics_port), "--kv-cache-tokens", str(args.kv_cache_tokens),
                          "--policy", args.policy, "--proposer", proposers,
                          "--controller", f"127.0.0.1:{args.controller_port}"])

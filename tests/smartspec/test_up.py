@@ -27,3 +27,11 @@ def test_proposer_threads_can_be_raised():
     procs = up.commands(parse("--ngram", "--proposer-threads", "0"))
     assert procs[0][procs[0].index("--threads") + 1] == "0"
     assert "--ngram" in procs[0]
+
+
+def test_device_dtype_and_draft_confidence_reach_the_processes():
+    procs = up.commands(parse("--device", "cuda", "--dtype", "bfloat16", "--draft-min-confidence", "0.4"))
+    for cmd in (procs[0], procs[-1]):  # the draft proposer and the verifier
+        assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert procs[0][procs[0].index("--min-confidence") + 1] == "0.4"
+    assert "--min-confidence" not in up.commands(parse("--ngram"))[0]
