@@ -1,0 +1,137 @@
+"""How well can any cost model predict a step on these cores? Repeated identical forwards against the fit.
+
+    python benchmarks/cost_noise.py [--repeats 12] [--output-dir benchmarks/results/cost_noise]
+
+The live cost-model error of the goodput sweep mixes two things: steps whose time the
+model's shape does not explain, and the spread of identical steps on shared cores.
+This times SmolLM2's forward on the verifier's own runner for decode and verify
+shapes like the sweep's (B requests, q new tokens each, ctx cached tokens each), each
+shape `--repeats` times in a shuffled order, and reports three medians of
+|predicted - measured| / measured:
+- noise floor: the prediction is the median of the same shape's forwards, the best
+  any predictor of shape alone can do;
+- online: `CostModelFitter` fed the forwards in order, predicting each before
+  learning from it, over the last 256 as the controller reports live;
+- in sample: the model fitted on all forwards, scored on them.
+Forwards only: live steps also add the sampling time, which this leaves out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controller.cost_model import ERROR_WINDOW, CostModelFitter, StepSample  # noqa: E402
+from smartspec.models import load_model  # noqa: E402
+from verifier_svc.kv_cache import BlockAllocator  # noqa: E402
+from verifier_svc.model_runner import ForwardItem, ModelRunner  # noqa: E402
+
+BATCHES, QS, CTXS = (1, 2, 4, 8), (1, 2, 3, 5), (96, 320)
+BLOCK = 16
+
+
+def time_forward(runner: ModelRunner, allocator: BlockAllocator, b: int, q: int, ctx: int) -> float:
+    tables = [[] for _ in range(b)]
+    for table in tables:
+        allocator.grow(table, ctx + q)
+    items = [ForwardItem([0] * q, ctx, table, q) for table in tables]
+    start = time.perf_counter()
+    runner.forward(items)
+    ms = (time.perf_counter() - start) * 1e3
+    for table in tables:
+        allocator.free(table)
+    return ms
+
+
+def relative_errors(predicted, measured) -> np.ndarray:
+    predicted, measured = np.asarray(predicted), np.asarray(measured)
+    return np.abs(predicted - measured) / measured
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output-dir", default="benchmarks/results/cost_noise")
+    args = ap.parse_args()
+
+    model = load_model("smollm2")
+    num_blocks = max(BATCHES) * (max(CTXS) + max(QS) + BLOCK) // BLOCK + 8
+    runner, allocator = ModelRunner(model, num_blocks, BLOCK), BlockAllocator(num_blocks, BLOCK)
+    shapes = [(b, q, ctx) for b in BATCHES for q in QS for ctx in CTXS]
+    for shape in shapes:  # warm-up: each shape once
+        time_forward(runner, allocator, *shape)
+    order = shapes * args.repeats
+    random.Random(args.seed).shuffle(order)
+    rows = [{"B": b, "q": q, "ctx": ctx, "ms": time_forward(runner, allocator, b, q, ctx)} for b, q, ctx in order]
+
+    samples = [StepSample(r["B"], r["B"] * r["q"], r["B"] * (r["ctx"] + r["q"]), r["ms"]) for r in rows]
+    measured = [s.verify_ms for s in samples]
+    by_shape: dict[tuple, list[float]] = {}
+    for r in rows:
+        by_shape.setdefault((r["B"], r["q"], r["ctx"]), []).append(r["ms"])
+    shape_median = {k: statistics.median(v) for k, v in by_shape.items()}
+    noise = relative_errors([shape_median[(r["B"], r["q"], r["ctx"])] for r in rows], measured)
+
+    fitter, online = CostModelFitter(), []
+    for s in samples:
+        if fitter.params.num_steps:
+            online.append(float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens)))
+        else:
+            online.append(float("nan"))
+        fitter.observe(s)
+    fitter.refit()
+    in_sample = [float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens))
+                 for s in samples]
+    last = slice(-ERROR_WINDOW, None)
+    summary = {
+        "noise_floor": float(np.median(noise)),
+        "online_last_window": float(np.median(relative_errors(online[last], measured[last]))),
+        "in_sample": float(np.median(relative_errors(in_sample, measured))),
+        "forwards": len(rows), "shapes": len(shapes),
+        "shape_spread_iqr_over_median": float(np.median([
+            (np.percentile(v, 75) - np.percentile(v, 25)) / statistics.median(v) for v in by_shape.values()])),
+    }
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+        "summary": summary, "rows": rows, "in_sample_ms": in_sample}, indent=1))
+    plot(out / "predicted_vs_measured.png", measured, in_sample, [shape_median[(r["B"], r["q"], r["ctx"])]
+                                                                   for r in rows])
+    print(f"{len(rows)} forwards over {len(shapes)} shapes; median relative error: noise floor "
+          f"{summary['noise_floor']:.3f}, online (last {ERROR_WINDOW}) {summary['online_last_window']:.3f}, "
+          f"in sample {summary['in_sample']:.3f}; per-shape IQR / median {summary['shape_spread_iqr_over_median']:.3f}")
+
+
+def plot(path: Path, measured, in_sample, shape_median) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.scatter(measured, shape_median, s=8, alpha=0.5, label="median of the same shape (noise floor)")
+    ax.scatter(measured, in_sample, s=8, alpha=0.5, label="cost model, fitted on all")
+    top = max(measured) * 1.05
+    ax.plot([0, top], [0, top], color="grey", linewidth=1)
+    ax.set_xlabel("measured forward (ms)")
+    ax.set_ylabel("predicted (ms)")
+    ax.set_title("SmolLM2 forward: prediction against identical repeats")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
