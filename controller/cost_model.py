@@ -32,6 +32,7 @@ CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, rela
 PRIOR_WEIGHT = 0.05  # pull of each knot toward the prior, decisive only where no step says otherwise
 WINDOW_STEPS = 1024  # steps kept for fitting
 HUBER_RELATIVE = 0.05  # steps off the fit by more than this fraction weigh less (Huber)
+HUBER_ITERATIONS = 3  # reweightings after the least-squares fit
 ERROR_WINDOW = 256  # steps the prediction error is reported over
 
 
@@ -168,17 +169,17 @@ class CostModelFitter:
         a = np.vstack([design, CURVATURE_PENALTY * curv, pull])
         b = np.concatenate([y, np.zeros(m - 2), np.full(m, PRIOR_WEIGHT)])
         # Noise on shared cores is one-sided (a step is slowed, never sped up), and least
-        # squares follows the slow outliers above the typical step. Huber weights, from
-        # each step's residual against the last fit, cap their pull: one reweighting per
-        # refit, which iterates as refits follow each other. Steps within HUBER_RELATIVE of
-        # the fit keep full weight, so the balance with the penalty rows (and a cliff
-        # between knots) stays as it was.
-        if self.params.num_steps:
-            relative = np.abs(self.params.verify_ms(batch, tokens, kv) - y) / y
-            s = np.sqrt(np.minimum(1.0, HUBER_RELATIVE / np.maximum(relative, 1e-12)))
-            a[:len(rows)] *= s[:, None]
-            b[:len(rows)] *= s
+        # squares follows the slow outliers above the typical step. Huber reweightings, from
+        # the residuals of the fit before, cap their pull. Steps within HUBER_RELATIVE of the
+        # fit keep full weight, so the balance with the penalty rows (and a cliff between
+        # knots) stays as it was.
+        n = len(rows)
         coef = _solve_knots(a, b, m)
+        for _ in range(HUBER_ITERATIONS):
+            relative = np.abs(design @ coef - y) / y
+            s = np.sqrt(np.minimum(1.0, HUBER_RELATIVE / np.maximum(relative, 1e-12)))
+            a[:n], b[:n] = design * s[:, None], y * s
+            coef = _solve_knots(a, b, m)
         knots = _rising(np.maximum(coef[:m], 0.0), counts + 1e-3)
         per_request, per_kv = coef[m:] / scale
         return knots, float(per_request), float(per_kv)
@@ -209,10 +210,12 @@ def _solve_knots(a: np.ndarray, b: np.ndarray, m: int) -> np.ndarray:
     """Least squares for m knots plus the batch-size and KV columns. B and N_kv can only add
     time, and no knot is below zero: when the batch size or KV column (often nearly collinear
     with N_tok) pulls the fit there, it is dropped."""
+    # Through the normal equations: (m + 2) x (m + 2), whatever the number of steps.
+    gram, rhs = a.T @ a, a.T @ b
     keep = np.ones(m + 2, dtype=bool)
     while True:
         coef = np.zeros(m + 2)
-        coef[keep], *_ = np.linalg.lstsq(a[:, keep], b, rcond=None)
+        coef[keep], *_ = np.linalg.lstsq(gram[np.ix_(keep, keep)], rhs[keep], rcond=None)
         negative = [c for c in (m, m + 1) if keep[c] and coef[c] < 0]
         if not negative and (coef[:m].min() >= 0 or not keep[m:].any()):
             return coef
