@@ -7,10 +7,11 @@ requests that still want more (k_i > j), so requests drop out as their k_i is
 reached. Drafted positions' KV is kept: when the verifier accepts them, the
 next call finds it already computed.
 
-With `min_confidence` > 0 a request's draft also stops after a token the
-draft model gave less than that probability: the verifier then checks fewer
-tokens that would likely be rejected. The stop depends on the draft model
-alone, so verification stays lossless (greedy and sampled).
+With `min_confidence` > 0 a request's draft also stops after a position
+where the draft model's most likely token had less than that probability (of
+its processed distribution, for sampled requests): the verifier then checks
+fewer tokens that would likely be rejected. The stop depends on the draft
+model alone, so verification stays lossless (greedy and sampled).
 
 Greedy requests draft the argmax. Sampled requests draw from the draft's
 distribution after their own temperature / top-p and a top-k cap, and get
@@ -120,8 +121,8 @@ class DraftModelBackend:
         return True
 
     def _pick(self, logits: torch.Tensor, call: DraftCall) -> tuple[int, tuple[list[int], list[float]] | None, float]:
-        """The drafted token, its sparse distribution (sampled requests) and the draft's probability of it
-        (1.0 for greedy requests when no confidence stop is set: not computed)."""
+        """The drafted token, its sparse distribution (sampled requests) and the draft's confidence: the
+        probability of its most likely token (1.0 for greedy requests without a confidence stop: not computed)."""
         if call.params.greedy:
             token = int(logits.argmax())
             if self.min_confidence <= 0.0:
@@ -133,7 +134,7 @@ class DraftModelBackend:
                                [SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=cap)])[0]
         token = int(torch.multinomial(dist, 1, generator=call.state.generator))
         support = dist.nonzero().squeeze(1)
-        return token, (support.tolist(), dist[support].tolist()), float(dist[token])
+        return token, (support.tolist(), dist[support].tolist()), float(dist.max())
 
 
 def _generator(params: SamplingParams) -> torch.Generator:

@@ -18,6 +18,8 @@ SERVICE_NAME = proposer_pb2.DESCRIPTOR.services_by_name["Proposer"].full_name
 
 
 BUILTIN_DRAFT = "smollm2-draft"
+MIN_CONFIDENCE_HELP = ("stop a request's draft after a position where the draft model's most likely token "
+                       "had less than this probability (0 = draft all k tokens)")
 
 
 def builtin_draft_dir() -> str:
@@ -49,8 +51,7 @@ class ProposerConfig:
         kind.add_argument("--draft", help=f"draft model: '{BUILTIN_DRAFT}' (built-in), a directory or a .gguf file")
         add_config_arguments(parser, ProposerConfig, {
             "threads": "torch threads for the draft model (0 = all cores); 1 when it shares cores with a verifier",
-            "min_confidence": "stop a request's draft after a token the draft model gave less probability than "
-                              "this (0 = draft all k tokens)",
+            "min_confidence": MIN_CONFIDENCE_HELP,
         }, skip=("draft",))
 
     @staticmethod
@@ -60,6 +61,10 @@ class ProposerConfig:
         return config
 
     def make_backend(self):
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        if self.min_confidence and not self.draft:
+            raise ValueError("min_confidence needs a draft model; n-gram drafts have no confidence")
         if not self.draft:
             return NgramBackend(self.ngram_min, self.ngram_max)
         import torch

@@ -36,13 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a draft model on all of them slows every verify step it overlaps (measured: "
                              "BENCHMARKS.md, 'Threads of a colocated proposer')")
     parser.add_argument("--draft-min-confidence", type=float, default=0.0,
-                        help="proposers stop a request's draft after a token the draft model gave less "
-                             "probability than this (0 = draft all k tokens)")
+                        help="passed to draft proposers as --min-confidence (`smartspec proposer --help`)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
 def commands(args: argparse.Namespace) -> list[list[str]]:
     """The processes to start: proposers first, the controller, then the verifier that drafts from them."""
+    if args.ngram and args.draft_min_confidence:
+        raise ValueError("--draft-min-confidence needs a draft model, not --ngram")
     base = [sys.executable, "-m", "smartspec.cli"]
     kind = ["--ngram"] if args.ngram else ["--draft", args.draft or "smollm2-draft",
                                            "--min-confidence", str(args.draft_min_confidence)]

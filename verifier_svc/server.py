@@ -13,7 +13,7 @@ import grpc
 import torch
 
 from controller.profile import load_profile, samples_from_rows
-from proposer_svc.server import BUILTIN_DRAFT, ProposerConfig
+from proposer_svc.server import BUILTIN_DRAFT, MIN_CONFIDENCE_HELP, ProposerConfig
 from proposer_svc.servicer import NgramBackend
 from smartspec import models
 from smartspec.serving import add_config_arguments, config_from_args, start_server, until_signalled
@@ -71,8 +71,7 @@ class VerifierConfig:
                         f"'{BUILTIN_DRAFT}' or a path), host:port[,host:port...] of proposer replicas, "
                         "or dns:NAME:PORT re-resolved every 10 s",
             "proposer_deadline_ms": "a proposer slower than this gives no drafts that step",
-            "draft_min_confidence": "with --proposer draft:MODEL, stop a request's draft after a token the draft "
-                                    "model gave less probability than this (0 = draft all k tokens)",
+            "draft_min_confidence": "with --proposer draft:MODEL: " + MIN_CONFIDENCE_HELP,
             "controller": "host:port of the smartspec controller (policy and cost model pushed from there)",
             "cost_profile": "step-time profile (JSON, FILE#MODEL for one of several) seeding the cost model; "
                             "empty: time a few forward passes at start; 'none': neither",
@@ -97,6 +96,9 @@ class VerifierConfig:
         return policy
 
     def make_proposer(self):
+        if self.draft_min_confidence and not self.proposer.startswith("draft:"):
+            raise ValueError("draft_min_confidence needs --proposer draft:MODEL (remote proposers take "
+                             "--min-confidence themselves)")
         if not self.proposer:
             return None
         if self.proposer == "ngram":

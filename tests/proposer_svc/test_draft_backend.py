@@ -3,6 +3,8 @@ lossless speculation through the real services with a draft that is the target p
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -85,6 +87,15 @@ def test_a_draft_stops_after_a_token_below_the_confidence_floor(small_vocab_dir)
         DraftModelBackend(reference, kv_cache_tokens=512, min_confidence=1.5)
 
 
+def test_the_confidence_flag_is_checked_before_any_model_loads():
+    from proposer_svc.server import ProposerConfig
+
+    with pytest.raises(ValueError, match=r"min_confidence must be in \[0, 1\]"):
+        ProposerConfig(draft="/no/such/model", min_confidence=1.5).make_backend()
+    with pytest.raises(ValueError, match="n-gram drafts have no confidence"):
+        ProposerConfig(min_confidence=0.4).make_backend()
+
+
 def generate_greedy(verifier, prompt: list[int], max_new_tokens: int):
     """Greedy tokens from the verifier service and the final chunk's speculation stats."""
     chunks = list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt),
@@ -121,17 +132,26 @@ def test_an_in_process_draft_model_serves_through_the_verifier(small_vocab_dir, 
         verifier.close()
 
 
-@pytest.mark.parametrize("min_confidence", [0.0, 0.6])
+@pytest.mark.parametrize("min_confidence", [0.0, 0.2])
 def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2_tokenizer, tmp_path,
                                                         min_confidence):
     """Lossless sampling, also when drafts stop early at the draft's own low-confidence tokens."""
     draft_dir = noisy_copy(small_vocab_dir, tmp_path / "noisy", scale=0.5, seed=3)
     target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
-    proposer = ProposerThread(backend=DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192,
-                                                        min_confidence=min_confidence))
+    backend = DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192, min_confidence=min_confidence)
+    lengths = collections.Counter()  # drafted tokens per request per call
+    propose = backend.propose
+
+    def recording(calls):
+        drafts = propose(calls)
+        lengths.update(len(ids) for ids, _ in drafts)
+        return drafts
+
+    backend.propose = recording
+    proposer = ProposerThread(backend=backend)
     verifier = VerifierThread(target, smollm2_tokenizer, [proposer.address], policy="fixed:2",
                               max_num_seqs=128, kv_cache_tokens=8192)
-    prompt, steps, n = [3, 4, 5, 6], 3, 2000
+    prompt, steps, n = [3, 4, 5, 6], 4, 2000
     counts = [torch.zeros(12, dtype=torch.float64) for _ in range(steps)]
     proposed = accepted = 0
     try:
@@ -149,6 +169,9 @@ def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2
         verifier.close()
         proposer.kill()
     assert proposed > 500 and 0.05 < accepted / proposed < 0.95  # the noise gives partial acceptance
+    # Each request gets one call at k = 2 (the others are capped by the tokens left): the
+    # confidence stop must have cut some of them short and let others run to k.
+    assert lengths[2] == n if not min_confidence else 100 < lengths[2] < n - 100
     for t, marginal in enumerate(exact_marginals(reference, prompt, steps, 12)):
         assert chi_square_p(counts[t], marginal) > 0.01, (t, counts[t].tolist(), marginal.tolist())
 

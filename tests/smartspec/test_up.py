@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from smartspec import up
 
 
@@ -35,3 +37,5 @@ def test_device_dtype_and_draft_confidence_reach_the_processes():
         assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--dtype") + 1] == "bfloat16"
     assert procs[0][procs[0].index("--min-confidence") + 1] == "0.4"
     assert "--min-confidence" not in up.commands(parse("--ngram"))[0]
+    with pytest.raises(ValueError, match="needs a draft model"):
+        up.commands(parse("--ngram", "--draft-min-confidence", "0.4"))

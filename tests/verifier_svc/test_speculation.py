@@ -172,6 +172,8 @@ def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
                            draft_min_confidence=0.4).make_proposer()
     assert isinstance(draft, LocalProposer) and isinstance(draft.backend, DraftModelBackend)
     assert draft.backend.min_confidence == 0.4
+    with pytest.raises(ValueError, match="draft_min_confidence needs --proposer draft:MODEL"):
+        VerifierConfig(proposer="127.0.0.1:50061", draft_min_confidence=0.4).make_proposer()
     assert isinstance(VerifierConfig(proposer="ngram").make_proposer().backend, NgramBackend)
     with pytest.raises(ValueError, match="proposer: 'draft:' needs a model"):
         VerifierConfig(proposer="draft:").make_proposer()
