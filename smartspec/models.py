@@ -70,10 +70,9 @@ def load_model(model: str, dtype: str = "float32", device: str = "cpu", attn_imp
     # GGUF weights arrive dequantised to float32 whatever dtype was asked for. Cast the
     # parameters only: buffers such as the rotary inverse frequencies stay float32, since
     # positions near 1000 rounded through bfloat16 are off by about a radian.
-    m = m.to(device=device)
     for p in m.parameters():
         p.data = p.data.to(DTYPES[dtype])
-    return m.eval()
+    return m.to(device=device).eval()
 
 
 class IncompatibleTokenizers(ValueError):
