@@ -24,7 +24,6 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,25 +31,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from controller.cost_model import ERROR_WINDOW, CostModelFitter, StepSample  # noqa: E402
-from smartspec.models import load_model  # noqa: E402
-from verifier_svc.kv_cache import BlockAllocator  # noqa: E402
-from verifier_svc.model_runner import ForwardItem, ModelRunner  # noqa: E402
+from smartspec.models import load_model, load_tokenizer  # noqa: E402
+from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
 
 BATCHES, QS, CTXS = (1, 2, 4, 8), (1, 2, 3, 5), (96, 320)
-BLOCK = 16
-
-
-def time_forward(runner: ModelRunner, allocator: BlockAllocator, b: int, q: int, ctx: int) -> float:
-    tables = [[] for _ in range(b)]
-    for table in tables:
-        allocator.grow(table, ctx + q)
-    items = [ForwardItem([0] * q, ctx, table, q) for table in tables]
-    start = time.perf_counter()
-    runner.forward(items)
-    ms = (time.perf_counter() - start) * 1e3
-    for table in tables:
-        allocator.free(table)
-    return ms
 
 
 def relative_errors(predicted, measured) -> np.ndarray:
@@ -65,15 +49,13 @@ def main() -> None:
     ap.add_argument("--output-dir", default="benchmarks/results/cost_noise")
     args = ap.parse_args()
 
-    model = load_model("smollm2")
-    num_blocks = max(BATCHES) * (max(CTXS) + max(QS) + BLOCK) // BLOCK + 8
-    runner, allocator = ModelRunner(model, num_blocks, BLOCK), BlockAllocator(num_blocks, BLOCK)
+    engine = Engine(load_model("smollm2"), load_tokenizer("smollm2"), EngineConfig(kv_cache_tokens=8192))
     shapes = [(b, q, ctx) for b in BATCHES for q in QS for ctx in CTXS]
     for shape in shapes:  # warm-up: each shape once
-        time_forward(runner, allocator, *shape)
+        engine.time_forward(*shape)
     order = shapes * args.repeats
     random.Random(args.seed).shuffle(order)
-    rows = [{"B": b, "q": q, "ctx": ctx, "ms": time_forward(runner, allocator, b, q, ctx)} for b, q, ctx in order]
+    rows = [{"B": b, "q": q, "ctx": ctx, "ms": engine.time_forward(b, q, ctx)} for b, q, ctx in order]
 
     samples = [StepSample(r["B"], r["B"] * r["q"], r["B"] * (r["ctx"] + r["q"]), r["ms"]) for r in rows]
     measured = [s.verify_ms for s in samples]
@@ -96,7 +78,7 @@ def main() -> None:
     last = slice(-ERROR_WINDOW, None)
     summary = {
         "noise_floor": float(np.median(noise)),
-        "online_last_window": float(np.median(relative_errors(online[last], measured[last]))),
+        "online_last_window": float(np.nanmedian(relative_errors(online[last], measured[last]))),
         "in_sample": float(np.median(relative_errors(in_sample, measured))),
         "forwards": len(rows), "shapes": len(shapes),
         "shape_spread_iqr_over_median": float(np.median([

@@ -305,23 +305,34 @@ class Engine:
         return token in seq.params.stop_token_ids or (not seq.params.ignore_eos and token in self.eos_token_ids)
 
     def calibrate(self, shapes=CALIBRATION_SHAPES, ctx: int = 128) -> list[dict]:
-        """Times one forward per (B, q) shape on scratch KV blocks (their contents do not
-        matter for timing); rows for controller.profile. Run before serving: it uses free blocks."""
+        """Times one forward per (B, q) shape, after a warm-up; rows for controller.profile.
+        Run before serving: it uses free blocks. A small cache skips shapes it cannot hold."""
         rows = []
         for b, q in shapes:
-            if b * self.allocator.blocks_needed([], ctx + q) > self.allocator.num_free:
-                continue  # a small cache: skip shapes it cannot hold
-            tables = [[] for _ in range(b)]
-            for table in tables:
-                self.allocator.grow(table, ctx + q)
+            ms = self.time_forward(b, q, ctx, warm_up=True)
+            if ms is not None:
+                rows.append({"B": b, "q": q, "ctx": ctx, "ms": ms})
+        return rows
+
+    def time_forward(self, batch: int, q: int, ctx: int, warm_up: bool = False) -> float | None:
+        """Milliseconds of one forward of `batch` requests feeding q tokens each over ctx cached
+        ones, on scratch KV blocks (their contents do not matter for timing); None when the
+        free blocks cannot hold it."""
+        if batch * self.allocator.blocks_needed([], ctx + q) > self.allocator.num_free:
+            return None
+        tables = [[] for _ in range(batch)]
+        for table in tables:
+            self.allocator.grow(table, ctx + q)
+        try:
             items = [ForwardItem([0] * q, ctx, table, q) for table in tables]
-            self.runner.forward(items)  # warm-up for this shape
+            if warm_up:
+                self.runner.forward(items)
             start = time.perf_counter()
             self.runner.forward(items)
-            rows.append({"B": b, "q": q, "ctx": ctx, "ms": (time.perf_counter() - start) * 1e3})
+            return (time.perf_counter() - start) * 1e3
+        finally:
             for table in tables:
                 self.allocator.free(table)
-        return rows
 
     def kv_usage(self) -> float:
         return self.allocator.usage()
