@@ -12,7 +12,9 @@ shape `--repeats` times in a shuffled order, and reports three medians of
   any predictor of shape alone can do;
 - online: `CostModelFitter` fed the forwards in order, predicting each before
   learning from it, over the last 256 as the controller reports live;
-- in sample: the model fitted on all forwards, scored on them.
+- in sample: the model fitted on all forwards, scored on them;
+each of the last two for the fit as it runs (Huber-weighted steps) and for plain
+least squares.
 Forwards only: live steps also add the sampling time, which this leaves out.
 """
 
@@ -65,21 +67,15 @@ def main() -> None:
     shape_median = {k: statistics.median(v) for k, v in by_shape.items()}
     noise = relative_errors([shape_median[(r["B"], r["q"], r["ctx"])] for r in rows], measured)
 
-    fitter, online = CostModelFitter(), []
-    for s in samples:
-        if fitter.params.num_steps:
-            online.append(float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens)))
-        else:
-            online.append(float("nan"))
-        fitter.observe(s)
-    fitter.refit()
-    in_sample = [float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens))
-                 for s in samples]
+    online, in_sample = fit(samples, CostModelFitter())
+    ls_online, ls_in_sample = fit(samples, CostModelFitter(huber_iterations=0))
     last = slice(-ERROR_WINDOW, None)
     summary = {
         "noise_floor": float(np.median(noise)),
         "online_last_window": float(np.nanmedian(relative_errors(online[last], measured[last]))),
         "in_sample": float(np.median(relative_errors(in_sample, measured))),
+        "least_squares_online_last_window": float(np.nanmedian(relative_errors(ls_online[last], measured[last]))),
+        "least_squares_in_sample": float(np.median(relative_errors(ls_in_sample, measured))),
         "forwards": len(rows), "shapes": len(shapes),
         "shape_spread_iqr_over_median": float(np.median([
             (np.percentile(v, 75) - np.percentile(v, 25)) / statistics.median(v) for v in by_shape.values()])),
@@ -93,7 +89,23 @@ def main() -> None:
                                                                    for r in rows])
     print(f"{len(rows)} forwards over {len(shapes)} shapes; median relative error: noise floor "
           f"{summary['noise_floor']:.3f}, online (last {ERROR_WINDOW}) {summary['online_last_window']:.3f}, "
-          f"in sample {summary['in_sample']:.3f}; per-shape IQR / median {summary['shape_spread_iqr_over_median']:.3f}")
+          f"in sample {summary['in_sample']:.3f}; least squares: online "
+          f"{summary['least_squares_online_last_window']:.3f}, in sample {summary['least_squares_in_sample']:.3f}; "
+          f"per-shape IQR / median {summary['shape_spread_iqr_over_median']:.3f}")
+
+
+def fit(samples: list[StepSample], fitter: CostModelFitter) -> tuple[list[float], list[float]]:
+    """Predictions of each step before the fitter learns from it (NaN before its first fit), and
+    of every step by the final fit."""
+    online = []
+    for s in samples:
+        fitted = fitter.params.num_steps > 0
+        online.append(float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens))
+                      if fitted else float("nan"))
+        fitter.observe(s)
+    fitter.refit()
+    return online, [float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens))
+                    for s in samples]
 
 
 def plot(path: Path, measured, in_sample, shape_median) -> None:

@@ -84,6 +84,7 @@ class StepSample:
 class CostModelFitter:
     prior: CostParams = field(default_factory=lambda: linear_prior(1.0, 5.0))
     refit_every: int = 16
+    huber_iterations: int = HUBER_ITERATIONS  # 0: plain least squares
 
     def __post_init__(self):
         self._verify: deque[StepSample] = deque(maxlen=WINDOW_STEPS)
@@ -175,7 +176,7 @@ class CostModelFitter:
         # knots) stays as it was.
         n = len(rows)
         coef = _solve_knots(a, b, m)
-        for _ in range(HUBER_ITERATIONS):
+        for _ in range(self.huber_iterations):
             relative = np.abs(design @ coef - y) / y
             s = np.sqrt(np.minimum(1.0, HUBER_RELATIVE / np.maximum(relative, 1e-12)))
             a[:n], b[:n] = design * s[:, None], y * s
