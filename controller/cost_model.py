@@ -32,7 +32,7 @@ CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, rela
 PRIOR_WEIGHT = 0.05  # pull of each knot toward the prior, decisive only where no step says otherwise
 WINDOW_STEPS = 1024  # steps kept for fitting
 HUBER_RELATIVE = 0.05  # steps off the fit by more than this fraction weigh less (Huber)
-HUBER_ITERATIONS = 3  # reweightings after the least-squares fit
+HUBER_ITERATIONS = 3  # reweightings after the least-squares fit, where the Huber fit is asked for
 ERROR_WINDOW = 256  # steps the prediction error is reported over
 
 
@@ -84,7 +84,9 @@ class StepSample:
 class CostModelFitter:
     prior: CostParams = field(default_factory=lambda: linear_prior(1.0, 5.0))
     refit_every: int = 16
-    huber_iterations: int = HUBER_ITERATIONS  # 0: plain least squares
+    # Huber reweightings of the steps; 0 (plain least squares) by default: it fits identical
+    # repeats better in some runs, and the one live sweep with it did not gain (BENCHMARKS.md).
+    huber_iterations: int = 0
 
     def __post_init__(self):
         self._verify: deque[StepSample] = deque(maxlen=WINDOW_STEPS)
@@ -170,8 +172,8 @@ class CostModelFitter:
         a = np.vstack([design, CURVATURE_PENALTY * curv, pull])
         b = np.concatenate([y, np.zeros(m - 2), np.full(m, PRIOR_WEIGHT)])
         # Noise on shared cores is one-sided (a step is slowed, never sped up), and least
-        # squares follows the slow outliers above the typical step. Huber reweightings, from
-        # the residuals of the fit before, cap their pull. Steps within HUBER_RELATIVE of the
+        # squares follows the slow outliers above the typical step. Huber reweightings (when
+        # asked for), from the residuals of the fit before, cap their pull. Steps within HUBER_RELATIVE of the
         # fit keep full weight, so the balance with the penalty rows (and a cliff between
         # knots) stays as it was.
         n = len(rows)

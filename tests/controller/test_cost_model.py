@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from controller.cost_model import TOKEN_KNOTS, CostModelFitter, CostParams, StepSample, linear_prior
+from controller.cost_model import (HUBER_ITERATIONS, TOKEN_KNOTS, CostModelFitter, CostParams, StepSample,
+                                   linear_prior)
 
 
 def gpu_like(tokens, batch, kv):
@@ -103,7 +104,7 @@ def test_slow_outliers_do_not_lift_the_typical_step():
     def typical(tokens, batch):
         return 30.0 + 2.0 * tokens + 1.5 * batch
 
-    huber, least_squares = CostModelFitter(), CostModelFitter(huber_iterations=0)
+    huber, least_squares = CostModelFitter(huber_iterations=HUBER_ITERATIONS), CostModelFitter()
     rng = np.random.default_rng(11)
     for _ in range(800):
         batch = int(rng.integers(1, 9))
