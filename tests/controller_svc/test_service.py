@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -34,17 +35,20 @@ def step(i: int, batch: int = 4, k: int = 2, verify_ms: float | None = None) -> 
                           draft_tokens=k * batch, planned_k=[k] * batch)
 
 
-def reports(n: int, verifier_id: str = "v1", then_wait_s: float = 3.0):
-    """n reports, then the stream stays open like a live verifier's."""
+def reports(n: int, verifier_id: str = "v1", then_wait_s: float = 3.0, sent: threading.Event | None = None):
+    """n reports, then the stream stays open like a live verifier's; `sent` is set once all are handed over."""
     for i in range(n):
         yield pb.VerifierReport(verifier_id=verifier_id, steps=[step(i * 4 + j, batch=1 + (i + j) % 8, k=j % 4)
                                                                 for j in range(4)])
+    if sent is not None:
+        sent.set()
     time.sleep(then_wait_s)
 
 
 def test_connect_gets_the_policy_and_endpoints_then_fitted_updates(controller):
     ctl, stub = controller
-    call = stub.Connect(reports(30), timeout=20)
+    sent = threading.Event()
+    call = stub.Connect(reports(30, sent=sent), timeout=20)
     first = next(call)
     assert first.policy.mode == pb.POLICY_MODE_SMARTSPEC and first.policy.k_max == 4
     assert list(first.endpoints.addresses) == ["10.0.0.1:50061"]
@@ -54,8 +58,13 @@ def test_connect_gets_the_policy_and_endpoints_then_fitted_updates(controller):
     cost = update.policy.cost_model
     assert cost.num_steps > 0 and update.policy.version > first.policy.version
     assert 0.5 < update.policy.acceptance_prior < 0.9  # 1 accepted of 1 or 2 tested per request step
+    # Every report counts once it is in: wait for the stream to hand them all over (on busy
+    # cores the first fitted update can come before), then for the controller to take them in.
+    assert sent.wait(10)
+    deadline = time.monotonic() + 10
+    while (got := stub.GetPolicy(pb.GetPolicyRequest())).cost_model.num_steps < 120 and time.monotonic() < deadline:
+        time.sleep(0.05)
     call.cancel()
-    got = stub.GetPolicy(pb.GetPolicyRequest())
     assert got.cost_model.num_steps == 120 and got.cost_model.draft_step_ms > 0
 
 
