@@ -169,7 +169,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both models, the proposer's too)")
     ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     ap.add_argument("--min-confidence", type=float, default=0.0,
-                    help="draft stops after a token the draft model gave less probability than this")
+                    help="a draft stops after a position where the draft's most likely token had less than "
+                         "this probability (HF assisted keeps its own threshold)")
     ap.add_argument("--port", type=int, default=50681)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args()

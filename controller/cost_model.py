@@ -173,9 +173,9 @@ class CostModelFitter:
         b = np.concatenate([y, np.zeros(m - 2), np.full(m, PRIOR_WEIGHT)])
         # Noise on shared cores is one-sided (a step is slowed, never sped up), and least
         # squares follows the slow outliers above the typical step. Huber reweightings (when
-        # asked for), from the residuals of the fit before, cap their pull. Steps within HUBER_RELATIVE of the
-        # fit keep full weight, so the balance with the penalty rows (and a cliff between
-        # knots) stays as it was.
+        # asked for), from the residuals of the fit before, cap their pull. Steps within
+        # HUBER_RELATIVE of the fit keep full weight, so the balance with the penalty rows
+        # (and a cliff between knots) stays as it was.
         n = len(rows)
         coef = _solve_knots(a, b, m)
         for _ in range(self.huber_iterations):

@@ -60,9 +60,7 @@ class DraftCall:
 class DraftModelBackend:
     def __init__(self, model, kv_cache_tokens: int = 65536, block_size: int = 16, top_k_cap: int = 32,
                  min_confidence: float = 0.0):
-        if not 0.0 <= min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
-        self.min_confidence = min_confidence
+        self.min_confidence = check_min_confidence(min_confidence)
         num_blocks = -(-kv_cache_tokens // block_size)
         self.runner = ModelRunner(model, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks, block_size)
@@ -135,6 +133,12 @@ class DraftModelBackend:
         token = int(torch.multinomial(dist, 1, generator=call.state.generator))
         support = dist.nonzero().squeeze(1)
         return token, (support.tolist(), dist[support].tolist()), float(dist.max())
+
+
+def check_min_confidence(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {value}")
+    return value
 
 
 def _generator(params: SamplingParams) -> torch.Generator:

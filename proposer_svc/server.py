@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from proposer_svc.draft_model import check_min_confidence
 from proposer_svc.servicer import NgramBackend, ProposerServicer
 from smartspec.serving import add_config_arguments, config_from_args, start_server, until_signalled
 from smartspec.v1 import proposer_pb2, proposer_pb2_grpc
@@ -37,7 +38,7 @@ class ProposerConfig:
     device: str = "cpu"
     kv_cache_tokens: int = 65536
     top_k_cap: int = 32  # sampled drafts come from at most this many tokens
-    min_confidence: float = 0.0  # a draft stops after a token the draft model gave less probability than this
+    min_confidence: float = 0.0  # see MIN_CONFIDENCE_HELP
     ngram_min: int = 1
     ngram_max: int = 4
     max_k: int = 8
@@ -61,8 +62,7 @@ class ProposerConfig:
         return config
 
     def make_backend(self):
-        if not 0.0 <= self.min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
+        check_min_confidence(self.min_confidence)  # before a model loads
         if self.min_confidence and not self.draft:
             raise ValueError("min_confidence needs a draft model; n-gram drafts have no confidence")
         if not self.draft:
