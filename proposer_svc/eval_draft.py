@@ -22,15 +22,14 @@ Code prompts are the first lines of functions from the held-out stdlib files (th
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
-import textwrap
 import time
 
 import torch
 
+from proposer_svc.selfgen import functions
 from proposer_svc.train_draft import read, stdlib_files
 
 CHAT_PROMPTS = [
@@ -44,19 +43,7 @@ CHAT_PROMPTS = [
 
 def code_prompts(n: int, lines: int = 3) -> list[str]:
     """First `lines` lines of functions (>= 6 lines long) from held-out stdlib files, round-robin."""
-    per_file = []
-    for f in stdlib_files()[1]:
-        src = read(f)
-        try:
-            tree = ast.parse(src)
-        except SyntaxError:
-            continue
-        srclines = src.splitlines()
-        fns = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-               and node.end_lineno - node.lineno >= 6]
-        fns.sort(key=lambda node: node.lineno)
-        per_file.append([textwrap.dedent("\n".join(srclines[fn.lineno - 1: fn.lineno - 1 + lines])) + "\n"
-                         for fn in fns])
+    per_file = [[fn.head for fn in functions(read(f), lines)] for f in stdlib_files()[1]]
     out, i = [], 0
     while len(out) < n and any(i < len(p) for p in per_file):
         out.extend(p[i] for p in per_file if i < len(p))

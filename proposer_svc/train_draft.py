@@ -117,17 +117,49 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------- phases
 
+def selfgen_path(args) -> str:
+    return os.path.join(args.cache_dir, f"selfgen_windows_seed{args.seed}.npy")
+
+
+def phase_generate(args, tok) -> dict:
+    """SmolLM2 (bfloat16) decodes prompts made from the training files greedily; packed windows are cached."""
+    from proposer_svc import selfgen
+    from smartspec.models import load_model
+
+    model = load_model("smollm2").to(torch.bfloat16)
+    prompt_ids = selfgen.prompts(tok, [read(f) for f in stdlib_files()[0]], args.seed)
+    log(f"generate: {len(prompt_ids)} prompts")
+    t0 = time.time()
+    seqs, done = selfgen.generate_all(model, tok, prompt_ids, args.generate_new_tokens, args.generate_batch,
+                                args.generate_minutes, max_batches=args.generate_batches, log=log)
+    windows = selfgen.pack(seqs, tok.eos_token_id, SEQ_LEN)
+    np.save(selfgen_path(args), windows)
+    return {"generate_sequences": len(seqs), "generate_batches": done,
+            "generate_tokens": sum(map(len, seqs)), "generate_windows": len(windows),
+            "generate_seconds": time.time() - t0, "generate_dtype": "bfloat16"}
+
+
+def teacher_windows(args, tok, data: str) -> np.ndarray:
+    return np.load(selfgen_path(args)) if data == "selfgen" else train_windows(tok, args.seed, args.cache_dir)
+
+
+def teacher_shards(args, data: str) -> str:
+    """Glob of the teacher cache of one data set (the stdlib's keeps its original name)."""
+    prefix = "teacher" if data == "stdlib" else f"teacher_{data}"
+    return os.path.join(args.cache_dir, f"{prefix}_seed{args.seed}_k{args.topk}_*.npz")
+
+
 def phase_teacher(args, tok) -> dict:
     from smartspec.models import load_model
 
-    windows = train_windows(tok, args.seed, args.cache_dir)
+    windows = teacher_windows(args, tok, args.teacher_data)
     n_max = len(windows) if not args.teacher_seqs else min(args.teacher_seqs, len(windows))
     teacher = load_model("smollm2").to(torch.bfloat16)
     shard = args.shard_seqs
     t0 = time.time()
     done = 0
     for s in range(0, n_max, shard):
-        path = os.path.join(args.cache_dir, f"teacher_seed{args.seed}_k{args.topk}_{s // shard:05d}.npz")
+        path = teacher_shards(args, args.teacher_data).replace("*", f"{s // shard:05d}")
         if os.path.exists(path):
             done = min(s + shard, n_max)
             continue
@@ -148,23 +180,22 @@ def phase_teacher(args, tok) -> dict:
         done = min(s + shard, n_max)
         el = time.time() - t0
         log(f"teacher: {done}/{n_max} windows cached ({done * SEQ_LEN} tokens), {el:.0f}s")
-    return {"teacher_windows": done, "teacher_tokens": done * SEQ_LEN, "teacher_seconds": time.time() - t0,
-            "teacher_dtype": "bfloat16", "topk": args.topk}
+    return {"teacher_data": args.teacher_data, "teacher_windows": done, "teacher_tokens": done * SEQ_LEN,
+            "teacher_seconds": time.time() - t0, "teacher_dtype": "bfloat16", "topk": args.topk}
 
 
-def load_teacher_cache(args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    paths = sorted(glob.glob(os.path.join(args.cache_dir, f"teacher_seed{args.seed}_k{args.topk}_*.npz")))
-    paths = [p for p in paths if not p.endswith(".tmp.npz")]
-    if args.teacher_seqs:
-        paths = paths[: math.ceil(args.teacher_seqs / args.shard_seqs)]
+def load_teacher_cache(args, data: str, max_seqs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    paths = sorted(p for p in glob.glob(teacher_shards(args, data)) if not p.endswith(".tmp.npz"))
+    if max_seqs:
+        paths = paths[: math.ceil(max_seqs / args.shard_seqs)]
     if not paths:
-        raise SystemExit(f"no teacher cache in {args.cache_dir}: run --phase teacher first")
+        raise SystemExit(f"no {data} teacher cache in {args.cache_dir}: run --phase teacher --teacher-data {data}")
     parts = [np.load(p) for p in paths]
     ids = np.concatenate([p["ids"] for p in parts]).astype(np.int64)
     idx = np.concatenate([p["idx"] for p in parts]).astype(np.int64)
     lp = np.concatenate([p["lp"] for p in parts]).astype(np.float32)
-    if args.teacher_seqs:
-        ids, idx, lp = ids[: args.teacher_seqs], idx[: args.teacher_seqs], lp[: args.teacher_seqs]
+    if max_seqs:
+        ids, idx, lp = ids[:max_seqs], idx[:max_seqs], lp[:max_seqs]
     return ids, idx, lp
 
 
@@ -298,11 +329,17 @@ def phase_pretrain(args, tok) -> dict:
 
 
 def phase_distill(args, tok) -> tuple[dict, torch.nn.Module]:
-    ids, idx, lp = load_teacher_cache(args)
-    log(f"distill: {len(ids)} cached windows ({len(ids) * SEQ_LEN} tokens)")
+    caches = [load_teacher_cache(args, data, args.teacher_seqs if data == "stdlib" else 0)
+              for data in args.distill_data.split(",")]
+    ids, idx, lp = (np.concatenate([c[i] for c in caches]) for i in range(3))
+    log(f"distill: {len(ids)} cached windows ({len(ids) * SEQ_LEN} tokens) from {args.distill_data}")
     student = make_student(args)
     ck = os.path.join(args.cache_dir, f"pretrain_seed{args.seed}.pt")
-    if os.path.exists(ck) and not args.no_pretrain:
+    if args.init_from:
+        student.load_state_dict(load_draft_state(args.init_from))
+        student.tie_weights()
+        log(f"distill: starting from {args.init_from}")
+    elif os.path.exists(ck) and not args.no_pretrain:
         student.load_state_dict(torch.load(ck))
         student.tie_weights()
         log(f"distill: starting from {ck}")
@@ -331,7 +368,16 @@ def phase_distill(args, tok) -> tuple[dict, torch.nn.Module]:
     info = run_loop(args, student, "distill", args.distill_steps, args.distill_minutes, args.distill_lr, batch_fn,
                     args.distill_sched)
     info["distill_cached_windows"] = int(len(ids))
+    info["distill_data"] = args.distill_data
+    info["distill_init_from"] = args.init_from
     return info, student
+
+
+def load_draft_state(path: str) -> dict:
+    """A saved draft's weights in float32 (for continuing its training)."""
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
 
 
 def save(student, out: str) -> None:
@@ -347,7 +393,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default="proposer_svc/models/smollm2-draft")
     ap.add_argument("--cache-dir", default="/tmp/smartspec-draft-cache")
-    ap.add_argument("--phase", choices=["all", "teacher", "pretrain", "distill"], default="all")
+    ap.add_argument("--phase", choices=["all", "generate", "teacher", "pretrain", "distill"], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     # budgets (0 = unlimited); whichever of steps/minutes ends first stops a phase
@@ -360,6 +406,14 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-sched", type=int, default=0, help="cosine schedule length (default: steps)")
     ap.add_argument("--distill-sched", type=int, default=0, help="cosine schedule length (default: steps)")
     ap.add_argument("--no-pretrain", action="store_true", help="distill from the SVD initialisation")
+    ap.add_argument("--init-from", default="", help="distill starting from this saved draft (continued training)")
+    ap.add_argument("--generate-minutes", type=float, default=20.0)
+    ap.add_argument("--generate-batches", type=int, default=0, help="number of prompt batches to decode")
+    ap.add_argument("--generate-batch", type=int, default=32)
+    ap.add_argument("--generate-new-tokens", type=int, default=96)
+    ap.add_argument("--teacher-data", choices=["stdlib", "selfgen"], default="stdlib",
+                    help="windows the teacher phase caches: stdlib sources or SmolLM2's own continuations")
+    ap.add_argument("--distill-data", default="stdlib", help="comma-separated teacher caches to distil from")
     # model
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
@@ -391,7 +445,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     info: dict = {"command": " ".join([os.path.basename(sys.executable), "-m", "proposer_svc.train_draft"] + sys.argv[1:]),
                   "args": vars(args), "torch": torch.__version__}
-    logpath = os.path.join(args.cache_dir, f"log_{args.phase}_seed{args.seed}.json")
+    name = f"teacher_{args.teacher_data}" if args.phase == "teacher" and args.teacher_data != "stdlib" else args.phase
+    logpath = os.path.join(args.cache_dir, f"log_{name}_seed{args.seed}.json")
+    if args.phase == "generate":
+        info.update(phase_generate(args, tok))
     if args.phase in ("all", "teacher"):
         info.update(phase_teacher(args, tok))
     if args.phase in ("all", "pretrain"):
@@ -400,11 +457,15 @@ def main(argv=None) -> int:
         d, student = phase_distill(args, tok)
         info.update(d)
         # merge the logs of separately run phases
-        for ph in ("teacher", "pretrain"):
+        for ph in ("teacher", "pretrain", "generate", "teacher_selfgen"):
             p = os.path.join(args.cache_dir, f"log_{ph}_seed{args.seed}.json")
             if os.path.exists(p):
                 with open(p) as fh:
                     info.setdefault("phase_logs", {})[ph] = json.load(fh)
+        previous = os.path.join(args.init_from, "training_log.json")
+        if args.init_from and os.path.exists(previous):  # the training the run continued, before it is replaced
+            with open(previous) as fh:
+                info["init_from_training_log"] = json.load(fh)
         info["n_params"] = sum(p.numel() for p in student.parameters())
         info["wall_seconds_this_process"] = time.time() - t0
         save(student, args.output_dir)
