@@ -18,6 +18,11 @@ n-gram workload of the goodput sweep) instead of the default prompts.
 draft:MODEL` does on one node: no hop, no second process on the same cores.
 `--device cuda --dtype bfloat16` runs both models on a GPU (the proposer
 process too); the CPU-linear HF column is then left out.
+
+Shared cores drift over minutes, so every configuration runs once per round
+(`--rounds`, default 3): off first, each k followed by HF's same k, smartspec
+last. A TPOT is the median over rounds; a speedup is the median of each round's
+off / that round's TPOT.
 """
 
 from __future__ import annotations
@@ -155,6 +160,66 @@ def analytic(a: float, k: int, c: float, r: float) -> float:
     return expected / (1 + k * c + r)
 
 
+def measure_round(engine, proposer, ids, prompts, new_tokens, ks, tok, hf_models, ngram: bool, n: int) -> dict:
+    """One pass over every configuration, off first and smartspec last; HF's k right after ours."""
+    off = run_engine(engine, ids, new_tokens, 0)
+    rows = []
+    for k in ks:
+        proposer.exchange_ms.clear()
+        proposer.draft_ms.clear()
+        proposer.drafted.clear()
+        row = run_engine(engine, ids, new_tokens, k)
+        # One forward per drafted position (the first also catches up); fewer than k after a confidence stop.
+        row["draft_step_ms"] = statistics.median(ms / d for ms, d in zip(proposer.draft_ms, proposer.drafted) if d)
+        row["hop_ms"] = statistics.median(e - d for e, d in zip(proposer.exchange_ms, proposer.draft_ms))
+        for key, (target, draft) in hf_models.items():
+            row[key] = hf_assisted(target, tok, draft, prompts, new_tokens, k, ngram)
+        rows.append(row)
+        print(f"round {n} k={k}: TPOT {row['tpot_ms']:.1f} ms (off {off['tpot_ms']:.1f}), a={row['acceptance']}, "
+              f"draft step {row['draft_step_ms']:.2f} ms, hop {row['hop_ms']:.2f} ms, HF assisted "
+              f"{fmt(row['hf_tpot_ms'])} ms ({fmt(row['hf_cpu_linear_tpot_ms'])} ms with CPU linear)", flush=True)
+    engine.planner.policy = Policy.parse("smartspec")
+    smart = run_engine(engine, ids, new_tokens, None)
+    engine.planner.policy = Policy()
+    print(f"round {n} smartspec: TPOT {smart['tpot_ms']:.1f} ms, a={smart['acceptance']}", flush=True)
+    return {"off": off, "rows": rows, "smartspec": smart}
+
+
+def median_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def min_or_none(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return min(values) if values else None
+
+
+def summarise_rounds(rounds: list[dict], ks: list[int]) -> tuple[dict, list[dict], dict]:
+    """Per configuration: the median over rounds of TPOT, and of the speedup paired with the same round's off."""
+    off_ms = [r["off"]["tpot_ms"] for r in rounds]
+    off = {"k": 0, "tpot_ms": statistics.median(off_ms), "tpot_ms_rounds": off_ms}
+
+    def merged(runs: list[dict]) -> dict:
+        return {"tpot_ms": statistics.median(x["tpot_ms"] for x in runs),
+                "tpot_ms_rounds": [x["tpot_ms"] for x in runs],
+                "speedup": statistics.median(o / x["tpot_ms"] for o, x in zip(off_ms, runs)),
+                "acceptance": median_or_none(x["acceptance"] for x in runs)}
+
+    rows = []
+    for i, k in enumerate(ks):
+        runs = [r["rows"][i] for r in rounds]
+        row = {"k": k, **merged(runs)}
+        row["c"] = statistics.median(x["draft_step_ms"] / o for o, x in zip(off_ms, runs))
+        row["r"] = statistics.median(x["hop_ms"] / o for o, x in zip(off_ms, runs))
+        for key in ("hf_tpot_ms", "hf_cpu_linear_tpot_ms"):
+            row[key] = median_or_none(x[key] for x in runs)
+            row[key + "_rounds"] = [x[key] for x in runs]
+        rows.append(row)
+    smart = {"k": None, **merged([r["smartspec"] for r in rounds])}
+    return off, rows, smart
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     kind = ap.add_mutually_exclusive_group()
@@ -171,6 +236,10 @@ def main() -> None:
     ap.add_argument("--min-confidence", type=float, default=0.0,
                     help="a draft stops after a position where the draft's most likely token had less than "
                          "this probability (HF assisted keeps its own threshold)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="passes over every configuration; TPOTs are medians, speedups paired with each round's off")
+    ap.add_argument("--stock-hf", action="store_true",
+                    help="on CPU, also time HF assisted with stock linear layers (always on a GPU)")
     ap.add_argument("--port", type=int, default=50681)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args()
@@ -194,11 +263,13 @@ def main() -> None:
             return load_model(model, args.dtype, args.device)
 
         tok = load_tokenizer(args.target)
-        target_for_engine, target_for_hf = load(args.target), load(args.target)
-        draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
-        draft_for_hf = None if args.ngram else load(draft_path)
-        # HF again with the engine's CPU linear layers: separates the kernel from the speculation.
         on_cpu = torch.device(args.device).type == "cpu"
+        stock_hf = args.stock_hf or not on_cpu
+        target_for_engine = load(args.target)
+        target_for_hf = load(args.target) if stock_hf else None
+        draft_path = builtin_draft_dir() if args.draft == BUILTIN_DRAFT else args.draft
+        draft_for_hf = None if args.ngram or not stock_hf else load(draft_path)
+        # HF with the engine's CPU linear layers: like for like on the kernels, so it compares the speculation.
         fast_target = load(args.target) if on_cpu else None
         fast_draft = load(draft_path) if on_cpu and not args.ngram else None
         for m in (fast_target, fast_draft):
@@ -215,34 +286,16 @@ def main() -> None:
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for p in prompts]
         run_engine(engine, ids[:1], 8, 2)  # warm-up
-        hf_assisted(target_for_hf, tok, draft_for_hf, prompts[:1], 8, 2, args.ngram)
-        off = run_engine(engine, ids, new_tokens, 0)
-        rows = []
-        for k in ks:
-            proposer.exchange_ms.clear()
-            proposer.draft_ms.clear()
-            proposer.drafted.clear()
-            row = run_engine(engine, ids, new_tokens, k)
-            # One forward per drafted position (the first also catches up); fewer than k after a confidence stop.
-            draft_step_ms = statistics.median(ms / n for ms, n in zip(proposer.draft_ms, proposer.drafted) if n)
-            hop_ms = statistics.median(e - d for e, d in zip(proposer.exchange_ms, proposer.draft_ms))
-            row.update(speedup=off["tpot_ms"] / row["tpot_ms"], c=draft_step_ms / off["tpot_ms"],
-                       r=hop_ms / off["tpot_ms"])
-            row["hf_tpot_ms"] = hf_assisted(target_for_hf, tok, draft_for_hf, prompts, new_tokens, k, args.ngram)
-            row["hf_cpu_linear_tpot_ms"] = hf_assisted(fast_target, tok, fast_draft, prompts, new_tokens, k,
-                                                       args.ngram)
-            rows.append(row)
-            print(f"k={k}: TPOT {row['tpot_ms']:.1f} ms (off {off['tpot_ms']:.1f}), a={row['acceptance']}, "
-                  f"c={row['c']:.3f}, r={row['r']:.4f}, HF assisted {row['hf_tpot_ms']:.1f} ms "
-                  f"({fmt(row['hf_cpu_linear_tpot_ms'])} ms with CPU linear)", flush=True)
-        engine.planner.policy = Policy.parse("smartspec")
-        smart = run_engine(engine, ids, new_tokens, None)
-        smart["speedup"] = off["tpot_ms"] / smart["tpot_ms"]
-        print(f"smartspec: TPOT {smart['tpot_ms']:.1f} ms, a={smart['acceptance']}", flush=True)
+        for target, draft in ((target_for_hf, draft_for_hf), (fast_target, fast_draft)):
+            hf_assisted(target, tok, draft, prompts[:1], 8, 2, args.ngram)
+        hf_models = {"hf_tpot_ms": (target_for_hf, draft_for_hf), "hf_cpu_linear_tpot_ms": (fast_target, fast_draft)}
+        rounds = [measure_round(engine, proposer, ids, prompts, new_tokens, ks, tok, hf_models, args.ngram, n)
+                  for n in range(1, args.rounds + 1)]
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait()
+    off, rows, smart = summarise_rounds(rounds, ks)
     measured = [r for r in rows if r["acceptance"] is not None]
     a = statistics.median(r["acceptance"] for r in measured) if measured else 0.0
     c = statistics.median(r["c"] for r in rows)
@@ -251,9 +304,8 @@ def main() -> None:
     best = max(rows, key=lambda r: r["speedup"])
     summary = {"acceptance": a, "c": c, "r": r_hop, "analytic_optimum": optimum, "best_k": best["k"],
                "best_speedup": best["speedup"], "fraction_of_optimum": best["speedup"] / optimum,
-               "best_hf_tpot_ms": min(r["hf_tpot_ms"] for r in rows), "best_tpot_ms": best["tpot_ms"],
-               "best_hf_cpu_linear_tpot_ms": None if fast_target is None else min(
-                   r["hf_cpu_linear_tpot_ms"] for r in rows),
+               "best_hf_tpot_ms": min_or_none(r["hf_tpot_ms"] for r in rows), "best_tpot_ms": best["tpot_ms"],
+               "best_hf_cpu_linear_tpot_ms": min_or_none(r["hf_cpu_linear_tpot_ms"] for r in rows),
                "smartspec_tpot_ms": smart["tpot_ms"], "smartspec_speedup": smart["speedup"],
                "smartspec_fraction_of_optimum": smart["speedup"] / optimum,
                "smartspec_fraction_of_best_fixed": smart["speedup"] / max(best["speedup"], 1.0)}
@@ -261,7 +313,7 @@ def main() -> None:
     (out_dir / "results.json").write_text(json.dumps({
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
         "device": device_name(args.device), "dtype": args.dtype,
-        "proposer": name, "new_tokens": new_tokens, "off": off, "rows": rows, "smartspec": smart,
+        "proposer": name, "new_tokens": new_tokens, "rounds": args.rounds, "off": off, "rows": rows, "smartspec": smart,
         "summary": summary}, indent=1))
     print("\n| k | TPOT (ms) | speedup vs off | acceptance | analytic speedup | HF assisted TPOT (ms) "
           "| HF assisted, CPU linear (ms) |")
@@ -270,10 +322,10 @@ def main() -> None:
     for row in rows:
         print(f"| {row['k']} | {row['tpot_ms']:.1f} | {row['speedup']:.2f} | "
               f"{row['acceptance'] if row['acceptance'] is None else round(row['acceptance'], 3)} | "
-              f"{analytic(a, row['k'], c, r_hop):.2f} | {row['hf_tpot_ms']:.1f} | {fmt(row['hf_cpu_linear_tpot_ms'])} |")
+              f"{analytic(a, row['k'], c, r_hop):.2f} | {fmt(row['hf_tpot_ms'])} | {fmt(row['hf_cpu_linear_tpot_ms'])} |")
     print(f"\na = {a:.3f}, c = {c:.3f}, r = {r_hop:.4f}; analytic optimum {optimum:.2f}x; best fixed k = "
           f"{best['k']} at {best['speedup']:.2f}x = {summary['fraction_of_optimum']:.0%} of it; "
-          f"best HF assisted TPOT {summary['best_hf_tpot_ms']:.1f} ms "
+          f"best HF assisted TPOT {fmt(summary['best_hf_tpot_ms'])} ms "
           f"({fmt(summary['best_hf_cpu_linear_tpot_ms'])} ms with CPU linear) vs ours {best['tpot_ms']:.1f} ms; "
           f"smartspec {smart['tpot_ms']:.1f} ms = {smart['speedup']:.2f}x, "
           f"{summary['smartspec_fraction_of_optimum']:.0%} of the analytic optimum, "
