@@ -25,6 +25,17 @@ the run exactly.  The teacher and pretrain phases are independent and may run as
 processes at the same time; distill needs both.
 
     python -m proposer_svc.train_draft --phase all
+
+A second stage distils further from SmolLM2's own output (``proposer_svc/selfgen.py``):
+
+4. ``generate``: SmolLM2 decodes prompts made from the training files (code completions
+   and chat requests about their functions) greedily; the sequences are packed into
+   windows (``--generate-batches`` repeats a run);
+5. ``teacher --teacher-data selfgen``: the teacher's top-k over those windows;
+6. ``distill --init-from DIR --distill-data stdlib,selfgen``: continues a saved draft on
+   both caches.
+
+The model card (``proposer_svc/models/smollm2-draft/README.md``) lists the exact commands.
 """
 
 from __future__ import annotations
@@ -131,7 +142,7 @@ def phase_generate(args, tok) -> dict:
     log(f"generate: {len(prompt_ids)} prompts")
     t0 = time.time()
     seqs, done = selfgen.generate_all(model, tok, prompt_ids, args.generate_new_tokens, args.generate_batch,
-                                args.generate_minutes, max_batches=args.generate_batches, log=log)
+                                      args.generate_minutes, max_batches=args.generate_batches, log=log)
     windows = selfgen.pack(seqs, tok.eos_token_id, SEQ_LEN)
     np.save(selfgen_path(args), windows)
     return {"generate_sequences": len(seqs), "generate_batches": done,
