@@ -190,11 +190,6 @@ def median_or_none(values) -> float | None:
     return statistics.median(values) if values else None
 
 
-def min_or_none(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return min(values) if values else None
-
-
 def summarise_rounds(rounds: list[dict], ks: list[int]) -> tuple[dict, list[dict], dict]:
     """Per configuration: the median over rounds of TPOT, and of the speedup paired with the same round's off."""
     off_ms = [r["off"]["tpot_ms"] for r in rounds]
@@ -243,6 +238,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=50681)
     ap.add_argument("--output-dir", default=None)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     ks = [1, 2, 3] if args.quick else list(range(1, 9))
     prompts = GROUNDED_PROMPTS[:4] if args.grounded else PROMPTS
     prompts = prompts[:2] if args.quick else prompts
@@ -304,8 +301,9 @@ def main() -> None:
     best = max(rows, key=lambda r: r["speedup"])
     summary = {"acceptance": a, "c": c, "r": r_hop, "analytic_optimum": optimum, "best_k": best["k"],
                "best_speedup": best["speedup"], "fraction_of_optimum": best["speedup"] / optimum,
-               "best_hf_tpot_ms": min_or_none(r["hf_tpot_ms"] for r in rows), "best_tpot_ms": best["tpot_ms"],
-               "best_hf_cpu_linear_tpot_ms": min_or_none(r["hf_cpu_linear_tpot_ms"] for r in rows),
+               "best_hf_tpot_ms": min((r["hf_tpot_ms"] for r in rows if r["hf_tpot_ms"]), default=None), "best_tpot_ms": best["tpot_ms"],
+               "best_hf_cpu_linear_tpot_ms": min((r["hf_cpu_linear_tpot_ms"] for r in rows
+                                                  if r["hf_cpu_linear_tpot_ms"]), default=None),
                "smartspec_tpot_ms": smart["tpot_ms"], "smartspec_speedup": smart["speedup"],
                "smartspec_fraction_of_optimum": smart["speedup"] / optimum,
                "smartspec_fraction_of_best_fixed": smart["speedup"] / max(best["speedup"], 1.0)}
