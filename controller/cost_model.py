@@ -2,8 +2,8 @@
 
 verify_ms(B, N_tok, N_kv) = f(N_tok) + per_request * B + per_kv_token * N_kv, where f
 is a table over knots in N_tok (every count up to 17, then denser than powers of
-two), linear in between: flat then linear on a GPU, a staircase on a CPU
-(linear layers padded to power-of-two rows), both fit by the same knots. Knots
+two), linear in between: flat then linear on a GPU, steps on a CPU (where the
+linear layers switch kernels and blockings), both fit by the same knots. Knots
 between and beyond the observed token counts follow a straight line (a
 curvature penalty), so an unseen N_tok is extrapolated from its neighbours
 instead of guessed. f never falls: more tokens never cost less with the
@@ -164,7 +164,7 @@ class CostModelFitter:
             curv[i, i], curv[i, i + 1], curv[i, i + 2] = 1 / left, -(1 / left + 1 / right), 1 / right
             curv[i] *= x[i + 1]  # relative slope change, so small and large knots weigh alike
         # The straight-line prior yields where steps were seen: a cliff in the kernels
-        # (16 rows padded to 16, 17 to 32) must stay a cliff, not be smoothed over.
+        # (a change of kernel or blocking at some row count) must stay a cliff, not be smoothed over.
         counts = hat.sum(axis=0)  # steps seen at each knot, split by interpolation weight
         curv /= 1.0 + counts[1:-1, None]
         prior = np.maximum(np.asarray(self.prior.verify_ms_at_knots), 1e-3)

@@ -25,8 +25,8 @@ from verifier_svc.sampler import SamplingParams, make_generator, sample
 from verifier_svc.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, Sequence
 
 
-# (B, q) shapes timed at start-up. Batch 1 is timed densely: CPU kernels step at
-# power-of-two row counts (8 -> 9, 16 -> 17), which a sparse grid would smooth over.
+# (B, q) shapes timed at start-up. Batch 1 is timed densely: CPU kernels step where
+# they change kernel or blocking (4 -> 5 rows here), which a sparse grid would smooth over.
 CALIBRATION_SHAPES = (*((1, q) for q in (1, 2, 3, 4, 5, 8, 9, 16, 17)),
                       *((b, q) for b in (4, 16) for q in (1, 2, 4, 8)))
 

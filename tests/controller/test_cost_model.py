@@ -84,7 +84,8 @@ def test_rising_is_the_weighted_closest_non_decreasing_sequence():
 
 
 def test_learns_the_cliff_of_power_of_two_row_counts():
-    # CPU linear layers pad rows to a power of two up to 32: 9..16 tokens cost as 16, 17 as 32.
+    # A kernel that pads rows to a power of two up to 32 (as the CPU linear layers once did):
+    # 9..16 tokens cost as 16, 17 as 32.
     def padded(tokens, batch, kv):
         rows = np.where(tokens <= 32, 2 ** np.ceil(np.log2(np.maximum(tokens, 2))), tokens)
         return 30.0 + 2.0 * rows
