@@ -26,6 +26,7 @@ import torch
 
 from verifier_svc.kv_cache import BlockAllocator, OutOfBlocks
 from verifier_svc.model_runner import ForwardItem, ModelRunner
+from verifier_svc.rejection import Draft
 from verifier_svc.sampler import SamplingParams, processed_probs
 
 
@@ -73,10 +74,11 @@ class DraftModelBackend:
     def release(self, state: DraftState) -> None:
         self.allocator.free(state.block_table)
 
-    def propose(self, calls: list[DraftCall]) -> list[tuple[list[int], list | None]]:
-        """(draft ids, sparse distributions or None) per call, at most k ids each."""
+    def propose(self, calls: list[DraftCall]) -> list[Draft]:
+        """A draft per call, at most k ids, with sparse distributions for sampled requests."""
         drafts: list[list[int]] = [[] for _ in calls]
         probs: list[list | None] = [None if c.params.greedy else [] for c in calls]
+        stopped = [False] * len(calls)
         active = [i for i, c in enumerate(calls) if c.k > 0 and self._fits(c)]
         for i in active:
             s = calls[i].state
@@ -101,10 +103,13 @@ class DraftModelBackend:
                 c.state.drafted.append(token)
                 if dist is not None:
                     probs[i].append(dist)
-                if len(drafts[i]) < c.k and confidence >= self.min_confidence:
-                    still.append(i)
+                if len(drafts[i]) < c.k:
+                    if confidence >= self.min_confidence:
+                        still.append(i)
+                    else:
+                        stopped[i] = True
             active = still
-        return list(zip(drafts, probs))
+        return [Draft(*d) for d in zip(drafts, probs, stopped)]
 
     def _fits(self, call: DraftCall) -> bool:
         """Reserves KV for the uncached context plus k drafts; no room means no drafts."""

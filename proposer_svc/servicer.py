@@ -16,6 +16,7 @@ from proposer_svc.ngram import NgramIndex
 from proposer_svc.state import LengthMismatch, StateStore, UnknownRequest
 from smartspec.v1 import proposer_pb2 as pb
 from smartspec.v1 import proposer_pb2_grpc as pb_grpc
+from verifier_svc.rejection import Draft
 from verifier_svc.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ class NgramBackend:
     def release(self, state: NgramIndex) -> None:
         pass
 
-    def propose(self, calls: list[DraftCall]) -> list[tuple[list[int], None]]:
-        return [(c.state.propose(c.k), None) for c in calls]
+    def propose(self, calls: list[DraftCall]) -> list[Draft]:
+        return [Draft(c.state.propose(c.k)) for c in calls]
 
 
 class ProposerServicer(pb_grpc.ProposerServicer):
@@ -70,10 +71,11 @@ class ProposerServicer(pb_grpc.ProposerServicer):
             if state is not None and item.k > 0:
                 calls.append(DraftCall(state, item.k, _params(item.sampling)))
                 call_results.append(result)
-        for result, (ids, dists) in zip(call_results, self.backend.propose(calls)):
-            result.draft_token_ids.extend(ids)
-            for token_ids, probs in dists or []:
+        for result, draft in zip(call_results, self.backend.propose(calls)):
+            result.draft_token_ids.extend(draft.token_ids)
+            for token_ids, probs in draft.probs or []:
                 result.draft_probs.add(token_ids=token_ids, probs=probs)
+            result.stopped_early = draft.stopped_early
         response.draft_ms = (time.perf_counter() - start) * 1e3
         return response
 

@@ -186,8 +186,9 @@ class Engine:
             if draft is None:
                 continue
             # A proposer that offers fewer tokens than asked (no n-gram match) is asked
-            # for at most one more next step.
-            item.seq.draft_cap = len(draft.token_ids) + 1 if len(draft.token_ids) < item.k else MAX_K
+            # for at most one more next step; a confidence stop is no such limit.
+            short = len(draft.token_ids) < item.k and not draft.stopped_early
+            item.seq.draft_cap = len(draft.token_ids) + 1 if short else MAX_K
             if draft.token_ids and self._well_formed(draft):
                 item.draft = Draft(draft.token_ids[: item.k], draft.probs[: item.k] if draft.probs else None)
 

@@ -27,7 +27,7 @@ class LocalProposer:
         """requests: items with request_id, token_ids (whole context), k and params."""
         start = time.perf_counter()
         calls = [DraftCall(self._state(r.request_id, r.token_ids), r.k, r.params) for r in requests]
-        drafts = [Draft(ids, probs) for ids, probs in self.backend.propose(calls)]
+        drafts = self.backend.propose(calls)
         self.last_draft_ms = (time.perf_counter() - start) * 1e3
         return drafts
 

@@ -170,7 +170,7 @@ class ProposerClient:
                 continue
             replica.known[request_id] = len(requests[i].token_ids)
             probs = [(list(d.token_ids), list(d.probs)) for d in res.draft_probs] or None
-            results[i] = Draft(list(res.draft_token_ids), probs)
+            results[i] = Draft(list(res.draft_token_ids), probs, res.stopped_early)
         return True
 
 

@@ -30,6 +30,8 @@ class Draft:
     token_ids: list[int]  # k drafted tokens
     # Per drafted token, the draft's distribution as (token ids, probabilities); None = one-hot.
     probs: list[tuple[list[int], list[float]]] | None = None
+    # The draft model's confidence stop ended it before k: it could have gone on.
+    stopped_early: bool = False
 
 
 @dataclass

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartspec/v1/proposer.proto\x12\x0csmartspec.v1\"m\n\rDraftSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x9e\x01\n\x0bProposeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x03\x12\t\n\x01k\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.smartspec.v1.DraftSampling\x12\x14\n\x0c\x66ull_context\x18\x06 \x01(\x08\"i\n\x0eProposeRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.ProposeItem\x12\x1c\n\x14released_request_ids\x18\x03 \x03(\t\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xb6\x01\n\rProposeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.smartspec.v1.ProposeStatus\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\x05\x12\x35\n\x0b\x64raft_probs\x18\x04 \x03(\x0b\x32 .smartspec.v1.SparseDistribution\x12\x14\n\x0cknown_length\x18\x05 \x01(\x03\"b\n\x0fProposeResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.smartspec.v1.ProposeResult\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x01*\x8e\x01\n\rProposeStatus\x12\x1e\n\x1aPROPOSE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11PROPOSE_STATUS_OK\x10\x01\x12\"\n\x1ePROPOSE_STATUS_UNKNOWN_REQUEST\x10\x02\x12\"\n\x1ePROPOSE_STATUS_LENGTH_MISMATCH\x10\x03\x32V\n\x08Proposer\x12J\n\x07Propose\x12\x1c.smartspec.v1.ProposeRequest\x1a\x1d.smartspec.v1.ProposeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsmartspec/v1/proposer.proto\x12\x0csmartspec.v1\"m\n\rDraftSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x9e\x01\n\x0bProposeItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctotal_length\x18\x03 \x01(\x03\x12\t\n\x01k\x18\x04 \x01(\x05\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.smartspec.v1.DraftSampling\x12\x14\n\x0c\x66ull_context\x18\x06 \x01(\x08\"i\n\x0eProposeRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.ProposeItem\x12\x1c\n\x14released_request_ids\x18\x03 \x03(\t\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x03(\x02\"\xcd\x01\n\rProposeResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.smartspec.v1.ProposeStatus\x12\x17\n\x0f\x64raft_token_ids\x18\x03 \x03(\x05\x12\x35\n\x0b\x64raft_probs\x18\x04 \x03(\x0b\x32 .smartspec.v1.SparseDistribution\x12\x14\n\x0cknown_length\x18\x05 \x01(\x03\x12\x15\n\rstopped_early\x18\x06 \x01(\x08\"b\n\x0fProposeResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.smartspec.v1.ProposeResult\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x01*\x8e\x01\n\rProposeStatus\x12\x1e\n\x1aPROPOSE_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11PROPOSE_STATUS_OK\x10\x01\x12\"\n\x1ePROPOSE_STATUS_UNKNOWN_REQUEST\x10\x02\x12\"\n\x1ePROPOSE_STATUS_LENGTH_MISMATCH\x10\x03\x32V\n\x08Proposer\x12J\n\x07Propose\x12\x1c.smartspec.v1.ProposeRequest\x1a\x1d.smartspec.v1.ProposeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartspec.v1.proposer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPOSESTATUS']._serialized_start=766
-  _globals['_PROPOSESTATUS']._serialized_end=908
+  _globals['_PROPOSESTATUS']._serialized_start=789
+  _globals['_PROPOSESTATUS']._serialized_end=931
   _globals['_DRAFTSAMPLING']._serialized_start=45
   _globals['_DRAFTSAMPLING']._serialized_end=154
   _globals['_PROPOSEITEM']._serialized_start=157
@@ -42,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPARSEDISTRIBUTION']._serialized_start=424
   _globals['_SPARSEDISTRIBUTION']._serialized_end=478
   _globals['_PROPOSERESULT']._serialized_start=481
-  _globals['_PROPOSERESULT']._serialized_end=663
-  _globals['_PROPOSERESPONSE']._serialized_start=665
-  _globals['_PROPOSERESPONSE']._serialized_end=763
-  _globals['_PROPOSER']._serialized_start=910
-  _globals['_PROPOSER']._serialized_end=996
+  _globals['_PROPOSERESULT']._serialized_end=686
+  _globals['_PROPOSERESPONSE']._serialized_start=688
+  _globals['_PROPOSERESPONSE']._serialized_end=786
+  _globals['_PROPOSER']._serialized_start=933
+  _globals['_PROPOSER']._serialized_end=1019
 # @@protoc_insertion_point(module_scope)

@@ -65,18 +65,20 @@ class SparseDistribution(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ProposeResult(_message.Message):
-    __slots__ = ("request_id", "status", "draft_token_ids", "draft_probs", "known_length")
+    __slots__ = ("request_id", "status", "draft_token_ids", "draft_probs", "known_length", "stopped_early")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     KNOWN_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_EARLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     status: ProposeStatus
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _containers.RepeatedCompositeFieldContainer[SparseDistribution]
     known_length: int
-    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[ProposeStatus, str]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., known_length: _Optional[int] = ...) -> None: ...
+    stopped_early: bool
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[ProposeStatus, str]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[SparseDistribution, _Mapping]]] = ..., known_length: _Optional[int] = ..., stopped_early: _Optional[bool] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("step_id", "results", "draft_ms")

@@ -37,14 +37,15 @@ def test_drafts_follow_the_draft_models_greedy_chain(small_vocab_dir):
         s.extend(p)
     ks = [3, 1, 5]  # requests drop out of the lockstep as their k is reached
     drafts = backend.propose([DraftCall(s, k, SamplingParams()) for s, k in zip(states, ks)])
-    for (ids, probs), p, k in zip(drafts, prompts, ks):
-        assert probs is None and ids == hf_greedy(reference, p, k, ignore_eos=True)
+    for d, p, k in zip(drafts, prompts, ks):
+        assert d.probs is None and d.token_ids == hf_greedy(reference, p, k, ignore_eos=True)
+        assert not d.stopped_early
     # The verifier accepts 2 of request 0's drafts and adds its own token: KV of those 2 is reused.
-    accepted = drafts[0][0][:2] + [11]
+    accepted = drafts[0].token_ids[:2] + [11]
     states[0].extend(accepted)
     assert states[0].num_computed == len(prompts[0]) + 2
-    [(ids, _)] = backend.propose([DraftCall(states[0], 4, SamplingParams())])
-    assert ids == hf_greedy(reference, prompts[0] + accepted, 4, ignore_eos=True)
+    [d] = backend.propose([DraftCall(states[0], 4, SamplingParams())])
+    assert d.token_ids == hf_greedy(reference, prompts[0] + accepted, 4, ignore_eos=True)
     for s in states:
         backend.release(s)
     assert backend.allocator.num_free == backend.allocator.num_blocks
@@ -54,9 +55,9 @@ def test_sampled_drafts_return_their_exact_truncated_distribution(small_vocab_di
     backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, top_k_cap=5)
     state = backend.new_state()
     state.extend([3, 4, 5])
-    [(ids, dists)] = backend.propose([DraftCall(state, 3, SamplingParams(temperature=0.8, top_p=0.9, seed=1))])
-    assert len(ids) == len(dists) == 3
-    for token, (support, probs) in zip(ids, dists):
+    [d] = backend.propose([DraftCall(state, 3, SamplingParams(temperature=0.8, top_p=0.9, seed=1))])
+    assert len(d.token_ids) == len(d.probs) == 3
+    for token, (support, probs) in zip(d.token_ids, d.probs):
         assert token in support and len(support) <= 5
         assert abs(sum(probs) - 1) < 1e-5 and min(probs) > 0
 
@@ -75,14 +76,19 @@ def test_a_draft_stops_after_a_token_below_the_confidence_floor(small_vocab_dir)
     backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=floor)
     state = backend.new_state()
     state.extend(prompt)
-    [(ids, _)] = backend.propose([DraftCall(state, k, SamplingParams())])
-    assert ids == chain[:stop + 1]  # the low-confidence token is drafted, then the draft stops
+    [d] = backend.propose([DraftCall(state, k, SamplingParams())])
+    assert d.token_ids == chain[:stop + 1]  # the low-confidence token is drafted, then the draft stops
+    assert d.stopped_early == (stop + 1 < k)
+    assert stop + 1 < k  # the floor is the median: some token after the stop was above it
 
     never = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=1.0)
     state = never.new_state()
     state.extend(prompt)
-    [(ids, dists)] = never.propose([DraftCall(state, k, SamplingParams(temperature=1.5, seed=2))])
-    assert len(ids) == len(dists) == 1 and max(dists[0][1]) < 1.0  # sampled drafts stop the same way
+    [d] = never.propose([DraftCall(state, k, SamplingParams(temperature=1.5, seed=2))])
+    assert len(d.token_ids) == len(d.probs) == 1 and max(d.probs[0][1]) < 1.0  # sampled drafts stop the same way
+    assert d.stopped_early
+    [d] = never.propose([DraftCall(state, 1, SamplingParams(temperature=1.5, seed=2))])
+    assert len(d.token_ids) == 1 and not d.stopped_early  # k reached: not a stop
     with pytest.raises(ValueError, match="min_confidence"):
         DraftModelBackend(reference, kv_cache_tokens=512, min_confidence=1.5)
 
@@ -140,11 +146,13 @@ def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2
     target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
     backend = DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192, min_confidence=min_confidence)
     lengths = collections.Counter()  # drafted tokens per request per call
+    stops = collections.Counter()  # the same, for drafts the confidence stop ended
     propose = backend.propose
 
     def recording(calls):
         drafts = propose(calls)
-        lengths.update(len(ids) for ids, _ in drafts)
+        lengths.update(len(d.token_ids) for d in drafts)
+        stops.update(len(d.token_ids) for d in drafts if d.stopped_early)
         return drafts
 
     backend.propose = recording
@@ -172,6 +180,7 @@ def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2
     # Each request gets one call at k = 2 (the others are capped by the tokens left): the
     # confidence stop must have cut some of them short and let others run to k.
     assert lengths[2] == n if not min_confidence else 100 < lengths[2] < n - 100
+    assert stops == ({1: n - lengths[2]} if min_confidence else {})  # each k = 2 call short of 2 was a stop
     for t, marginal in enumerate(exact_marginals(reference, prompt, steps, 12)):
         assert chi_square_p(counts[t], marginal) > 0.01, (t, counts[t].tolist(), marginal.tolist())
 

@@ -46,6 +46,34 @@ def test_dns_name_is_resolved_and_drafts_arrive():
         proposer.kill()
 
 
+class StoppingBackend(NgramBackend):
+    """A real n-gram backend whose drafts say a confidence stop ended them, as a draft model's would."""
+
+    def propose(self, calls):
+        drafts = super().propose(calls)
+        for d in drafts:
+            d.stopped_early = True
+        return drafts
+
+
+def test_a_confidence_stop_reaches_the_verifier():
+    plain, stopping = ProposerThread(), ProposerThread(backend=StoppingBackend())
+    try:
+        async def go(address):
+            client = ProposerClient([address], deadline_s=2.0)
+            drafts = await client.propose(requests(2, k=4))
+            await client.close()
+            return drafts
+
+        for proposer, stopped in ((plain, False), (stopping, True)):
+            drafts = asyncio.run(go(proposer.address))
+            assert [d.token_ids for d in drafts] == [[3, 1, 2]] * 2  # short of k = 4 either way
+            assert [d.stopped_early for d in drafts] == [stopped] * 2
+    finally:
+        plain.kill()
+        stopping.kill()
+
+
 class SlowBackend(NgramBackend):
     """A real n-gram backend that takes its time, as an overloaded replica would."""
 

@@ -125,6 +125,21 @@ def test_malformed_drafts_are_dropped_not_fed_to_the_target(small_vocab):
     assert engine.get("x") is not None and len(engine.get("x").output_ids) == 4
 
 
+def test_a_short_ngram_draft_caps_the_next_ask_and_a_confidence_stop_does_not(small_vocab):
+    from verifier_svc.planner import MAX_K
+
+    model, _, tok = small_vocab
+    engine = Engine(model, tok, EngineConfig(kv_cache_tokens=1024, policy=Policy.fixed(4)), LocalProposer(NgramBackend()))
+    engine.add_request("x", [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    engine.step()  # prefill
+    seq = engine.get("x")
+    for draft, cap in ((Draft([5]), 2), (Draft([5], stopped_early=True), MAX_K), (Draft([5, 3, 4, 5]), MAX_K)):
+        sched = engine.schedule()
+        engine.attach_drafts(sched, [draft])
+        assert seq.draft_cap == cap  # what the smartspec planner may ask for next step
+        engine.postprocess(sched, engine.execute(sched))
+
+
 @pytest.mark.parametrize("policy", ["smartspec", "smartspec-uniform"])
 def test_goodput_policies_are_lossless_and_learn_from_steps(tiny, policy):
     from controller.cost_model import TOKEN_KNOTS, CostParams
