@@ -13,7 +13,7 @@ either way. Two products replace it, each where it measured fastest
 - 5 rows and more: oneDNN's inner product over a copy of W packed once for
   its blocking (the kernel torch's own compiler uses for frozen CPU linears),
   which stays near the memory-speed cost up to about 8 rows where MKL's
-  products double (5 to 16 rows: 25 to 36 ms against 46 to 61).
+  products double (5 to 16 rows: 27 to 40 ms against 44 to 65 ms).
 
 The packed copy is made on the first product of 5 rows or more, and again
 whenever the weight is replaced or changed in place (its storage or version
