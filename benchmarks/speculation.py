@@ -63,6 +63,9 @@ PROMPTS = [  # code and input-grounded prompts, chat-templated like real traffic
 ]
 
 
+HF_KEYS = ("hf_tpot_ms", "hf_cpu_linear_tpot_ms")  # HF assisted: stock linear layers, the engine's CPU ones
+
+
 class TimedProposer:
     """Times each exchange for Engine.step() (synchronous) and keeps the drafting time the proposer
     reported; drives the async gRPC client on a loop of its own."""
@@ -207,7 +210,7 @@ def summarise_rounds(rounds: list[dict], ks: list[int]) -> tuple[dict, list[dict
         row = {"k": k, **merged(runs)}
         row["c"] = statistics.median(x["draft_step_ms"] / o for o, x in zip(off_ms, runs))
         row["r"] = statistics.median(x["hop_ms"] / o for o, x in zip(off_ms, runs))
-        for key in ("hf_tpot_ms", "hf_cpu_linear_tpot_ms"):
+        for key in HF_KEYS:
             row[key] = median_or_none(x[key] for x in runs)
             row[key + "_rounds"] = [x[key] for x in runs]
         rows.append(row)
@@ -283,9 +286,9 @@ def main() -> None:
         ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False) for p in prompts]
         run_engine(engine, ids[:1], 8, 2)  # warm-up
-        for target, draft in ((target_for_hf, draft_for_hf), (fast_target, fast_draft)):
+        hf_models = dict(zip(HF_KEYS, ((target_for_hf, draft_for_hf), (fast_target, fast_draft))))
+        for target, draft in hf_models.values():
             hf_assisted(target, tok, draft, prompts[:1], 8, 2, args.ngram)
-        hf_models = {"hf_tpot_ms": (target_for_hf, draft_for_hf), "hf_cpu_linear_tpot_ms": (fast_target, fast_draft)}
         rounds = [measure_round(engine, proposer, ids, prompts, new_tokens, ks, tok, hf_models, args.ngram, n)
                   for n in range(1, args.rounds + 1)]
     finally:
@@ -301,9 +304,8 @@ def main() -> None:
     best = max(rows, key=lambda r: r["speedup"])
     summary = {"acceptance": a, "c": c, "r": r_hop, "analytic_optimum": optimum, "best_k": best["k"],
                "best_speedup": best["speedup"], "fraction_of_optimum": best["speedup"] / optimum,
-               "best_hf_tpot_ms": min((r["hf_tpot_ms"] for r in rows if r["hf_tpot_ms"]), default=None), "best_tpot_ms": best["tpot_ms"],
-               "best_hf_cpu_linear_tpot_ms": min((r["hf_cpu_linear_tpot_ms"] for r in rows
-                                                  if r["hf_cpu_linear_tpot_ms"]), default=None),
+               "best_tpot_ms": best["tpot_ms"],
+               **{f"best_{key}": min((r[key] for r in rows if r[key] is not None), default=None) for key in HF_KEYS},
                "smartspec_tpot_ms": smart["tpot_ms"], "smartspec_speedup": smart["speedup"],
                "smartspec_fraction_of_optimum": smart["speedup"] / optimum,
                "smartspec_fraction_of_best_fixed": smart["speedup"] / max(best["speedup"], 1.0)}
