@@ -16,6 +16,8 @@ from the fixed-k runs before it. `--grounded` uses passage rewrites (the
 n-gram workload of the goodput sweep) instead of the default prompts.
 `--in-process` drafts in this process, as `smartspec verifier --proposer
 draft:MODEL` does on one node: no hop, no second process on the same cores.
+Our draft uses its head vocabulary (`proposer_svc/head_vocab.py`) unless
+`--full-head`; HF's assistant always computes the whole vocabulary.
 `--device cuda --dtype bfloat16` runs both models on a GPU (the proposer
 process too); the CPU-linear HF column is then left out.
 
@@ -41,8 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proposer_svc.draft_model import DraftModelBackend  # noqa: E402
-from proposer_svc.server import BUILTIN_DRAFT, builtin_draft_dir  # noqa: E402
+from proposer_svc.server import BUILTIN_DRAFT, ProposerConfig, builtin_draft_dir  # noqa: E402
 from proposer_svc.servicer import NgramBackend  # noqa: E402
 from smartspec.models import load_model, load_tokenizer  # noqa: E402
 from smartspec.prompts import GROUNDED_PROMPTS  # noqa: E402
@@ -234,6 +235,8 @@ def main() -> None:
     ap.add_argument("--min-confidence", type=float, default=0.0,
                     help="a draft stops after a position where the draft's most likely token had less than "
                          "this probability (HF assisted keeps its own threshold)")
+    ap.add_argument("--full-head", action="store_true",
+                    help="our draft over the whole vocabulary instead of its head vocabulary (as HF's always is)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="passes over every configuration; TPOTs are medians, speedups paired with each round's off")
     ap.add_argument("--stock-hf", action="store_true",
@@ -249,10 +252,12 @@ def main() -> None:
     new_tokens = 24 if args.quick else args.new_tokens
     name = (("ngram" if args.ngram else Path(args.draft).name) + ("_grounded" if args.grounded else "")
             + ("_in_process" if args.in_process else "")
-            + (f"_conf{args.min_confidence:g}" if args.min_confidence and not args.ngram else ""))
+            + (f"_conf{args.min_confidence:g}" if args.min_confidence and not args.ngram else "")
+            + ("_full_head" if args.full_head and not args.ngram else ""))
     out_dir = Path(args.output_dir or f"benchmarks/results/speculation_{name}")
 
-    kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft, "--min-confidence", str(args.min_confidence)]
+    kind_args = ["--ngram"] if args.ngram else ["--draft", args.draft, "--min-confidence", str(args.min_confidence),
+                                                "--full-head" if args.full_head else "--no-full-head"]
     # One thread: the proposer shares these cores with the target (see `smartspec up --proposer-threads`).
     proc = None if args.in_process else subprocess.Popen(
         [sys.executable, "-m", "smartspec.cli", "proposer", *kind_args, "--port", str(args.port), "--threads", "1",
@@ -276,8 +281,9 @@ def main() -> None:
             if m is not None:
                 use_cpu_linear(m)
         if args.in_process:
-            backend = NgramBackend() if args.ngram else DraftModelBackend(
-                load(draft_path), 8192, min_confidence=args.min_confidence)
+            backend = NgramBackend() if args.ngram else ProposerConfig(
+                draft=args.draft, dtype=args.dtype, device=args.device, kv_cache_tokens=8192,
+                min_confidence=args.min_confidence, full_head=args.full_head).make_backend()
             proposer = TimedProposer(LocalProposer(backend))
         else:
             wait_serving(args.port, proc, 120)

@@ -16,6 +16,9 @@ model alone, so verification stays lossless (greedy and sampled).
 Greedy requests draft the argmax. Sampled requests draw from the draft's
 distribution after their own temperature / top-p and a top-k cap, and get
 that exact sparse distribution back for the rejection sampler.
+
+With a head vocabulary (`proposer_svc.head_vocab`) the draft's output layer
+covers only those tokens: logits column j is token `head_ids[j]`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from proposer_svc.head_vocab import restrict_head
 from verifier_svc.kv_cache import BlockAllocator, OutOfBlocks
 from verifier_svc.model_runner import ForwardItem, ModelRunner
 from verifier_svc.rejection import Draft
@@ -60,8 +64,9 @@ class DraftCall:
 
 class DraftModelBackend:
     def __init__(self, model, kv_cache_tokens: int = 65536, block_size: int = 16, top_k_cap: int = 32,
-                 min_confidence: float = 0.0):
+                 min_confidence: float = 0.0, head_vocab: list[int] | None = None):
         self.min_confidence = check_min_confidence(min_confidence)
+        self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
         self.runner = ModelRunner(model, num_blocks, block_size)
         self.allocator = BlockAllocator(num_blocks, block_size)
@@ -127,17 +132,22 @@ class DraftModelBackend:
         """The drafted token, its sparse distribution (sampled requests) and the draft's confidence: the
         probability of its most likely token (1.0 for greedy requests without a confidence stop: not computed)."""
         if call.params.greedy:
-            token = int(logits.argmax())
+            column = int(logits.argmax())
+            token = self._token(column)
             if self.min_confidence <= 0.0:
                 return token, None, 1.0
-            return token, None, float(torch.softmax(logits.float(), -1)[token])
+            return token, None, float(torch.softmax(logits.float(), -1)[column])
         p = call.params
         cap = min(p.top_k, self.top_k_cap) if p.top_k > 0 else self.top_k_cap
         dist = processed_probs(logits.float().cpu().unsqueeze(0),
                                [SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=cap)])[0]
-        token = int(torch.multinomial(dist, 1, generator=call.state.generator))
+        column = int(torch.multinomial(dist, 1, generator=call.state.generator))
         support = dist.nonzero().squeeze(1)
-        return token, (support.tolist(), dist[support].tolist()), float(dist.max())
+        tokens = support if self.head_ids is None else self.head_ids[support]
+        return self._token(column), (tokens.tolist(), dist[support].tolist()), float(dist.max())
+
+    def _token(self, column: int) -> int:
+        return column if self.head_ids is None else int(self.head_ids[column])
 
 
 def check_min_confidence(value: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -24,8 +25,6 @@ MIN_CONFIDENCE_HELP = ("stop a request's draft after a position where the draft 
 
 
 def builtin_draft_dir() -> str:
-    import os
-
     return os.path.join(os.path.dirname(__file__), "models", BUILTIN_DRAFT)
 
 
@@ -39,6 +38,7 @@ class ProposerConfig:
     kv_cache_tokens: int = 65536
     top_k_cap: int = 32  # sampled drafts come from at most this many tokens
     min_confidence: float = 0.0  # see MIN_CONFIDENCE_HELP
+    full_head: bool = False  # draft over the whole vocabulary even when the model has a head_vocab.json
     ngram_min: int = 1
     ngram_max: int = 4
     max_k: int = 8
@@ -53,6 +53,7 @@ class ProposerConfig:
         add_config_arguments(parser, ProposerConfig, {
             "threads": "torch threads for the draft model (0 = all cores); 1 when it shares cores with a verifier",
             "min_confidence": MIN_CONFIDENCE_HELP,
+            "full_head": "draft over the whole vocabulary, ignoring the draft's head_vocab.json",
         }, skip=("draft",))
 
     @staticmethod
@@ -69,6 +70,7 @@ class ProposerConfig:
             return NgramBackend(self.ngram_min, self.ngram_max)
         import torch
 
+        from proposer_svc import head_vocab
         from proposer_svc.draft_model import DraftModelBackend
         from smartspec import models
 
@@ -76,8 +78,9 @@ class ProposerConfig:
             torch.set_num_threads(self.threads)
         path = builtin_draft_dir() if self.draft == BUILTIN_DRAFT else self.draft
         model = models.load_model(path, self.dtype, self.device)
+        head = None if self.full_head or not os.path.isdir(path) else head_vocab.load(path)
         return DraftModelBackend(model, self.kv_cache_tokens, top_k_cap=self.top_k_cap,
-                                 min_confidence=self.min_confidence)
+                                 min_confidence=self.min_confidence, head_vocab=head)
 
 
 class ProposerServer:

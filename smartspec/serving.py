@@ -51,11 +51,16 @@ async def start_server(add_servicer, servicer, service_name: str, host: str, por
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_type, help_: dict[str, str],
                          skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of a service's config dataclass, typed by its default."""
+    """One --flag per field of a service's config dataclass, typed by its default (a bool is a
+    switch: --name / --no-name)."""
     for f in dataclasses.fields(config_type):
-        if f.name not in skip:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                                help=help_.get(f.name, ""))
+        if f.name in skip:
+            continue
+        flag, text = "--" + f.name.replace("_", "-"), help_.get(f.name, "")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=text)
 
 
 def config_from_args(config_type, args: argparse.Namespace):

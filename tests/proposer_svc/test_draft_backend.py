@@ -138,21 +138,25 @@ def test_an_in_process_draft_model_serves_through_the_verifier(small_vocab_dir, 
         verifier.close()
 
 
-@pytest.mark.parametrize("min_confidence", [0.0, 0.2])
+@pytest.mark.parametrize("min_confidence, head", [(0.0, None), (0.2, None), (0.0, [0, 1, 3, 4, 6, 8, 9, 10])])
 def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2_tokenizer, tmp_path,
-                                                        min_confidence):
-    """Lossless sampling, also when drafts stop early at the draft's own low-confidence tokens."""
+                                                        min_confidence, head):
+    """Lossless sampling, also when drafts stop early at the draft's own low-confidence tokens, and
+    when the draft's head vocabulary leaves out tokens the target writes (its q is 0 there)."""
     draft_dir = noisy_copy(small_vocab_dir, tmp_path / "noisy", scale=0.5, seed=3)
     target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
-    backend = DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192, min_confidence=min_confidence)
+    backend = DraftModelBackend(load_model(draft_dir), kv_cache_tokens=8192, min_confidence=min_confidence,
+                                head_vocab=head)
     lengths = collections.Counter()  # drafted tokens per request per call
     stops = collections.Counter()  # the same, for drafts the confidence stop ended
+    drafted = set()
     propose = backend.propose
 
     def recording(calls):
         drafts = propose(calls)
         lengths.update(len(d.token_ids) for d in drafts)
         stops.update(len(d.token_ids) for d in drafts if d.stopped_early)
+        drafted.update(t for d in drafts for t in d.token_ids)
         return drafts
 
     backend.propose = recording
@@ -181,7 +185,12 @@ def test_sampling_with_a_noisy_draft_follows_the_target(small_vocab_dir, smollm2
     # confidence stop must have cut some of them short and let others run to k.
     assert lengths[2] == n if not min_confidence else 100 < lengths[2] < n - 100
     assert stops == ({1: n - lengths[2]} if min_confidence else {})  # each k = 2 call short of 2 was a stop
-    for t, marginal in enumerate(exact_marginals(reference, prompt, steps, 12)):
+    marginals = exact_marginals(reference, prompt, steps, 12)
+    if head is not None:
+        left_out = [t for t in range(12) if t not in head]
+        assert drafted <= set(head)
+        assert all(float(m[left_out].sum()) > 0.05 for m in marginals)  # the target does write them
+    for t, marginal in enumerate(marginals):
         assert chi_square_p(counts[t], marginal) > 0.01, (t, counts[t].tolist(), marginal.tolist())
 
 
