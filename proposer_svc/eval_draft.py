@@ -16,6 +16,10 @@ prefix, so this reproduces speculative decoding exactly:
 Code prompts are the first lines of functions from the held-out stdlib files (those
 ``train_draft`` never trains on); chat prompts use SmolLM2's chat template.
 
+The draft proposes as it is served: over its head vocabulary when it has one
+(``proposer_svc/head_vocab.py``); ``acceptance_a_full_vocab`` is the same over the
+whole vocabulary, and ``head_vocab_coverage`` the share of target tokens inside it.
+
     python -m proposer_svc.eval_draft --draft proposer_svc/models/smollm2-draft
 """
 
@@ -29,6 +33,7 @@ import time
 
 import torch
 
+from proposer_svc import head_vocab
 from proposer_svc.selfgen import functions
 from proposer_svc.train_draft import read, stdlib_files
 
@@ -68,8 +73,9 @@ def simulate(match: list[bool], k: int) -> dict:
     return {"steps": steps, "emitted": emitted, "accepted": accepted, "proposed": proposed, "tested": tested}
 
 
-def evaluate(target, draft, tok, prompts: list[str], new_tokens: int, chat: bool) -> dict:
-    matches = []
+def evaluate(target, draft, tok, prompts: list[str], new_tokens: int, chat: bool,
+             head: list[int] | None = None) -> dict:
+    matches, full_matches, covered = [], [], 0
     for i, text in enumerate(prompts):
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -83,13 +89,22 @@ def evaluate(target, draft, tok, prompts: list[str], new_tokens: int, chat: bool
             out = target.generate(x, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             gen = out[0, x.shape[1]:]
             full = out[:, : x.shape[1] + len(gen)]
-            pred = draft(full).logits[0, x.shape[1] - 1: x.shape[1] - 1 + len(gen)].argmax(-1)
-        m = (pred == gen).tolist()
+            logits = draft(full).logits[0, x.shape[1] - 1: x.shape[1] - 1 + len(gen)]
+        full_matches.append((logits.argmax(-1) == gen).tolist())
+        if head is None:
+            m = full_matches[-1]
+        else:
+            ids = torch.tensor(head)
+            m = (ids[logits[:, ids].argmax(-1)] == gen).tolist()
+            covered += int(torch.isin(gen, ids).sum())
         matches.append(m)
         print(f"  [{i + 1}/{len(prompts)}] agree {sum(m)}/{len(m)}  {text.splitlines()[0][:60]!r}", flush=True)
     total = sum(len(m) for m in matches)
     a = sum(sum(m) for m in matches) / max(1, total)
-    res = {"prompts": len(prompts), "target_tokens": total, "acceptance_a": a, "per_prompt": [sum(m) / max(1, len(m)) for m in matches], "k": {}}
+    res = {"prompts": len(prompts), "target_tokens": total, "acceptance_a": a,
+           "acceptance_a_full_vocab": sum(sum(m) for m in full_matches) / max(1, total),
+           "head_vocab_coverage": covered / max(1, total) if head is not None else None,
+           "per_prompt": [sum(m) / max(1, len(m)) for m in matches], "k": {}}
     for k in range(1, 6):
         agg = {"steps": 0, "emitted": 0, "accepted": 0, "proposed": 0, "tested": 0}
         for m in matches:
@@ -105,8 +120,11 @@ def evaluate(target, draft, tok, prompts: list[str], new_tokens: int, chat: bool
 
 
 def table(name: str, r: dict) -> str:
+    head = ("" if r.get("head_vocab_coverage") is None else
+            f" over the head vocabulary ({r['head_vocab_coverage']:.1%} of the target's tokens are in it; "
+            f"{r['acceptance_a_full_vocab']:.3f} over the whole vocabulary)")
     lines = [f"**{name}**: {r['prompts']} prompts, {r['target_tokens']} target tokens, "
-             f"per-token acceptance a = **{r['acceptance_a']:.3f}**", "",
+             f"per-token acceptance a = **{r['acceptance_a']:.3f}**{head}", "",
              "| k | tokens/step (simulated) | (1-a^(k+1))/(1-a) | accepted/tested | accepted/proposed |",
              "|---|---|---|---|---|"]
     for k, v in r["k"].items():
@@ -122,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-chat-prompts", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--full-head", action="store_true", help="ignore the draft's head_vocab.json")
     ap.add_argument("--json", default=None, help="default: <draft>/acceptance.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -131,12 +150,16 @@ def main(argv=None) -> int:
     tok = load_tokenizer("smollm2")
     target = load_model("smollm2")
     draft = load_model(args.draft)
-    results = {"draft": args.draft, "new_tokens": args.new_tokens, "target": "smollm2 (float32)"}
+    head = None if args.full_head else head_vocab.load(args.draft)
+    results = {"draft": args.draft, "new_tokens": args.new_tokens, "target": "smollm2 (float32)",
+               "head_vocab_size": None if head is None else len(head)}
     print("code prompts (held-out stdlib functions):", flush=True)
-    results["code"] = evaluate(target, draft, tok, code_prompts(args.num_prompts), args.new_tokens, chat=False)
+    results["code"] = evaluate(target, draft, tok, code_prompts(args.num_prompts), args.new_tokens, chat=False,
+                               head=head)
     if args.num_chat_prompts:
         print("chat prompts:", flush=True)
-        results["chat"] = evaluate(target, draft, tok, CHAT_PROMPTS[: args.num_chat_prompts], args.new_tokens, chat=True)
+        results["chat"] = evaluate(target, draft, tok, CHAT_PROMPTS[: args.num_chat_prompts], args.new_tokens,
+                                   chat=True, head=head)
     results["seconds"] = time.time() - t0
     md = table("Code (held-out stdlib functions)", results["code"])
     if "chat" in results:
