@@ -6,7 +6,7 @@ arrays of a few hundred numbers every step, where threads gain nothing; but Open
 its idle workers spinning for a while after each call, on the cores the target's forward
 runs on. Measured at batch 1 on 2 cores: a verify forward took 10–25% longer in steps
 planned with NumPy than in fixed-k steps, and limiting OpenBLAS to one thread removed the
-difference (BENCHMARKS.md, "BLAS threads"). torch's own threads are not affected.
+difference (BENCHMARKS.md, "One BLAS thread"). torch's own threads are not affected.
 """
 
 import numpy  # noqa: F401  (loads the BLAS library that the limit applies to)
