@@ -76,6 +76,7 @@ def simulate(match: list[bool], k: int) -> dict:
 def evaluate(target, draft, tok, prompts: list[str], new_tokens: int, chat: bool,
              head: list[int] | None = None) -> dict:
     matches, full_matches, covered = [], [], 0
+    head_ids = None if head is None else torch.tensor(head)
     for i, text in enumerate(prompts):
         if chat:
             ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
@@ -91,12 +92,11 @@ def evaluate(target, draft, tok, prompts: list[str], new_tokens: int, chat: bool
             full = out[:, : x.shape[1] + len(gen)]
             logits = draft(full).logits[0, x.shape[1] - 1: x.shape[1] - 1 + len(gen)]
         full_matches.append((logits.argmax(-1) == gen).tolist())
-        if head is None:
+        if head_ids is None:
             m = full_matches[-1]
         else:
-            ids = torch.tensor(head)
-            m = (ids[logits[:, ids].argmax(-1)] == gen).tolist()
-            covered += int(torch.isin(gen, ids).sum())
+            m = (head_ids[logits[:, head_ids].argmax(-1)] == gen).tolist()
+            covered += int(torch.isin(gen, head_ids).sum())
         matches.append(m)
         print(f"  [{i + 1}/{len(prompts)}] agree {sum(m)}/{len(m)}  {text.splitlines()[0][:60]!r}", flush=True)
     total = sum(len(m) for m in matches)

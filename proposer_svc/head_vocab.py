@@ -63,10 +63,11 @@ def restrict_head(model, token_ids: list[int]) -> torch.Tensor:
         raise ValueError(f"head vocabulary must be distinct token ids in [0, {vocab}), got {len(token_ids)} ids")
     small = nn.Linear(head.in_features, len(token_ids), bias=head.bias is not None,
                       device=head.weight.device, dtype=head.weight.dtype)
+    rows = ids.to(head.weight.device)
     with torch.no_grad():
-        small.weight.copy_(head.weight[ids.to(head.weight.device)])
+        small.weight.copy_(head.weight[rows])
         if head.bias is not None:
-            small.bias.copy_(head.bias[ids.to(head.weight.device)])
+            small.bias.copy_(head.bias[rows])
     small.requires_grad_(False)
     model.set_output_embeddings(small)
     model.config.tie_word_embeddings = False  # a later tie_weights() must not put the whole embedding back

@@ -78,7 +78,7 @@ class ProposerConfig:
             torch.set_num_threads(self.threads)
         path = builtin_draft_dir() if self.draft == BUILTIN_DRAFT else self.draft
         model = models.load_model(path, self.dtype, self.device)
-        head = None if self.full_head or not os.path.isdir(path) else head_vocab.load(path)
+        head = None if self.full_head else head_vocab.load(path)  # None for a .gguf file or a model without one
         return DraftModelBackend(model, self.kv_cache_tokens, top_k_cap=self.top_k_cap,
                                  min_confidence=self.min_confidence, head_vocab=head)
 
