@@ -32,9 +32,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller.cost_model import ERROR_WINDOW, HUBER_ITERATIONS, CostModelFitter, StepSample  # noqa: E402
-from smartspec.models import load_model, load_tokenizer  # noqa: E402
-from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
+from controller.cost_model import ERROR_WINDOW, HUBER_ITERATIONS, CostModelFitter  # noqa: E402
+from controller.profile import steps_from_rows  # noqa: E402
+from controller.step import StepRecord  # noqa: E402
+from engine.calibration import time_forward  # noqa: E402
+from engine.config import CacheConfig, EngineConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from runtime.models import load_model, load_tokenizer  # noqa: E402
 
 BATCHES, QS, CTXS = (1, 2, 4, 8), (1, 2, 3, 5), (96, 320)
 
@@ -51,15 +55,15 @@ def main() -> None:
     ap.add_argument("--output-dir", default="benchmarks/results/cost_noise")
     args = ap.parse_args()
 
-    engine = Engine(load_model("smollm2"), load_tokenizer("smollm2"), EngineConfig(kv_cache_tokens=8192))
+    engine = Engine(load_model("smollm2"), load_tokenizer("smollm2"), EngineConfig(CacheConfig(kv_cache_tokens=8192)))
     shapes = [(b, q, ctx) for b in BATCHES for q in QS for ctx in CTXS]
     for shape in shapes:  # warm-up: each shape once
-        engine.time_forward(*shape)
+        time_forward(engine, *shape)
     order = shapes * args.repeats
     random.Random(args.seed).shuffle(order)
-    rows = [{"B": b, "q": q, "ctx": ctx, "ms": engine.time_forward(b, q, ctx)} for b, q, ctx in order]
+    rows = [{"B": b, "q": q, "ctx": ctx, "ms": time_forward(engine, b, q, ctx)} for b, q, ctx in order]
 
-    samples = [StepSample(r["B"], r["B"] * r["q"], r["B"] * (r["ctx"] + r["q"]), r["ms"]) for r in rows]
+    samples = steps_from_rows(rows)
     measured = [s.verify_ms for s in samples]
     by_shape: dict[tuple, list[float]] = {}
     for r in rows:
@@ -76,36 +80,54 @@ def main() -> None:
         "in_sample": float(np.median(relative_errors(in_sample, measured))),
         "huber_online_last_window": float(np.nanmedian(relative_errors(huber_online[last], measured[last]))),
         "huber_in_sample": float(np.median(relative_errors(huber_in_sample, measured))),
-        "forwards": len(rows), "shapes": len(shapes),
-        "shape_spread_iqr_over_median": float(np.median([
-            (np.percentile(v, 75) - np.percentile(v, 25)) / statistics.median(v) for v in by_shape.values()])),
+        "forwards": len(rows),
+        "shapes": len(shapes),
+        "shape_spread_iqr_over_median": float(
+            np.median([(np.percentile(v, 75) - np.percentile(v, 25)) / statistics.median(v) for v in by_shape.values()])
+        ),
     }
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-        "summary": summary, "rows": rows, "in_sample_ms": in_sample}, indent=1))
-    plot(out / "predicted_vs_measured.png", measured, in_sample, [shape_median[(r["B"], r["q"], r["ctx"])]
-                                                                   for r in rows])
-    print(f"{len(rows)} forwards over {len(shapes)} shapes; median relative error: noise floor "
-          f"{summary['noise_floor']:.3f}, online (last {ERROR_WINDOW}) {summary['online_last_window']:.3f}, "
-          f"in sample {summary['in_sample']:.3f}; with Huber weights: online "
-          f"{summary['huber_online_last_window']:.3f}, in sample {summary['huber_in_sample']:.3f}; "
-          f"per-shape IQR / median {summary['shape_spread_iqr_over_median']:.3f}")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv),
+                "summary": summary,
+                "rows": rows,
+                "in_sample_ms": in_sample,
+            },
+            indent=1,
+        )
+    )
+    plot(
+        out / "predicted_vs_measured.png", measured, in_sample, [shape_median[(r["B"], r["q"], r["ctx"])] for r in rows]
+    )
+    print(
+        f"{len(rows)} forwards over {len(shapes)} shapes; median relative error: noise floor "
+        f"{summary['noise_floor']:.3f}, online (last {ERROR_WINDOW}) {summary['online_last_window']:.3f}, "
+        f"in sample {summary['in_sample']:.3f}; with Huber weights: online "
+        f"{summary['huber_online_last_window']:.3f}, in sample {summary['huber_in_sample']:.3f}; "
+        f"per-shape IQR / median {summary['shape_spread_iqr_over_median']:.3f}"
+    )
 
 
-def fit(samples: list[StepSample], fitter: CostModelFitter) -> tuple[list[float], list[float]]:
+def fit(samples: list[StepRecord], fitter: CostModelFitter) -> tuple[list[float], list[float]]:
     """Predictions of each step before the fitter learns from it (NaN before its first fit), and
     of every step by the final fit."""
     online = []
     for s in samples:
         fitted = fitter.params.num_steps > 0
-        online.append(float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens))
-                      if fitted else float("nan"))
+        online.append(
+            float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens))
+            if fitted
+            else float("nan")
+        )
         fitter.observe(s)
     fitter.refit()
-    return online, [float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens))
-                    for s in samples]
+    return online, [
+        float(fitter.params.verify_ms(s.batch_size, s.num_batched_tokens, s.num_kv_tokens)) for s in samples
+    ]
 
 
 def plot(path: Path, measured, in_sample, shape_median) -> None:

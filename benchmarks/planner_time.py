@@ -2,7 +2,7 @@
 
     python benchmarks/planner_time.py [--batch 64] [--k-max 8] [--steps 5000]
 
-Times `controller.planner.plan` (per-request and uniform) and the verifier's whole
+Times `controller.goodput.plan` (per-request and uniform) and the verifier's whole
 `SpecPlanner.plan` (acceptance lookups, caps, the plan) on random acceptance rates
 and a cost model fitted to a CPU-like step profile. Prints medians and p99 in
 microseconds and writes benchmarks/results/planner_time.json.
@@ -21,11 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller.cost_model import CostModelFitter, StepSample  # noqa: E402
-from controller.planner import Batch, plan  # noqa: E402
-from verifier_svc.planner import Policy, SpecPlanner  # noqa: E402
-from verifier_svc.sampler import SamplingParams  # noqa: E402
-from verifier_svc.scheduler import ScheduledItem, Sequence  # noqa: E402
+from controller.cost_model import CostModelFitter  # noqa: E402
+from controller.goodput import Batch, plan  # noqa: E402
+from controller.policy import Policy  # noqa: E402
+from controller.step import StepRecord  # noqa: E402
+from engine.planner import SpecPlanner  # noqa: E402
+from engine.scheduler import ScheduledItem, Sequence  # noqa: E402
+from runtime.sampler import SamplingParams  # noqa: E402
 
 
 def timed(fn, steps: int) -> dict:
@@ -51,7 +53,17 @@ def main() -> None:
     for _ in range(500):
         b = int(rng.integers(1, 65))
         tokens = b * int(rng.integers(1, 6))
-        fitter.observe(StepSample(b, tokens, b * 300, 40 + 8 * tokens + 0.002 * b * 300, 2, 2 * b, 3.0, 2.5))
+        fitter.observe(
+            StepRecord(
+                batch_size=b,
+                num_batched_tokens=tokens,
+                num_kv_tokens=b * 300,
+                verify_ms=40 + 8 * tokens + 0.002 * b * 300,
+                planned_k=(2,) * b,
+                propose_ms=3.0,
+                draft_ms=2.5,
+            )
+        )
     cost = fitter.refit()
     b = args.batch
     rates, caps = rng.uniform(0, 1, b), np.full(b, args.k_max)
@@ -66,7 +78,8 @@ def main() -> None:
         for _ in range(20):
             planner.acceptance.observe(seq.request_id, 4, int(rng.integers(0, 5)))
     results = {
-        "batch": b, "k_max": args.k_max,
+        "batch": b,
+        "k_max": args.k_max,
         "plan_per_request": timed(lambda: plan(rates, caps, cost, batch, args.k_max), args.steps),
         "plan_uniform": timed(lambda: plan(rates, caps, cost, batch, args.k_max, uniform=True), args.steps),
         "verifier_step_planning": timed(lambda: planner.plan(items), args.steps),

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime.draft import DraftRequest  # noqa: E402
+from runtime.sampler import SamplingParams  # noqa: E402
 from smartspec.up import wait_serving  # noqa: E402
-from verifier_svc.engine import DraftRequest  # noqa: E402
 from verifier_svc.proposer_client import ProposerClient  # noqa: E402
-from verifier_svc.sampler import SamplingParams  # noqa: E402
 
 
 async def measure(address: str, batch: int, steps: int, seed: int = 0) -> dict:
@@ -40,16 +40,19 @@ async def measure(address: str, batch: int, steps: int, seed: int = 0) -> dict:
             ctx.extend(rng.randrange(49152) for _ in range(rng.randint(1, 4)))
         requests = [DraftRequest(f"r{i}", ctx, 4, SamplingParams()) for i, ctx in enumerate(contexts)]
         start = time.perf_counter()
-        drafts = await client.propose(requests)
+        proposal = await client.propose(requests)
         wall_ms = (time.perf_counter() - start) * 1e3
-        assert all(d is not None for d in drafts), "a proposal failed"
+        assert all(d is not None for d in proposal.drafts), "a proposal failed"
         if step >= 20:  # the first steps send full contexts
             totals.append(wall_ms)
-            overheads.append(wall_ms - client.last_draft_ms)
+            overheads.append(wall_ms - proposal.draft_ms)
     await client.close()
-    return {"batch": batch, "median_overhead_ms": statistics.median(overheads),
-            "p90_overhead_ms": sorted(overheads)[int(0.9 * len(overheads))],
-            "median_step_ms": statistics.median(totals)}
+    return {
+        "batch": batch,
+        "median_overhead_ms": statistics.median(overheads),
+        "p90_overhead_ms": sorted(overheads)[int(0.9 * len(overheads))],
+        "median_step_ms": statistics.median(totals),
+    }
 
 
 def main() -> None:
@@ -67,13 +70,19 @@ def main() -> None:
         proc.wait()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "steps": args.steps, "rows": rows}
+    record = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "steps": args.steps,
+        "rows": rows,
+    }
     (out / "results.json").write_text(json.dumps(record, indent=1))
     print("| B | median overhead (ms) | p90 overhead (ms) | median step incl. drafting (ms) |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['median_overhead_ms']:.3f} | {r['p90_overhead_ms']:.3f} | {r['median_step_ms']:.3f} |")
+        print(
+            f"| {r['batch']} | {r['median_overhead_ms']:.3f} | {r['p90_overhead_ms']:.3f} | {r['median_step_ms']:.3f} |"
+        )
     _plot(rows, out / "proposer_hop.png")
 
 

@@ -7,7 +7,7 @@
 3. Step time of `ModelRunner.forward` for B requests x q new tokens over a 512-token cached context.
 
 `--hf-cpu-linear` gives the HF model the engine's CPU linear layers
-(verifier_svc/cpu_linear.py), which separates the kernel from the engine.
+(runtime/cpu_linear.py), which separates the kernel from the engine.
 Repetitions alternate engine/HF to spread noise; only ratios from one run are meaningful.
 Writes results.json, throughput_tpot.png and step_time.png into the output directory.
 """
@@ -15,10 +15,8 @@ Writes results.json, throughput_tpot.png and step_time.png into the output direc
 from __future__ import annotations
 
 import argparse
-import datetime
+import asyncio
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,12 +27,15 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smartspec.models import load_model, load_tokenizer  # noqa: E402
+from machine import hf_generate, machine_info  # noqa: E402
+
+from engine.config import CacheConfig, EngineConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from runtime.cpu_linear import use_cpu_linear  # noqa: E402
+from runtime.model_runner import ForwardItem, kv_shape  # noqa: E402
+from runtime.models import load_model, load_tokenizer  # noqa: E402
+from runtime.sampler import SamplingParams  # noqa: E402
 from smartspec.prompts import BUILTIN_PROMPTS  # noqa: E402
-from verifier_svc.cpu_linear import use_cpu_linear  # noqa: E402
-from verifier_svc.engine import Engine, EngineConfig  # noqa: E402
-from verifier_svc.model_runner import ForwardItem, kv_shape  # noqa: E402
-from verifier_svc.sampler import SamplingParams  # noqa: E402
 
 MODEL = "smollm2"
 NUM_CONCURRENT = 16
@@ -49,26 +50,10 @@ def config(quick: bool) -> dict:
     return {"reps": 5, "new_tokens": 128, "batch_sizes": [1, 2, 4, 8, 16, 32], "qs": [1, 2, 4, 8]}
 
 
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join([sys.executable] + sys.argv),
-    }
-
-
 # -- engine side ------------------------------------------------------------
 
 _ids = iter(range(10**9))
+STEPS = asyncio.Runner()  # one event loop drives every Engine.step()
 
 
 def engine_run(engine: Engine, prompts: list[list[int]], n: int) -> dict:
@@ -78,7 +63,7 @@ def engine_run(engine: Engine, prompts: list[list[int]], n: int) -> dict:
     seqs = [engine.add_request(f"r{next(_ids)}", p, params) for p in prompts]
     first = None
     while engine.has_work():
-        if engine.step() and first is None:
+        if STEPS.run(engine.step()) and first is None:
             first = time.perf_counter() - start
     elapsed = time.perf_counter() - start
     tokens = sum(len(s.output_ids) for s in seqs)
@@ -86,22 +71,8 @@ def engine_run(engine: Engine, prompts: list[list[int]], n: int) -> dict:
     return {"elapsed_s": elapsed, "ttft_s": first, "tokens": tokens}
 
 
-# -- Hugging Face side ------------------------------------------------------
-
-def hf_generate(model, tok, prompts: list[str], n: int) -> dict:
-    """Greedy generate of exactly n tokens on a left-padded static batch."""
-    tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    start = time.perf_counter()
-    out = model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                         pad_token_id=tok.pad_token_id)
-    elapsed = time.perf_counter() - start
-    tokens = (out.shape[1] - enc.input_ids.shape[1]) * len(prompts)
-    assert tokens == n * len(prompts), f"HF made {tokens} tokens, expected {n * len(prompts)}"
-    return {"elapsed_s": elapsed, "tokens": tokens}
-
-
 # -- the three parts ----------------------------------------------------------
+
 
 def bench_throughput(engine, hf_model, tok, prompts: list[str], n: int, reps: int) -> dict:
     ids = [tok(p).input_ids for p in prompts]
@@ -171,7 +142,7 @@ def bench_step_table(engine, tok, batch_sizes: list[int], qs: list[int]) -> list
         engine.allocator.grow(table, CTX + max(qs))
         tables.append(table)
     for i in range(0, len(tables), 4):  # prefill four requests per forward
-        engine.runner.forward([ForwardItem(ctx, 0, t, 0) for t in tables[i:i + 4]])
+        engine.runner.forward([ForwardItem(ctx, 0, t, 0) for t in tables[i : i + 4]])
     rows = []
     for b in batch_sizes:
         for q in qs:
@@ -186,20 +157,28 @@ def bench_step_table(engine, tok, batch_sizes: list[int], qs: list[int]) -> list
 
 # -- output -----------------------------------------------------------------
 
+
 def markdown(results: dict) -> str:
     tp, tt, n = results["throughput"]["median"], results["tpot"]["median"], results["config"]["new_tokens"]
     lines = [
         f"**Throughput** ({NUM_CONCURRENT} concurrent requests x {n} new tokens, median of "
-        f"{results['config']['reps']})", "",
-        "| | SmartSpec engine | HF generate (static batch) | ratio |", "|---|---|---|---|",
-        f"| tokens/s | {tp['engine']:.1f} | {tp['hf']:.1f} | {tp['ratio']:.2f}x |", "",
-        f"**Batch-1 latency** ({n} new tokens, first token excluded from TPOT)", "",
-        "| | SmartSpec engine | HF generate | ratio ours/HF |", "|---|---|---|---|",
+        f"{results['config']['reps']})",
+        "",
+        "| | SmartSpec engine | HF generate (static batch) | ratio |",
+        "|---|---|---|---|",
+        f"| tokens/s | {tp['engine']:.1f} | {tp['hf']:.1f} | {tp['ratio']:.2f}x |",
+        "",
+        f"**Batch-1 latency** ({n} new tokens, first token excluded from TPOT)",
+        "",
+        "| | SmartSpec engine | HF generate | ratio ours/HF |",
+        "|---|---|---|---|",
         f"| TPOT (ms) | {tt['engine_ms']:.2f} | {tt['hf_ms']:.2f} | {tt['ratio']:.2f} |",
         f"| TTFT (ms) | {tt['engine_ttft_ms']:.1f} | {tt['hf_ttft_ms']:.1f} | "
-        f"{tt['engine_ttft_ms'] / tt['hf_ttft_ms']:.2f} |", "",
+        f"{tt['engine_ttft_ms'] / tt['hf_ttft_ms']:.2f} |",
+        "",
         f"**Step time** (`ModelRunner.forward`, {CTX}-token context per request, median of {STEP_RUNS}; "
-        "ms, ms/token in parentheses)", "",
+        "ms, ms/token in parentheses)",
+        "",
     ]
     rows = results["step_table"]
     qs = sorted({r["q"] for r in rows})
@@ -212,6 +191,7 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -263,7 +243,7 @@ def main() -> int:
     engine_model = load_model(MODEL, "float32", "cpu")  # Engine switches this one to paged attention
     blocks_per_req = -(-(CTX + max(cfg["qs"])) // BLOCK_SIZE)
     kv_tokens = max(max(cfg["batch_sizes"]) * blocks_per_req * BLOCK_SIZE, 4096)
-    engine = Engine(engine_model, tok, EngineConfig(block_size=BLOCK_SIZE, kv_cache_tokens=kv_tokens))
+    engine = Engine(engine_model, tok, EngineConfig(CacheConfig(block_size=BLOCK_SIZE, kv_cache_tokens=kv_tokens)))
     prompts = BUILTIN_PROMPTS[:NUM_CONCURRENT]
     n, reps = cfg["new_tokens"], cfg["reps"]
 
@@ -277,11 +257,24 @@ def main() -> int:
     print("3. step-time table")
     steps = bench_step_table(engine, tok, cfg["batch_sizes"], cfg["qs"])
 
-    results = {"machine": machine_info(), "model": MODEL, "dtype": "float32", "hf_cpu_linear": args.hf_cpu_linear,
-               "config": {**cfg, "concurrent": NUM_CONCURRENT, "ctx": CTX, "block_size": BLOCK_SIZE,
-                          "step_runs": STEP_RUNS, "kv_cache_tokens": kv_tokens,
-                          "kv_bytes_per_token": 2 * 4 * torch.Size(kv_shape(engine_model.config)).numel()},
-               "throughput": throughput, "tpot": tpot_res, "step_table": steps}
+    results = {
+        "machine": machine_info(),
+        "model": MODEL,
+        "dtype": "float32",
+        "hf_cpu_linear": args.hf_cpu_linear,
+        "config": {
+            **cfg,
+            "concurrent": NUM_CONCURRENT,
+            "ctx": CTX,
+            "block_size": BLOCK_SIZE,
+            "step_runs": STEP_RUNS,
+            "kv_cache_tokens": kv_tokens,
+            "kv_bytes_per_token": 2 * 4 * torch.Size(kv_shape(engine_model.config)).numel(),
+        },
+        "throughput": throughput,
+        "tpot": tpot_res,
+        "step_table": steps,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out)
     print("\n" + markdown(results) + "\n")

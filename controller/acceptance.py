@@ -14,6 +14,7 @@ the request's acceptance has changed and its history restarts at that split.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 
 CHANGE_Z = 4.5  # disagreement, in standard errors, that counts as a change
@@ -46,12 +47,12 @@ class _History:
         self._cum: list[tuple[float, float]] = [(0.0, 0.0)]  # (accepted, tested) totals after each step
 
     def faded(self) -> tuple[float, float]:
-        f = IDLE_DECAY ** self.idle_steps
+        f = IDLE_DECAY**self.idle_steps
         return self.accepted * f, self.tested * f
 
     def add(self, accepted: int, tested: int) -> None:
         if self.idle_steps:
-            self.fade(IDLE_DECAY ** self.idle_steps)
+            self.fade(IDLE_DECAY**self.idle_steps)
             self.idle_steps = 0
         self.accepted += accepted
         self.tested += tested
@@ -63,7 +64,7 @@ class _History:
             base_a, base_t = self._cum[-1 - split]
             self.accepted -= base_a
             self.tested -= base_t
-            self._cum = [(a - base_a, t - base_t) for a, t in self._cum[-1 - split:]]
+            self._cum = [(a - base_a, t - base_t) for a, t in self._cum[-1 - split :]]
 
     def fade(self, factor: float) -> None:
         self.accepted *= factor
@@ -120,8 +121,8 @@ class AcceptanceEstimator:
         if tested == 0:
             return
         g = self._global
-        g.accepted = g.accepted * self._prior_decay ** tested + accepted
-        g.tested = g.tested * self._prior_decay ** tested + tested
+        g.accepted = g.accepted * self._prior_decay**tested + accepted
+        g.tested = g.tested * self._prior_decay**tested + tested
         if request_id is None:
             return
         history = self._requests.get(request_id)

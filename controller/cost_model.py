@@ -26,8 +26,38 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TOKEN_KNOTS = (*range(1, 18), 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
-               320, 384, 448, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
+from controller.step import StepRecord
+
+TOKEN_KNOTS = (
+    *range(1, 18),
+    20,
+    24,
+    28,
+    32,
+    40,
+    48,
+    56,
+    64,
+    80,
+    96,
+    112,
+    128,
+    160,
+    192,
+    224,
+    256,
+    320,
+    384,
+    448,
+    512,
+    768,
+    1024,
+    1536,
+    2048,
+    3072,
+    4096,
+    8192,
+)
 CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, relative to one step at an unseen knot
 PRIOR_WEIGHT = 0.05  # pull of each knot toward the prior, decisive only where no step says otherwise
 WINDOW_STEPS = 1024  # steps kept for fitting
@@ -67,20 +97,6 @@ def linear_prior(ms_per_token: float, fixed_ms: float = 0.0) -> CostParams:
 
 
 @dataclass
-class StepSample:
-    """One engine step as the cost model sees it."""
-
-    batch_size: int
-    num_batched_tokens: int
-    num_kv_tokens: int
-    verify_ms: float
-    draft_steps: int = 0  # max k planned this step (0: nothing proposed)
-    draft_tokens: int = 0  # sum of k planned this step
-    propose_ms: float = 0.0  # proposal time the verifier waited
-    draft_ms: float = 0.0  # drafting time the proposers reported (0: none, e.g. a timeout)
-
-
-@dataclass
 class CostModelFitter:
     prior: CostParams = field(default_factory=lambda: linear_prior(1.0, 5.0))
     refit_every: int = 16
@@ -89,22 +105,21 @@ class CostModelFitter:
     huber_iterations: int = 0
 
     def __post_init__(self):
-        self._verify: deque[StepSample] = deque(maxlen=WINDOW_STEPS)
-        self._propose: deque[StepSample] = deque(maxlen=WINDOW_STEPS)
+        self._verify: deque[StepRecord] = deque(maxlen=WINDOW_STEPS)
+        self._propose: deque[StepRecord] = deque(maxlen=WINDOW_STEPS)
         self._errors: deque[float] = deque(maxlen=ERROR_WINDOW)
         self._since_fit = 0
         self._seen = 0
         self.params = self.prior
 
-    def observe(self, sample: StepSample) -> None:
-        if sample.verify_ms > 0:
-            predicted = float(self.params.verify_ms(sample.batch_size, sample.num_batched_tokens,
-                                                    sample.num_kv_tokens))
+    def observe(self, step: StepRecord) -> None:
+        if step.verify_ms > 0:
+            predicted = float(self.params.verify_ms(step.batch_size, step.num_batched_tokens, step.num_kv_tokens))
             if self.params.num_steps:
-                self._errors.append(abs(predicted - sample.verify_ms) / sample.verify_ms)
-            self._verify.append(sample)
-        if sample.draft_steps > 0 and sample.propose_ms > 0:
-            self._propose.append(sample)
+                self._errors.append(abs(predicted - step.verify_ms) / step.verify_ms)
+            self._verify.append(step)
+        if step.draft_steps > 0 and step.propose_ms > 0:
+            self._propose.append(step)
         self._seen += 1
         self._since_fit += 1
         # Refit at once while the model is young, then every refit_every steps.
@@ -115,13 +130,13 @@ class CostModelFitter:
     def num_seen(self) -> int:
         return self._seen
 
-    def seed(self, samples: list[StepSample]) -> CostParams:
+    def seed(self, steps: list[StepRecord]) -> CostParams:
         """Steps measured before serving (a profile or a calibration): fitted, not scored."""
-        for sample in samples:
-            if sample.verify_ms > 0:
-                self._verify.append(sample)
-            if sample.draft_steps > 0 and sample.propose_ms > 0:
-                self._propose.append(sample)
+        for step in steps:
+            if step.verify_ms > 0:
+                self._verify.append(step)
+            if step.draft_steps > 0 and step.propose_ms > 0:
+                self._propose.append(step)
         return self.refit()
 
     def relative_error(self) -> float:
@@ -133,11 +148,11 @@ class CostModelFitter:
         verify = self._fit_verify() if self._verify else None
         draft = self._fit_propose() if self._propose else None
         p = self.params
-        knots, per_request, per_kv = verify or (p.verify_ms_at_knots, p.verify_ms_per_request,
-                                                p.verify_ms_per_kv_token)
+        knots, per_request, per_kv = verify or (p.verify_ms_at_knots, p.verify_ms_per_request, p.verify_ms_per_kv_token)
         step, per_token, rtt = draft or (p.draft_step_ms, p.draft_ms_per_token, p.proposer_rtt_ms)
-        self.params = CostParams(tuple(knots), per_request, per_kv, step, per_token, rtt,
-                                 self.relative_error(), self._seen)
+        self.params = CostParams(
+            tuple(knots), per_request, per_kv, step, per_token, rtt, self.relative_error(), self._seen
+        )
         return self.params
 
     def _fit_verify(self) -> tuple[np.ndarray, float, float]:

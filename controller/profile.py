@@ -11,29 +11,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from controller.cost_model import StepSample
+from controller.step import StepRecord
 
 
-def samples_from_rows(rows: list[dict]) -> list[StepSample]:
-    return [StepSample(batch_size=int(r["B"]), num_batched_tokens=int(r["B"]) * int(r["q"]),
-                       num_kv_tokens=int(r["B"]) * (int(r["ctx"]) + int(r["q"])), verify_ms=float(r["ms"]))
-            for r in rows]
+def steps_from_rows(rows: list[dict]) -> list[StepRecord]:
+    return [
+        StepRecord(
+            batch_size=int(r["B"]),
+            num_batched_tokens=int(r["B"]) * int(r["q"]),
+            num_kv_tokens=int(r["B"]) * (int(r["ctx"]) + int(r["q"])),
+            verify_ms=float(r["ms"]),
+        )
+        for r in rows
+    ]
 
 
-def load_profile(path: str) -> list[StepSample]:
+def load_profile(path: str) -> list[StepRecord]:
     """`path` or `path#model` for a file with several models."""
     file, _, model = path.partition("#")
     data = json.loads(Path(file).read_text())
     if "rows" in data:
-        return samples_from_rows(data["rows"])
+        return steps_from_rows(data["rows"])
     models = data.get("models", {})
     if not models:
         raise ValueError(f"{file}: no 'rows' and no 'models' in the profile")
     name = model or next(iter(models))
     if name not in models:
         raise ValueError(f"{file}: no model {name!r}; it has {', '.join(models)}")
-    return samples_from_rows(models[name]["rows"])
-
-
-def write_profile(path: str, rows: list[dict], info: dict | None = None) -> None:
-    Path(path).write_text(json.dumps({"info": info or {}, "rows": rows}, indent=1))
+    return steps_from_rows(models[name]["rows"])

@@ -6,22 +6,12 @@ Pure Python: the gRPC servicer converts messages and hands them here.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from controller.acceptance import AcceptanceEstimator
-from controller.cost_model import CostModelFitter, CostParams, StepSample
+from controller.cost_model import CostModelFitter, CostParams
 from controller.policy import MAX_K, Mode, Policy
-
-
-@dataclass
-class StepReport:
-    """One verifier step: its cost, its draft outcomes, what the planner chose, what it emitted."""
-
-    sample: StepSample
-    drafts: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per request
-    planned_k: list[int] = field(default_factory=list)
-    emitted_tokens: int = 0
-    step_ms: float = 0.0
+from controller.step import StepRecord
 
 
 @dataclass(frozen=True)
@@ -55,16 +45,17 @@ class ControllerState:
         k = k or self.policy.k
         if mode == Mode.FIXED and not k:
             raise ValueError("k: POLICY_MODE_FIXED needs k >= 1")
-        self.policy = replace(self.policy, mode=mode, k=k if mode == Mode.FIXED else 0,
-                              k_max=k_max or self.policy.k_max)
+        self.policy = replace(
+            self.policy, mode=mode, k=k if mode == Mode.FIXED else 0, k_max=k_max or self.policy.k_max
+        )
         self.version += 1
         return self.policy
 
-    def ingest(self, verifier_id: str, reports: list[StepReport]) -> None:
+    def ingest(self, verifier_id: str, steps: list[StepRecord]) -> None:
         recent = self._recent.setdefault(verifier_id, deque(maxlen=self._window))
-        for r in reports:
-            self.fitter.observe(r.sample)
-            for proposed, accepted in r.drafts:
+        for r in steps:
+            self.fitter.observe(r)
+            for _, proposed, accepted in r.drafts:
                 self.acceptance.observe(None, proposed, accepted)
             if r.step_ms > 0:
                 recent.append((r.emitted_tokens, r.step_ms))
@@ -80,6 +71,7 @@ class ControllerState:
         return True
 
     def forget(self, verifier_id: str) -> None:
+        """Drops a disconnected verifier's goodput window (what it taught the fits stays)."""
         self._recent.pop(verifier_id, None)
 
     def goodput(self, verifier_id: str) -> float:

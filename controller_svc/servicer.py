@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 
@@ -11,9 +12,9 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from controller.policy import MAX_K
 from controller.state import ControllerState
-from controller_svc.convert import MODE_FROM_PB, policy_to_pb, report_from_pb
-from smartspec.v1 import controller_pb2 as pb
-from smartspec.v1 import controller_pb2_grpc as pb_grpc
+from protocol.controller import MODE_FROM_PB, policy_to_pb, step_from_pb
+from protocol.v1 import controller_pb2 as pb
+from protocol.v1 import controller_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +22,27 @@ log = logging.getLogger(__name__)
 class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = r = registry or CollectorRegistry()
-        self.goodput = Gauge("smartspec_goodput_tokens_per_second",
-                             "Tokens emitted per second of step time over a verifier's recent steps.",
-                             ["verifier"], registry=r)
-        self.chosen_k = Histogram("smartspec_chosen_k", "k chosen per request per step, as verifiers report.",
-                                  buckets=tuple(range(MAX_K + 1)), registry=r)
-        self.cost_error = Gauge("smartspec_cost_model_relative_error",
-                                "Median absolute relative error of verify-time predictions on live steps.",
-                                registry=r)
-        self.prior = Gauge("smartspec_acceptance_prior", "Global acceptance prior (per tested draft token).",
-                           registry=r)
-        self.verifiers = Gauge("smartspec_connected_verifiers", "Verifiers with an open Connect stream.",
-                               registry=r)
+        self.goodput = Gauge(
+            "smartspec_goodput_tokens_per_second",
+            "Tokens emitted per second of step time over a verifier's recent steps.",
+            ["verifier"],
+            registry=r,
+        )
+        self.chosen_k = Histogram(
+            "smartspec_chosen_k",
+            "k chosen per request per step, as verifiers report.",
+            buckets=tuple(range(MAX_K + 1)),
+            registry=r,
+        )
+        self.cost_error = Gauge(
+            "smartspec_cost_model_relative_error",
+            "Median absolute relative error of verify-time predictions on live steps.",
+            registry=r,
+        )
+        self.prior = Gauge(
+            "smartspec_acceptance_prior", "Global acceptance prior (per tested draft token).", registry=r
+        )
+        self.verifiers = Gauge("smartspec_connected_verifiers", "Verifiers with an open Connect stream.", registry=r)
         self.version = Gauge("smartspec_policy_version", "Version of the policy in force.", registry=r)
 
 
@@ -109,10 +119,10 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                 except ValueError as e:
                     return str(e)
                 verifier_id = report.verifier_id
-                reports = [report_from_pb(s) for s in report.steps]
-                self.state.ingest(verifier_id, reports)
-                for r in reports:
-                    for k in r.planned_k:
+                steps = [step_from_pb(s) for s in report.steps]
+                self.state.ingest(verifier_id, steps)
+                for step in steps:
+                    for k in step.planned_k:
                         self.metrics.chosen_k.observe(k)
                 self.metrics.goodput.labels(verifier_id).set(self.state.goodput(verifier_id))
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
@@ -120,6 +130,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         finally:
             if verifier_id:
                 log.info("verifier %s disconnected", verifier_id)
+                self.state.forget(verifier_id)
+                with contextlib.suppress(KeyError):  # a second stream of the same verifier removed it
+                    self.metrics.goodput.remove(verifier_id)
         return ""
 
     async def GetPolicy(self, request, context):

@@ -11,13 +11,11 @@ import time
 
 import grpc
 
-from proposer_svc.draft_model import DraftCall
-from proposer_svc.ngram import NgramIndex
-from proposer_svc.state import LengthMismatch, StateStore, UnknownRequest
-from smartspec.v1 import proposer_pb2 as pb
-from smartspec.v1 import proposer_pb2_grpc as pb_grpc
-from verifier_svc.rejection import Draft
-from verifier_svc.sampler import SamplingParams
+from controller.policy import MAX_K
+from drafting.state import DraftCall, LengthMismatch, StateStore, UnknownRequest
+from protocol.proposer import draft_to_pb, params_from_pb
+from protocol.v1 import proposer_pb2 as pb
+from protocol.v1 import proposer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +25,8 @@ class InvalidPropose(ValueError):
         super().__init__(f"{field}: {problem}")
 
 
-class NgramBackend:
-    """Deterministic drafts (one-hot distributions: no probabilities travel)."""
-
-    def __init__(self, n_min: int = 1, n_max: int = 4):
-        self.n_min, self.n_max = n_min, n_max
-
-    def new_state(self) -> NgramIndex:
-        return NgramIndex(self.n_min, self.n_max)
-
-    def release(self, state: NgramIndex) -> None:
-        pass
-
-    def propose(self, calls: list[DraftCall]) -> list[Draft]:
-        return [Draft(c.state.propose(c.k)) for c in calls]
-
-
 class ProposerServicer(pb_grpc.ProposerServicer):
-    def __init__(self, backend, max_k: int = 8, max_requests: int = 4096):
+    def __init__(self, backend, max_k: int = MAX_K, max_requests: int = 4096):
         self.backend = backend
         self.max_k = max_k
         self.store = StateStore(backend.new_state, max_requests, on_evict=backend.release)
@@ -69,13 +51,10 @@ class ProposerServicer(pb_grpc.ProposerServicer):
             result = response.results.add(request_id=item.request_id)
             state = self._update(item, result)
             if state is not None and item.k > 0:
-                calls.append(DraftCall(state, item.k, _params(item.sampling)))
+                calls.append(DraftCall(state, item.k, params_from_pb(item.sampling)))
                 call_results.append(result)
         for result, draft in zip(call_results, self.backend.propose(calls)):
-            result.draft_token_ids.extend(draft.token_ids)
-            for token_ids, probs in draft.probs or []:
-                result.draft_probs.add(token_ids=token_ids, probs=probs)
-            result.stopped_early = draft.stopped_early
+            draft_to_pb(draft, result)
         response.draft_ms = (time.perf_counter() - start) * 1e3
         return response
 
@@ -92,8 +71,10 @@ class ProposerServicer(pb_grpc.ProposerServicer):
             if not 0 <= item.k <= self.max_k:
                 raise InvalidPropose(f"items[{i}].k", f"must be in [0, {self.max_k}], got {item.k}")
             if item.total_length < len(item.new_token_ids):
-                raise InvalidPropose(f"items[{i}].total_length",
-                                     f"{item.total_length} is less than the {len(item.new_token_ids)} new tokens")
+                raise InvalidPropose(
+                    f"items[{i}].total_length",
+                    f"{item.total_length} is less than the {len(item.new_token_ids)} new tokens",
+                )
             s = item.sampling
             if not s.temperature >= 0 or (s.HasField("top_p") and not 0 < s.top_p <= 1) or s.top_k < 0:
                 raise InvalidPropose(f"items[{i}].sampling", "temperature >= 0, top_p in (0, 1], top_k >= 0")
@@ -103,8 +84,7 @@ class ProposerServicer(pb_grpc.ProposerServicer):
         self.num_items += 1
         self.num_resyncs += item.full_context
         try:
-            state = self.store.update(item.request_id, list(item.new_token_ids), item.total_length,
-                                      item.full_context)
+            state = self.store.update(item.request_id, list(item.new_token_ids), item.total_length, item.full_context)
         except UnknownRequest:
             result.status = pb.PROPOSE_STATUS_UNKNOWN_REQUEST
             return None
@@ -115,8 +95,3 @@ class ProposerServicer(pb_grpc.ProposerServicer):
         result.status = pb.PROPOSE_STATUS_OK
         result.known_length = len(state)
         return state
-
-
-def _params(s: pb.DraftSampling) -> SamplingParams:
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p if s.HasField("top_p") else 1.0,
-                          top_k=s.top_k, seed=s.seed if s.HasField("seed") else None)

@@ -11,50 +11,64 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import grpc
 import numpy as np
 from tqdm import tqdm
 
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
+from smartspec import plots
 from smartspec.prompts import load_prompts
-from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
+from smartspec.report import RequestRecord, format_table, summarize
 
-LATENCY_METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
-STATS = ("mean", "p50", "p90", "p99")
 NO_FINISH = "NO_FINISH"  # error name for a stream that ended without a last chunk
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of the Generation service")
-    parser.add_argument("--rate", type=_positive_float, default=2.0,
-                        help="mean requests per second; 'inf' sends them all at once")
+    parser.add_argument(
+        "--rate", type=positive_float, default=2.0, help="mean requests per second; 'inf' sends them all at once"
+    )
     parser.add_argument("--num-requests", type=_positive_int, default=32)
-    parser.add_argument("--prompts", default=None,
-                        help="'builtin' (chat, code, rewrites; the default), 'grounded' (rewrites of a given "
-                             "passage) or a ShareGPT-style JSON file")
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="'builtin' (chat, code, rewrites; the default), 'grounded' (rewrites of a given "
+        "passage) or a ShareGPT-style JSON file",
+    )
     parser.add_argument("--max-new-tokens", type=_positive_int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     parser.add_argument("--speculation", type=_speculation_arg, default="auto", help="off | auto | fixed:K")
     parser.add_argument("--seed", type=int, default=0, help="seed of arrivals, prompt order and sampling")
-    parser.add_argument("--burstiness", type=_positive_float, default=1.0,
-                        help="gamma shape of inter-arrival times; 1 is Poisson, below 1 is burstier")
+    parser.add_argument(
+        "--burstiness",
+        type=positive_float,
+        default=1.0,
+        help="gamma shape of inter-arrival times; 1 is Poisson, below 1 is burstier",
+    )
     parser.add_argument("--output", default="results/bench.json", help="JSON results; PNGs go next to it")
     sweep = parser.add_argument_group("sweep (rates x policies, the latency-vs-rate figure)")
     sweep.add_argument("--rates", default=None, help="comma-separated request rates; turns on the sweep")
-    sweep.add_argument("--policies", default=None,
-                       help="comma-separated policies, e.g. off,fixed:1,fixed:3,fixed:5,smartspec,smartspec-uniform "
-                            "(turns on the sweep)")
+    sweep.add_argument(
+        "--policies",
+        default=None,
+        help="comma-separated policies, e.g. off,fixed:1,fixed:3,fixed:5,smartspec,smartspec-uniform "
+        "(turns on the sweep)",
+    )
     sweep.add_argument("--repeats", type=_positive_int, default=3, help="runs per (rate, policy); medians reported")
-    sweep.add_argument("--controller", default=None,
-                       help="host:port of the controller that sets each policy (needed for smartspec policies)")
+    sweep.add_argument(
+        "--controller",
+        default=None,
+        help="host:port of the controller that sets each policy (needed for smartspec policies)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
@@ -114,93 +128,9 @@ def prompt_order(prompts: list[str], num_requests: int, seed: int = 0) -> list[s
     return order[:num_requests]
 
 
-def latency_stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return dict.fromkeys(STATS)
-    p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
-    return {"mean": float(np.mean(values)), "p50": p50, "p90": p90, "p99": p99}
-
-
-@dataclass
-class RequestRecord:
-    index: int
-    prompt_chars: int
-    send_s: float = 0.0  # offset from the benchmark start
-    request_id: str = ""
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
-    e2e_ms: float | None = None
-    itl_ms: list[float] = field(default_factory=list)
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    proposed_tokens: int = 0
-    accepted_tokens: int = 0
-    server_timings: dict[str, float] | None = None
-    error: str | None = None
-
-
-def summarize(records: list[RequestRecord], duration_s: float) -> dict:
-    """Latency stats over successful requests; throughput over the whole run."""
-    ok = [r for r in records if r.error is None]
-    errors = [r.error for r in records if r.error is not None]
-    values = {
-        "ttft_ms": [r.ttft_ms for r in ok if r.ttft_ms is not None],
-        "tpot_ms": [r.tpot_ms for r in ok if r.tpot_ms is not None],
-        "itl_ms": [gap for r in ok for gap in r.itl_ms],
-        "e2e_ms": [r.e2e_ms for r in ok if r.e2e_ms is not None],
-    }
-    output_tokens = sum(r.completion_tokens for r in ok)
-    proposed = sum(r.proposed_tokens for r in ok)
-    accepted = sum(r.accepted_tokens for r in ok)
-    per_second = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: None)
-    return {
-        **{name: latency_stats(values[name]) for name in LATENCY_METRICS},
-        "completed": len(ok),
-        "errors": len(errors),
-        "error_codes": {code: errors.count(code) for code in sorted(set(errors))},
-        "duration_s": duration_s,
-        "output_tokens": output_tokens,
-        "request_throughput": per_second(len(ok)),
-        "output_throughput": per_second(output_tokens),
-        "proposed_tokens": proposed,
-        "accepted_tokens": accepted,
-        "acceptance": accepted / proposed if proposed else None,
-    }
-
-
-def format_table(summary: dict) -> str:
-    lines = [f"{'metric':<10}" + "".join(f"{s:>12}" for s in STATS)]
-    for name in LATENCY_METRICS:
-        cells = (summary[name][s] for s in STATS)
-        lines.append(f"{name:<10}" + "".join(f"{_fmt(c, '.2f'):>12}" for c in cells))
-    rows = [
-        ("requests completed", str(summary["completed"])),
-        ("requests failed", _errors_cell(summary)),
-        ("duration (s)", _fmt(summary["duration_s"], ".2f")),
-        ("request throughput (req/s)", _fmt(summary["request_throughput"], ".3f")),
-        ("output throughput (tok/s)", _fmt(summary["output_throughput"], ".1f")),
-        ("output tokens", str(summary["output_tokens"])),
-        ("acceptance", _fmt(summary["acceptance"], ".3f")
-         + f" ({summary['accepted_tokens']}/{summary['proposed_tokens']})"),
-    ]
-    width = len(lines[0])
-    lines.insert(1, "-" * width)
-    lines.append("-" * width)
-    lines.extend(f"{label:<28}{value}" for label, value in rows)
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _errors_cell(summary: dict) -> str:
-    codes = ", ".join(f"{code} x{n}" for code, n in summary["error_codes"].items())
-    return f"{summary['errors']}" + (f" ({codes})" if codes else "")
-
-
-def build_request(prompt: str, max_new_tokens: int, temperature: float, chat: bool,
-                  speculation: pb.Speculation, seed: int) -> pb.GenerateRequest:
+def build_request(
+    prompt: str, max_new_tokens: int, temperature: float, chat: bool, speculation: pb.Speculation, seed: int
+) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         prompt_text=prompt,
         chat=chat,
@@ -210,8 +140,7 @@ def build_request(prompt: str, max_new_tokens: int, temperature: float, chat: bo
     )
 
 
-async def _send(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, record: RequestRecord,
-                start: float) -> None:
+async def _send(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, record: RequestRecord, start: float) -> None:
     sent = time.perf_counter()
     record.send_s = sent - start
     last_token_at = None
@@ -252,10 +181,19 @@ def _record_last_chunk(record: RequestRecord, chunk: pb.GenerateResponse) -> Non
     }
 
 
-async def run_benchmark(target: str, prompts: list[str], rate: float, num_requests: int,
-                        max_new_tokens: int, temperature: float = 0.0, chat: bool = False,
-                        speculation: str = "auto", seed: int = 0, burstiness: float = 1.0,
-                        progress: bool = True) -> dict:
+async def run_benchmark(
+    target: str,
+    prompts: list[str],
+    rate: float,
+    num_requests: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    chat: bool = False,
+    speculation: str = "auto",
+    seed: int = 0,
+    burstiness: float = 1.0,
+    progress: bool = True,
+) -> dict:
     spec = parse_speculation(speculation)
     offsets = arrival_times(num_requests, rate, burstiness, seed)
     chosen = prompt_order(prompts, num_requests, seed)
@@ -280,9 +218,16 @@ async def run_benchmark(target: str, prompts: list[str], rate: float, num_reques
     bar.close()
     ends = [r.send_s + r.e2e_ms / 1e3 for r in records]
     config = {
-        "target": target, "rate": rate if math.isfinite(rate) else "inf", "num_requests": num_requests,
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "chat": chat,
-        "speculation": speculation, "seed": seed, "burstiness": burstiness, "num_prompts": len(prompts),
+        "target": target,
+        "rate": rate if math.isfinite(rate) else "inf",
+        "num_requests": num_requests,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "chat": chat,
+        "speculation": speculation,
+        "seed": seed,
+        "burstiness": burstiness,
+        "num_prompts": len(prompts),
     }
     return {
         "config": config,
@@ -292,68 +237,26 @@ async def run_benchmark(target: str, prompts: list[str], rate: float, num_reques
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.rates or args.policies:
-        return run_sweep_command(args)
-    result = asyncio.run(run_benchmark(
-        target=args.target, prompts=load_prompts(args.prompts), rate=args.rate,
-        num_requests=args.num_requests, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, chat=args.chat, speculation=args.speculation,
-        seed=args.seed, burstiness=args.burstiness, progress=not args.no_progress,
-    ))
+    """One load run; the sweep flags are `smartspec.sweep.run`'s."""
+    result = asyncio.run(
+        run_benchmark(
+            target=args.target,
+            prompts=load_prompts(args.prompts),
+            rate=args.rate,
+            num_requests=args.num_requests,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            chat=args.chat,
+            speculation=args.speculation,
+            seed=args.seed,
+            burstiness=args.burstiness,
+            progress=not args.no_progress,
+        )
+    )
     print(format_table(result["summary"]))
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
-    plot_latencies(result["requests"], output.with_suffix(".png"))
+    plots.latencies(result["requests"], output.with_suffix(".png"))
     print(f"wrote {output} and {output.with_suffix('.png')}")
     return 0 if result["summary"]["errors"] == 0 else 1
-
-
-def run_sweep_command(args: argparse.Namespace) -> int:
-    from smartspec import sweep
-
-    rates = [_positive_float(r) for r in (args.rates or str(args.rate)).split(",")]
-    policies = (args.policies or args.speculation).split(",")
-    try:
-        points = asyncio.run(sweep.run_sweep(
-            args.target, load_prompts(args.prompts), rates, policies, args.repeats, args.num_requests,
-            args.max_new_tokens, chat=args.chat, controller=args.controller, temperature=args.temperature,
-            seed=args.seed))
-    except ValueError as e:
-        raise SystemExit(f"smartspec bench: {e}") from None
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({"rates": rates, "policies": policies, "repeats": args.repeats,
-                                  "num_requests": args.num_requests, "max_new_tokens": args.max_new_tokens,
-                                  "prompts": args.prompts or "builtin", "points": points}, indent=1) + "\n")
-    print(sweep.markdown_table(points, rates, policies))
-    pngs = sweep.plot(points, rates, policies, output.parent)
-    print(f"wrote {output}, " + ", ".join(str(p) for p in pngs))
-    return 0 if all(p["errors"] == 0 for p in points) else 1
-
-
-def plot_latencies(requests: list[dict], path: Path) -> None:
-    # Figure + Agg canvas instead of pyplot: no global backend switch for the host process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    hist, cdf = fig.subplots(1, 2)
-    series = {label: np.sort([r[name] for r in requests if r["error"] is None and r[name] is not None])
-              for name, label in (("e2e_ms", "E2E"), ("ttft_ms", "TTFT"))}
-    everything = np.concatenate(list(series.values()))
-    # Shared bins, so the two histograms compare bar for bar.
-    bins = np.histogram_bin_edges(everything, bins=30) if everything.size else 30
-    for label, values in series.items():
-        if values.size:
-            hist.hist(values, bins=bins, alpha=0.6, label=label)
-            cdf.plot(values, np.arange(1, values.size + 1) / values.size, drawstyle="steps-post", label=label)
-    for ax, ylabel in ((hist, "requests"), (cdf, "fraction of requests")):
-        ax.set_xlabel("latency (ms)")
-        ax.set_ylabel(ylabel)
-        if ax.has_data():
-            ax.legend()
-    hist.set_title("Latency histogram")
-    cdf.set_title("Latency CDF")
-    fig.savefig(path, dpi=100)

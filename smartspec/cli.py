@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_arguments(sub.add_parser("ctl", help="read or change the controller's policy"))
     client.add_arguments(sub.add_parser("generate", help="stream one completion from a running server"))
     bench.add_arguments(sub.add_parser("bench", help="load-test a running server"))
-    up.add_arguments(sub.add_parser("up", help="start the local stack: proposer replicas, the controller and a verifier"))
+    up.add_arguments(
+        sub.add_parser("up", help="start the local stack: proposer replicas, the controller and a verifier")
+    )
     return parser
 
 
@@ -53,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from smartspec.up import run
 
         return run(args)
-    from smartspec.bench import run
-
+    if args.rates or args.policies:
+        from smartspec.sweep import run
+    else:
+        from smartspec.bench import run
     return run(args)
 
 

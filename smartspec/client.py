@@ -8,9 +8,9 @@ import time
 
 import grpc
 
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
 from smartspec.bench import parse_speculation
-from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +34,13 @@ def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
     if args.seed is not None:
         sampling.seed = args.seed
     return pb.GenerateRequest(
-        prompt_text=args.prompt, chat=args.chat, sampling=sampling, max_new_tokens=args.max_new_tokens,
-        stop=args.stop, speculation=parse_speculation(args.speculation))
+        prompt_text=args.prompt,
+        chat=args.chat,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        speculation=parse_speculation(args.speculation),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,8 +67,14 @@ def run(args: argparse.Namespace) -> int:
         tpot = (total - ttft) / (n - 1) * 1e3 if n > 1 else 0.0
         reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
         spec = last.speculation
-        drafts = (f", drafts accepted {spec.accepted_tokens}/{spec.proposed_tokens}"
-                  f" (mean {spec.mean_accepted_length:.2f} tokens/step)" if spec.proposed_tokens else "")
-        print(f"[{n} tokens, finish={reason}, ttft={ttft * 1e3:.0f} ms, tpot={tpot:.1f} ms, "
-              f"total={total:.2f} s{drafts}]", file=sys.stderr)
+        drafts = (
+            f", drafts accepted {spec.accepted_tokens}/{spec.proposed_tokens}"
+            f" (mean {spec.mean_accepted_length:.2f} tokens/step)"
+            if spec.proposed_tokens
+            else ""
+        )
+        print(
+            f"[{n} tokens, finish={reason}, ttft={ttft * 1e3:.0f} ms, tpot={tpot:.1f} ms, total={total:.2f} s{drafts}]",
+            file=sys.stderr,
+        )
     return 0

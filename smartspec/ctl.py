@@ -9,9 +9,9 @@ import sys
 import grpc
 
 from controller.policy import Mode, Policy
-from controller_svc.convert import MODE_FROM_PB, MODE_TO_PB
-from smartspec.v1 import controller_pb2 as pb
-from smartspec.v1 import controller_pb2_grpc as pb_grpc
+from protocol.controller import MODE_FROM_PB, MODE_TO_PB
+from protocol.v1 import controller_pb2 as pb
+from protocol.v1 import controller_pb2_grpc as pb_grpc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,16 +31,21 @@ def set_request(text: str) -> pb.SetPolicyRequest:
 def describe(policy: pb.Policy) -> dict:
     cost = policy.cost_model
     return {
-        "mode": MODE_FROM_PB.get(policy.mode, "unspecified"), "k": policy.k, "k_max": policy.k_max,
-        "version": policy.version, "acceptance_prior": round(policy.acceptance_prior, 4),
+        "mode": MODE_FROM_PB.get(policy.mode, "unspecified"),
+        "k": policy.k,
+        "k_max": policy.k_max,
+        "version": policy.version,
+        "acceptance_prior": round(policy.acceptance_prior, 4),
         "cost_model": {
             "steps_fitted": cost.num_steps,
             "verify_relative_error": round(cost.verify_relative_error, 4),
-            "verify_ms_at_tokens": {int(t): round(ms, 2) for t, ms in zip(cost.verify_token_knots,
-                                                                           cost.verify_ms_at_knots) if t <= 512},
+            "verify_ms_at_tokens": {
+                int(t): round(ms, 2) for t, ms in zip(cost.verify_token_knots, cost.verify_ms_at_knots) if t <= 512
+            },
             "verify_ms_per_request": round(cost.verify_ms_per_request, 4),
             "verify_ms_per_kv_token": round(cost.verify_ms_per_kv_token, 6),
-            "draft_step_ms": round(cost.draft_step_ms, 3), "draft_ms_per_token": round(cost.draft_ms_per_token, 3),
+            "draft_step_ms": round(cost.draft_step_ms, 3),
+            "draft_ms_per_token": round(cost.draft_ms_per_token, 3),
             "proposer_rtt_ms": round(cost.proposer_rtt_ms, 3),
         },
     }
@@ -55,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.controller) as channel:
         stub = pb_grpc.ControllerStub(channel)
         try:
-            reply = stub.SetPolicy(request, timeout=10) if request else stub.GetPolicy(pb.GetPolicyRequest(),
-                                                                                      timeout=10)
+            reply = (
+                stub.SetPolicy(request, timeout=10) if request else stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+            )
         except grpc.RpcError as e:
             print(f"smartspec ctl: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

@@ -41,11 +41,10 @@ BUILTIN_PROMPTS: list[str] = [
     "List the planets of the solar system in order from the Sun.",
     # Code completions.
     "def fibonacci(n):",
-    "def is_prime(n: int) -> bool:\n    \"\"\"Return True if n is a prime number.\"\"\"\n",
-    "def quicksort(items):\n    \"\"\"Sort a list with quicksort and return a new list.\"\"\"\n",
-    "class Stack:\n    \"\"\"A last-in, first-out stack backed by a Python list.\"\"\"\n\n"
-    "    def __init__(self):\n",
-    "import json\n\ndef load_config(path):\n    \"\"\"Read a JSON config file and return a dict.\"\"\"\n",
+    'def is_prime(n: int) -> bool:\n    """Return True if n is a prime number."""\n',
+    'def quicksort(items):\n    """Sort a list with quicksort and return a new list."""\n',
+    'class Stack:\n    """A last-in, first-out stack backed by a Python list."""\n\n    def __init__(self):\n',
+    'import json\n\ndef load_config(path):\n    """Read a JSON config file and return a dict."""\n',
     "// Returns the sum of an array of numbers.\nfunction sum(values) {",
     "SELECT customer_id, COUNT(*) AS orders\nFROM orders\n",
     "def binary_search(sorted_items, target):",
@@ -93,10 +92,14 @@ def _typos(text: str) -> str:
 # Input-grounded tasks: the answer mostly restates a passage given in the prompt,
 # which is where n-gram prompt lookup drafts well.
 GROUNDED_PROMPTS: list[str] = [
-    *(f"Correct the spelling mistakes in the following passage and write out the corrected passage.\n\n"
-      f"{_typos(p)}" for p in (_PASSAGE_LIGHTHOUSE, _PASSAGE_BRIDGE, _PASSAGE_GARDEN, _PASSAGE_TRAIN)),
-    *(f"Rewrite the following story in the present tense.\n\n{p}"
-      for p in (_PASSAGE_LIGHTHOUSE, _PASSAGE_BRIDGE, _PASSAGE_GARDEN, _PASSAGE_TRAIN)),
+    *(
+        f"Correct the spelling mistakes in the following passage and write out the corrected passage.\n\n{_typos(p)}"
+        for p in (_PASSAGE_LIGHTHOUSE, _PASSAGE_BRIDGE, _PASSAGE_GARDEN, _PASSAGE_TRAIN)
+    ),
+    *(
+        f"Rewrite the following story in the present tense.\n\n{p}"
+        for p in (_PASSAGE_LIGHTHOUSE, _PASSAGE_BRIDGE, _PASSAGE_GARDEN, _PASSAGE_TRAIN)
+    ),
     f"Summarise the following passage in one sentence.\n\n{_PASSAGE_SPECULATION}",
     f"Fix the spelling, grammar and capitalisation of this message.\n\n{_PASSAGE_MEETING}",
 ]
@@ -138,19 +141,19 @@ def _prompt_of(item: Any, where: str) -> str | None:
         raise ValueError(f"{where}: expected a string or an object, got {type(item).__name__}")
     if "prompt" in item:
         if not isinstance(item["prompt"], str):
-            raise ValueError(f"{where}: \"prompt\" must be a string")
+            raise ValueError(f'{where}: "prompt" must be a string')
         return item["prompt"]
     if "conversations" in item:
         return _first_human_turn(item["conversations"], where)
-    raise ValueError(f"{where}: object has neither \"prompt\" nor \"conversations\"")
+    raise ValueError(f'{where}: object has neither "prompt" nor "conversations"')
 
 
 def _first_human_turn(conversations: Any, where: str) -> str | None:
     if not isinstance(conversations, list):
-        raise ValueError(f"{where}: \"conversations\" must be a list")
+        raise ValueError(f'{where}: "conversations" must be a list')
     for turn in conversations:
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise ValueError(f"{where}: each turn must be an object with a string \"value\"")
+            raise ValueError(f'{where}: each turn must be an object with a string "value"')
         if turn.get("from") in _HUMAN_ROLES:
             return turn["value"]
     return None

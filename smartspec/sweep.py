@@ -9,16 +9,19 @@ that none always runs first after a change of rate.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import statistics
 from pathlib import Path
 
 import grpc
 
 from controller.policy import Mode, Policy
-from smartspec.bench import run_benchmark
+from protocol.v1 import controller_pb2_grpc
+from smartspec.bench import positive_float, run_benchmark
 from smartspec.ctl import set_request
-from smartspec.v1 import controller_pb2_grpc
+from smartspec.prompts import load_prompts
 
 POLICY_SETTLE_S = 0.5  # a pushed policy reaches verifiers in milliseconds; this is margin
 
@@ -36,9 +39,20 @@ async def set_policy(controller: str, policy: str) -> None:
     await asyncio.sleep(POLICY_SETTLE_S)
 
 
-async def run_sweep(target: str, prompts: list[str], rates: list[float], policies: list[str], repeats: int,
-                    num_requests: int, max_new_tokens: int, chat: bool = True, controller: str | None = None,
-                    temperature: float = 0.0, seed: int = 0, log=print) -> list[dict]:
+async def run_sweep(
+    target: str,
+    prompts: list[str],
+    rates: list[float],
+    policies: list[str],
+    repeats: int,
+    num_requests: int,
+    max_new_tokens: int,
+    chat: bool = True,
+    controller: str | None = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+    log=print,
+) -> list[dict]:
     check_policies(policies, controller)
     points = []
     for rate in rates:
@@ -47,17 +61,36 @@ async def run_sweep(target: str, prompts: list[str], rates: list[float], policie
             for policy in policies[shift:] + policies[:shift]:
                 if controller:
                     await set_policy(controller, policy)
-                result = await run_benchmark(target, prompts, rate, num_requests, max_new_tokens, temperature,
-                                             chat, speculation="auto" if controller else policy,
-                                             seed=seed + rep, progress=False)
+                result = await run_benchmark(
+                    target,
+                    prompts,
+                    rate,
+                    num_requests,
+                    max_new_tokens,
+                    temperature,
+                    chat,
+                    speculation="auto" if controller else policy,
+                    seed=seed + rep,
+                    progress=False,
+                )
                 s = result["summary"]
-                point = {"rate": rate, "policy": policy, "repeat": rep, "mean_e2e_ms": s["e2e_ms"]["mean"],
-                         "p99_e2e_ms": s["e2e_ms"]["p99"], "mean_tpot_ms": s["tpot_ms"]["mean"],
-                         "acceptance": s["acceptance"], "proposed_tokens": s["proposed_tokens"],
-                         "output_throughput": s["output_throughput"], "errors": s["errors"]}
+                point = {
+                    "rate": rate,
+                    "policy": policy,
+                    "repeat": rep,
+                    "mean_e2e_ms": s["e2e_ms"]["mean"],
+                    "p99_e2e_ms": s["e2e_ms"]["p99"],
+                    "mean_tpot_ms": s["tpot_ms"]["mean"],
+                    "acceptance": s["acceptance"],
+                    "proposed_tokens": s["proposed_tokens"],
+                    "output_throughput": s["output_throughput"],
+                    "errors": s["errors"],
+                }
                 points.append(point)
-                log(f"rate {rate}/s  {policy:<20} rep {rep}: mean {_s(point['mean_e2e_ms'])} s, "
-                    f"p99 {_s(point['p99_e2e_ms'])} s, acceptance {_fmt(s['acceptance'])}, errors {s['errors']}")
+                log(
+                    f"rate {rate}/s  {policy:<20} rep {rep}: mean {_s(point['mean_e2e_ms'])} s, "
+                    f"p99 {_s(point['p99_e2e_ms'])} s, acceptance {_fmt(s['acceptance'])}, errors {s['errors']}"
+                )
     return points
 
 
@@ -73,8 +106,10 @@ def medians(points: list[dict], key: str) -> dict[tuple[float, str], float | Non
 def markdown_table(points: list[dict], rates: list[float], policies: list[str]) -> str:
     """Median mean / p99 end-to-end latency per rate and policy, in seconds."""
     mean, p99 = medians(points, "mean_e2e_ms"), medians(points, "p99_e2e_ms")
-    lines = ["| rate (req/s) | " + " | ".join(f"{p} mean / p99 (s)" for p in policies) + " |",
-             "|---|" + "---|" * len(policies)]
+    lines = [
+        "| rate (req/s) | " + " | ".join(f"{p} mean / p99 (s)" for p in policies) + " |",
+        "|---|" + "---|" * len(policies),
+    ]
     for r in rates:
         lines.append(f"| {r} | " + " | ".join(f"{_s(mean[(r, p)])} / {_s(p99[(r, p)])}" for p in policies) + " |")
     return "\n".join(lines)
@@ -86,8 +121,10 @@ def plot(points: list[dict], rates: list[float], policies: list[str], out_dir: P
     from matplotlib.figure import Figure
 
     paths = []
-    for key, name, title in (("mean_e2e_ms", "latency_vs_rate.png", "mean end-to-end latency"),
-                             ("p99_e2e_ms", "p99_vs_rate.png", "p99 end-to-end latency")):
+    for key, name, title in (
+        ("mean_e2e_ms", "latency_vs_rate.png", "mean end-to-end latency"),
+        ("p99_e2e_ms", "p99_vs_rate.png", "p99 end-to-end latency"),
+    ):
         fig = Figure(figsize=(6, 4), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
@@ -111,3 +148,48 @@ def _s(ms: float | None) -> str:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """`smartspec bench --rates/--policies`: the sweep, its JSON and its figures."""
+    rates = [positive_float(r) for r in (args.rates or str(args.rate)).split(",")]
+    policies = (args.policies or args.speculation).split(",")
+    try:
+        points = asyncio.run(
+            run_sweep(
+                args.target,
+                load_prompts(args.prompts),
+                rates,
+                policies,
+                args.repeats,
+                args.num_requests,
+                args.max_new_tokens,
+                chat=args.chat,
+                controller=args.controller,
+                temperature=args.temperature,
+                seed=args.seed,
+            )
+        )
+    except ValueError as e:
+        raise SystemExit(f"smartspec bench: {e}") from None
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(
+        json.dumps(
+            {
+                "rates": rates,
+                "policies": policies,
+                "repeats": args.repeats,
+                "num_requests": args.num_requests,
+                "max_new_tokens": args.max_new_tokens,
+                "prompts": args.prompts or "builtin",
+                "points": points,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    print(markdown_table(points, rates, policies))
+    pngs = plot(points, rates, policies, output.parent)
+    print(f"wrote {output}, " + ", ".join(str(p) for p in pngs))
+    return 0 if all(p["errors"] == 0 for p in points) else 1

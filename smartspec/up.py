@@ -9,56 +9,92 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controller_svc.server import ControllerConfig
+from drafting.builtin import BUILTIN_DRAFT
+from drafting.config import DraftConfig
+from engine.config import CacheConfig
+from proposer_svc.server import ProposerConfig
+from protocol import serving
+from protocol.serving import ServerConfig
+from runtime import models
+from runtime.models import Placement
+from verifier_svc.server import SpeculationConfig, VerifierConfig
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="target model for the verifier")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N, for the verifier and draft models")
-    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16, likewise")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help="target model for the verifier")
+    # The verifier's and the draft models' placement, and the verifier's cache: the services' own settings.
+    serving.add_arguments(parser, Placement, skip=("threads",))
+    serving.add_arguments(parser, CacheConfig, defaults=CacheConfig(kv_cache_tokens=16384))
     kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--draft", default=None, help="draft model for the proposers (default: the built-in draft)")
+    kind.add_argument("--draft", default=None, help=f"draft model for the proposers (default: {BUILTIN_DRAFT})")
     kind.add_argument("--ngram", action="store_true", help="proposers draft by n-gram prompt lookup")
     parser.add_argument("--replicas", type=int, default=1, help="proposer processes")
     parser.add_argument("--port", type=int, default=50051, help="verifier gRPC port")
     parser.add_argument("--proposer-port", type=int, default=50061, help="first proposer port")
     parser.add_argument("--controller-port", type=int, default=50071, help="controller gRPC port")
-    parser.add_argument("--metrics-port", type=int, default=9400,
-                        help="verifier metrics port; the controller's is the next one (0 = off)")
-    parser.add_argument("--policy", default="smartspec",
-                        help="off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX]; `smartspec ctl set` "
-                             "changes it at run time")
-    parser.add_argument("--kv-cache-tokens", type=int, default=16384)
-    parser.add_argument("--proposer-threads", type=int, default=1,
-                        help="torch threads per proposer (0 = all cores). The processes share this machine's cores: "
-                             "a draft model on all of them slows every verify step it overlaps (measured: "
-                             "BENCHMARKS.md, 'Threads of a colocated proposer')")
-    parser.add_argument("--draft-min-confidence", type=float, default=0.0,
-                        help="passed to draft proposers as --min-confidence (`smartspec proposer --help`)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9400,
+        help="verifier metrics port; the controller's is the next one (0 = off)",
+    )
+    parser.add_argument(
+        "--policy",
+        default="smartspec",
+        help="off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX]; `smartspec ctl set` changes it at run time",
+    )
+    parser.add_argument(
+        "--proposer-threads",
+        type=int,
+        default=1,
+        help="torch threads per proposer (0 = all cores). The processes share this machine's cores: "
+        "a draft model on all of them slows every verify step it overlaps (measured: "
+        "BENCHMARKS.md, 'Threads of a colocated proposer')",
+    )
+    parser.add_argument(
+        "--draft-min-confidence",
+        type=float,
+        default=0.0,
+        help="passed to draft proposers as --min-confidence (`smartspec proposer --help`)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
-def commands(args: argparse.Namespace) -> list[list[str]]:
-    """The processes to start: proposers first, the controller, then the verifier that drafts from them."""
+def commands(args: argparse.Namespace) -> list[tuple[list[str], int]]:
+    """(command, gRPC port) per process to start: proposers first, the controller, then the
+    verifier that drafts from them."""
     if args.ngram and args.draft_min_confidence:
         raise ValueError("--draft-min-confidence needs a draft model, not --ngram")
     base = [sys.executable, "-m", "smartspec.cli"]
-    kind = ["--ngram"] if args.ngram else ["--draft", args.draft or "smollm2-draft",
-                                           "--min-confidence", str(args.draft_min_confidence)]
-    placement = ["--device", args.device, "--dtype", args.dtype]
+    placement = serving.from_args(Placement, args, skip=("threads",))
+    drafting = DraftConfig(
+        draft=None if args.ngram else args.draft or BUILTIN_DRAFT, min_confidence=args.draft_min_confidence
+    )
     ports = [args.proposer_port + i for i in range(args.replicas)]
     proposers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    procs = [base + ["proposer", *kind, *placement, "--port", str(p), "--threads", str(args.proposer_threads)]
-             for p in ports]
-    procs.append(base + ["controller", "--port", str(args.controller_port), "--policy", args.policy,
-                         "--metrics-port", str(args.metrics_port + 1 if args.metrics_port else 0),
-                         "--proposers", proposers])
-    procs.append(base + ["verifier", "--model", args.model, *placement, "--port", str(args.port),
-                         "--metrics-port", str(args.metrics_port), "--kv-cache-tokens", str(args.kv_cache_tokens),
-                         "--policy", args.policy, "--proposer", proposers,
-                         "--controller", f"127.0.0.1:{args.controller_port}"])
+    procs = []
+    for port in ports:
+        config = ProposerConfig(drafting, replace(placement, threads=args.proposer_threads), ServerConfig(port=port))
+        procs.append((base + ["proposer", *(["--ngram"] if args.ngram else []), *serving.to_argv(config)], port))
+    metrics = ServerConfig(port=args.controller_port, metrics_port=args.metrics_port + 1 if args.metrics_port else 0)
+    controller = ControllerConfig(metrics, policy=args.policy, proposers=proposers)
+    procs.append((base + ["controller", *serving.to_argv(controller)], args.controller_port))
+    verifier = VerifierConfig(
+        model=args.model,
+        placement=placement,
+        cache=serving.from_args(CacheConfig, args),
+        speculation=SpeculationConfig(
+            policy=args.policy, proposer=proposers, controller=f"127.0.0.1:{args.controller_port}"
+        ),
+        server=ServerConfig(port=args.port, metrics_port=args.metrics_port),
+    )
+    procs.append((base + ["verifier", *serving.to_argv(verifier)], args.port))
     return procs
 
 
@@ -83,13 +119,15 @@ def run(args: argparse.Namespace) -> int:
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
-        for cmd in commands(args):
+        for cmd, port in commands(args):
             procs.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-            port = int(cmd[cmd.index("--port") + 1])
             wait_serving(port, procs[-1], args.startup_timeout)
-        print(f"smartspec stack up: verifier on 127.0.0.1:{args.port}, controller on "
-              f"127.0.0.1:{args.controller_port} ({args.replicas} proposer{'s' if args.replicas > 1 else ''}); "
-              "Ctrl-C stops it", flush=True)
+        print(
+            f"smartspec stack up: verifier on 127.0.0.1:{args.port}, controller on "
+            f"127.0.0.1:{args.controller_port} ({args.replicas} proposer{'s' if args.replicas > 1 else ''}); "
+            "Ctrl-C stops it",
+            flush=True,
+        )
         while not stop["now"] and all(p.poll() is None for p in procs):
             time.sleep(0.2)
     except KeyboardInterrupt:

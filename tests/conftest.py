@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The CPU linear products are timed once per machine and cached; the tests (and the processes
+# they start) share one cache of their own instead of the user's.
+os.environ.setdefault("SMARTSPEC_CACHE_DIR", tempfile.mkdtemp(prefix="smartspec-test-cache-"))
 
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from smartspec.models import load_tokenizer
+    from runtime.models import load_tokenizer
 
     return load_tokenizer("smollm2")
 
@@ -24,11 +31,19 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
 
     torch.manual_seed(1234)
     config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        initializer_range=0.3, tie_word_embeddings=False,
-        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id,
-        pad_token_id=smollm2_tokenizer.pad_token_id)
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+        tie_word_embeddings=False,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
@@ -39,7 +54,7 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
 @pytest.fixture(scope="session")
 def smollm2_pair():
     """Two separate SmolLM2 instances: one for the engine, one as the Hugging Face reference."""
-    from smartspec.models import load_model
+    from runtime.models import load_model
 
     return load_model("smollm2"), load_model("smollm2")
 
@@ -59,9 +74,19 @@ def small_vocab_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(7)
-    config = LlamaConfig(vocab_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         initializer_range=0.15, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    config = LlamaConfig(
+        vocab_size=12,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.15,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     path = tmp_path_factory.mktemp("small-vocab")
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)

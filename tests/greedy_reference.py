@@ -28,14 +28,17 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: boo
         with torch.inference_mode():
             for _ in range(max_new_tokens):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        return ids[len(prompt_ids):]
+        return ids[len(prompt_ids) :]
     config = copy.deepcopy(model.generation_config)
     config.pad_token_id = config.eos_token_id
     config.max_new_tokens, config.max_length, config.do_sample = max_new_tokens, None, False
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             generation_config=config)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            generation_config=config,
+        )
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def assert_same_greedy(model, prompt_ids: list[int], ours: list[int], theirs: list[int]) -> None:
@@ -54,6 +57,7 @@ def assert_same_greedy(model, prompt_ids: list[int], ours: list[int], theirs: li
         gap = float(top.values[0] - top.values[1])
         assert set(top.indices.tolist()) == {a, b} and gap < NEAR_TIE, (
             f"token {t} differs: ours {a}, reference {b}; reference top-2 {top.indices.tolist()} "
-            f"gap {gap:.2e} is no near-tie")
+            f"gap {gap:.2e} is no near-tie"
+        )
         return
     assert len(ours) == len(theirs), f"lengths differ: ours {len(ours)}, reference {len(theirs)}"

@@ -8,7 +8,8 @@ import threading
 import grpc
 
 from proposer_svc.server import ProposerConfig, ProposerServer
-from smartspec.v1 import generation_pb2_grpc
+from protocol.serving import ServerConfig, from_options
+from protocol.v1 import generation_pb2_grpc
 from verifier_svc.server import Verifier, VerifierConfig
 
 
@@ -32,7 +33,7 @@ class LoopThread:
 class ProposerThread(LoopThread):
     def __init__(self, port: int = 0, backend=None):
         super().__init__()
-        self.server = ProposerServer(ProposerConfig(port=port), backend)
+        self.server = ProposerServer(ProposerConfig(server=ServerConfig(port=port)), backend)
         self.run(self.server.start())
         self.address = f"127.0.0.1:{self.server.port}"
 
@@ -44,9 +45,15 @@ class ProposerThread(LoopThread):
 class VerifierThread(LoopThread):
     def __init__(self, model, tokenizer, proposers: list[str], **overrides):
         super().__init__()
-        settings = dict(model="unused", port=0, metrics_port=0, kv_cache_tokens=4096,
-                        proposer=",".join(proposers), proposer_deadline_ms=2000)
-        config = VerifierConfig(**{**settings, **overrides})
+        settings = dict(
+            model="unused",
+            port=0,
+            metrics_port=0,
+            kv_cache_tokens=4096,
+            proposer=",".join(proposers),
+            proposer_deadline_ms=2000,
+        )
+        config = from_options(VerifierConfig, **{**settings, **overrides})
         self.verifier = Verifier(config, model, tokenizer)
         self.run(self.verifier.start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.verifier.port}")

@@ -10,23 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import grpc
 
-from controller_svc.convert import policy_from_pb, step_to_pb
-from smartspec.v1 import controller_pb2 as pb
-from smartspec.v1 import controller_pb2_grpc as pb_grpc
-from verifier_svc.async_engine import AsyncEngine
+from engine.planner import SpecPlanner
+from protocol.controller import policy_from_pb, step_to_pb
+from protocol.v1 import controller_pb2 as pb
+from protocol.v1 import controller_pb2_grpc as pb_grpc
+from verifier_svc.loop import ServingLoop
 
 log = logging.getLogger(__name__)
 
 
 class ControllerClient:
-    def __init__(self, address: str, verifier_id: str, engine: AsyncEngine, report_every_s: float = 0.25,
-                 backoff_s: tuple[float, float] = (0.2, 5.0)):
+    def __init__(
+        self,
+        address: str,
+        verifier_id: str,
+        loop: ServingLoop,
+        on_endpoints: Callable[[list[str]], Awaitable[None]] | None = None,
+        report_every_s: float = 0.25,
+        backoff_s: tuple[float, float] = (0.2, 5.0),
+    ):
+        """`on_endpoints`: applies a pushed proposer endpoint set (None: the verifier's
+        proposer has no endpoints, and pushed ones are ignored)."""
         self.address = address
         self.verifier_id = verifier_id
-        self.engine = engine
+        self.loop = loop
+        self.planner: SpecPlanner = loop.engine.planner
+        self.on_endpoints = on_endpoints
         self.report_every_s = report_every_s
         self.backoff_s = backoff_s
         self.connected = asyncio.Event()
@@ -57,8 +70,12 @@ class ControllerClient:
                 raise
             except grpc.aio.AioRpcError as exc:
                 if self.connected.is_set() or delay == self.backoff_s[0]:
-                    log.warning("controller %s unreachable (%s); keeping policy %s and fitting locally",
-                                self.address, exc.code().name, self.engine.engine.planner.policy)
+                    log.warning(
+                        "controller %s unreachable (%s); keeping policy %s and fitting locally",
+                        self.address,
+                        exc.code().name,
+                        self.planner.policy,
+                    )
             except Exception:
                 log.exception("controller stream failed")
             self._lost()
@@ -67,25 +84,21 @@ class ControllerClient:
 
     def _lost(self) -> None:
         self.connected.clear()
-        planner = self.engine.engine.planner
-        planner.apply(planner.policy, None)  # keep the policy, plan on the local fit
+        self.planner.apply(self.planner.policy, None)  # keep the policy, plan on the local fit
 
     async def _apply(self, update: pb.ControllerUpdate) -> None:
         if update.HasField("policy"):
             policy, cost, prior = policy_from_pb(update.policy)
-            self.engine.engine.planner.apply(policy, cost, prior)
+            self.planner.apply(policy, cost, prior)
             self.policy_version = update.policy.version
-        if update.HasField("endpoints") and update.endpoints.addresses:
-            set_endpoints = getattr(self.engine.engine.proposer, "set_endpoints", None)
-            if set_endpoints is not None:
-                await set_endpoints(list(update.endpoints.addresses))
+        if update.HasField("endpoints") and update.endpoints.addresses and self.on_endpoints is not None:
+            await self.on_endpoints(list(update.endpoints.addresses))
 
     async def _reports(self):
-        steps = self.engine.steps
+        steps = self.loop.steps
         while True:
             batch = []
             while steps:
-                r = steps.popleft()
-                batch.append(step_to_pb(r.step_id, r.stats, r.propose_ms, r.draft_ms, r.step_ms, r.emitted_tokens))
+                batch.append(step_to_pb(steps.popleft()))
             yield pb.VerifierReport(verifier_id=self.verifier_id, steps=batch)
             await asyncio.sleep(self.report_every_s)

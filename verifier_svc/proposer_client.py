@@ -21,9 +21,10 @@ import time
 
 import grpc
 
-from smartspec.v1 import proposer_pb2 as pb
-from smartspec.v1 import proposer_pb2_grpc as pb_grpc
-from verifier_svc.rejection import Draft
+from protocol.proposer import draft_from_pb, item_to_pb
+from protocol.v1 import proposer_pb2 as pb
+from protocol.v1 import proposer_pb2_grpc as pb_grpc
+from runtime.draft import Draft, DraftRequest, Proposal
 
 log = logging.getLogger(__name__)
 MAX_PENDING_RELEASES = 10_000
@@ -78,8 +79,9 @@ class ProposerClient:
     """`endpoints`: host:port of each replica, or one `dns:NAME:PORT` whose addresses are
     re-resolved every `resolve_every_s` (a headless Kubernetes Service, say)."""
 
-    def __init__(self, endpoints: list[str], deadline_s: float = 0.1, backoff_s: float = 1.0,
-                 resolve_every_s: float = 10.0):
+    def __init__(
+        self, endpoints: list[str], deadline_s: float = 0.1, backoff_s: float = 1.0, resolve_every_s: float = 10.0
+    ):
         if not endpoints:
             raise ValueError("at least one proposer endpoint is needed")
         self.deadline_s = deadline_s
@@ -94,8 +96,6 @@ class ProposerClient:
         else:
             self.replicas = {address: Replica(address) for address in endpoints}
         self._steps = itertools.count()
-        self.last_failures = 0  # replicas that failed in the last propose()
-        self.last_draft_ms = 0.0  # the slowest replica's own drafting time in the last propose()
 
     async def set_endpoints(self, endpoints: list[str]) -> None:
         """Adds new replicas and closes vanished ones (their requests move by rendezvous)."""
@@ -119,23 +119,22 @@ class ProposerClient:
         up = [a for a, r in self.replicas.items() if r.available()] or list(self.replicas)
         return self.replicas[rendezvous(request_id, up)]
 
-    async def propose(self, requests) -> list[Draft | None]:
-        """requests: items with request_id, token_ids (whole context), k and params."""
+    async def propose(self, requests: list[DraftRequest]) -> Proposal:
+        """Drafting time is the slowest replica's own; a failed replica's requests get None."""
         if self.dns is not None and time.monotonic() >= self._next_resolve:
             await self._resolve()
         results: list[Draft | None] = [None] * len(requests)
-        self.last_draft_ms = 0.0
-        self.last_failures = 0
         if not self.replicas:
-            return results
+            return Proposal(results)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(self.replica_for(r.request_id).address, []).append(i)
         calls = [self._propose_on(self.replicas[a], idxs, requests, results) for a, idxs in groups.items()]
         # Replicas are asked concurrently; one replica (the usual case) needs no tasks.
-        outcomes = await asyncio.gather(*calls) if len(calls) > 1 else [await calls[0]]
-        self.last_failures = outcomes.count(False)
-        return results
+        draft_ms = await asyncio.gather(*calls) if len(calls) > 1 else [await calls[0]]
+        return Proposal(
+            results, max((ms for ms in draft_ms if ms is not None), default=0.0), failures=draft_ms.count(None)
+        )
 
     def release(self, request_ids) -> None:
         """Queues releases for the replicas holding these requests (sent with their next exchange)."""
@@ -148,40 +147,32 @@ class ProposerClient:
         for replica in self.replicas.values():
             await replica.close()
 
-    async def _propose_on(self, replica: Replica, idxs: list[int], requests, results) -> bool:
+    async def _propose_on(self, replica: Replica, idxs: list[int], requests, results) -> float | None:
+        """Fills the replica's share of `results`; its drafting time, or None when it failed."""
         if not replica.available():
-            return False
+            return None
         message = pb.ProposeRequest(step_id=next(self._steps), released_request_ids=replica.released)
         for i in idxs:
-            message.items.append(_item(requests[i], replica.known.get(requests[i].request_id)))
+            message.items.append(item_to_pb(requests[i], replica.known.get(requests[i].request_id)))
         replica.released = []
         try:
             response = await replica.exchange(message, self.deadline_s)
             if response.step_id != message.step_id or len(response.results) != len(idxs):
                 raise ConnectionError("reply does not answer the request")
         except Exception as exc:  # timeouts, RPC errors, a stream finished under us: all cost only drafts
-            log.warning("proposer %s failed (%s): no drafts for %d requests this step",
-                        replica.address, type(exc).__name__, len(idxs))
+            log.warning(
+                "proposer %s failed (%s): no drafts for %d requests this step",
+                replica.address,
+                type(exc).__name__,
+                len(idxs),
+            )
             await replica.fail(self.backoff_s)
-            return False
-        self.last_draft_ms = max(self.last_draft_ms, response.draft_ms)
+            return None
         for i, res in zip(idxs, response.results):
             request_id = requests[i].request_id
             if res.status != pb.PROPOSE_STATUS_OK:
                 replica.known.pop(request_id, None)  # resync: full context next time
                 continue
             replica.known[request_id] = len(requests[i].token_ids)
-            probs = [(list(d.token_ids), list(d.probs)) for d in res.draft_probs] or None
-            results[i] = Draft(list(res.draft_token_ids), probs, res.stopped_early)
-        return True
-
-
-def _item(request, known: int | None) -> pb.ProposeItem:
-    tokens = request.token_ids
-    full = known is None or known > len(tokens)
-    p = request.params
-    sampling = pb.DraftSampling(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
-    if p.seed is not None:
-        sampling.seed = p.seed
-    return pb.ProposeItem(request_id=request.request_id, new_token_ids=tokens if full else tokens[known:],
-                          total_length=len(tokens), k=request.k, sampling=sampling, full_context=full)
+            results[i] = draft_from_pb(res)
+        return response.draft_ms

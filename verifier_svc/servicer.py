@@ -1,57 +1,45 @@
-"""smartspec.v1.Generation: converts messages and hands off to the async engine."""
+"""smartspec.v1.Generation: converts messages and hands off to the serving loop."""
 
 from __future__ import annotations
 
 import logging
-import time
 
 import grpc
 
-from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
-from verifier_svc.async_engine import AsyncEngine, EngineError
-from verifier_svc.engine import FinishReason, RequestOutput
-from verifier_svc.planner import SpecMode
-from verifier_svc.scheduler import QueueFull
-from verifier_svc.validation import InvalidRequest, Limits, validate
+from engine.output import FinishReason
+from engine.scheduler import QueueFull
+from protocol.generation import InvalidRequest, Limits, response_to_pb, validate
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
+from verifier_svc.loop import ServingLoop
 
 log = logging.getLogger(__name__)
 
-_SPEC_MODE = {
-    pb.SPECULATION_MODE_AUTO: SpecMode.AUTO,
-    pb.SPECULATION_MODE_OFF: SpecMode.OFF,
-    pb.SPECULATION_MODE_FIXED: SpecMode.FIXED,
-}
-_FINISH = {
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
-}
-
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: AsyncEngine, tokenizer, limits: Limits):
-        self.engine = engine
+    def __init__(self, loop: ServingLoop, tokenizer, limits: Limits):
+        self.loop = loop
         self.tokenizer = tokenizer
         self.limits = limits
         self.draining = False
 
     def tokenize(self, text: str, chat: bool) -> list[int]:
         if chat:
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
-                return_dict=False))
+            return list(
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         return self.tokenizer(text).input_ids
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        metrics = self.engine.metrics
+        metrics = self.loop.metrics
         if self.draining:
             metrics.rejected.labels("UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         try:
             valid = validate(request, self.tokenize, self.limits)
-            queue = self.engine.submit(valid.request_id, valid.prompt_ids, valid.params,
-                                       _SPEC_MODE[valid.speculation_mode], valid.speculation_k)
+            queue = self.loop.submit(valid.request_id, valid.prompt_ids, valid.params, valid.policy)
         except InvalidRequest as exc:
             metrics.rejected.labels("INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -65,36 +53,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             while True:
                 out = await queue.get()
-                if isinstance(out, EngineError):
-                    await context.abort(grpc.StatusCode.INTERNAL, str(out))
+                if out.finish_reason == FinishReason.ERROR:
+                    finished = True  # the engine dropped it already
+                    await context.abort(grpc.StatusCode.INTERNAL, out.error)
                 finished = out.finish_reason is not None
-                yield _response(out, len(valid.prompt_ids))
+                yield response_to_pb(out, len(valid.prompt_ids))
                 if finished:
                     return
         finally:
             if not finished:  # client cancelled, deadline passed or the server is stopping
-                self.engine.abort(valid.request_id)
+                self.loop.abort(valid.request_id)
                 if context.cancelled():
                     metrics.cancelled.inc()
-
-
-def _response(out: RequestOutput, prompt_tokens: int) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text)
-    if out.finish_reason is None:
-        return msg
-    seq = out.seq
-    now = time.monotonic()
-    msg.finish_reason = _FINISH[out.finish_reason]
-    msg.matched_stop = out.matched_stop
-    msg.usage.prompt_tokens = prompt_tokens
-    msg.usage.completion_tokens = len(seq.output_ids)
-    msg.speculation.proposed_tokens = seq.num_proposed
-    msg.speculation.accepted_tokens = seq.num_accepted
-    msg.speculation.speculative_steps = seq.num_spec_steps
-    if seq.num_spec_steps:
-        msg.speculation.mean_accepted_length = (seq.num_accepted + seq.num_spec_steps) / seq.num_spec_steps
-    started = seq.first_scheduled_time or now
-    msg.timings.queue_ms = (started - seq.arrival_time) * 1e3
-    msg.timings.time_to_first_token_ms = ((seq.first_token_time or now) - seq.arrival_time) * 1e3
-    msg.timings.e2e_ms = (now - seq.arrival_time) * 1e3
-    return msg

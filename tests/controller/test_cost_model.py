@@ -1,8 +1,20 @@
 import numpy as np
 import pytest
 
-from controller.cost_model import (HUBER_ITERATIONS, TOKEN_KNOTS, CostModelFitter, CostParams, StepSample,
-                                   linear_prior)
+from controller.cost_model import HUBER_ITERATIONS, TOKEN_KNOTS, CostModelFitter, CostParams, linear_prior
+from controller.step import StepRecord
+
+
+def step(batch, tokens, kv, ms, planned_k=(), propose_ms=0.0, draft_ms=0.0):
+    return StepRecord(
+        batch_size=batch,
+        num_batched_tokens=tokens,
+        num_kv_tokens=kv,
+        verify_ms=ms,
+        planned_k=tuple(int(k) for k in planned_k),
+        propose_ms=propose_ms,
+        draft_ms=draft_ms,
+    )
 
 
 def gpu_like(tokens, batch, kv):
@@ -21,7 +33,7 @@ def live_steps(rng, truth, n, noise=0.03):
         tokens = batch * (k + 1) + int(rng.integers(0, 3)) * 16 * int(rng.random() < 0.2)
         kv = batch * int(rng.integers(32, 600))
         ms = truth(tokens, batch, kv) * (1 + noise * rng.standard_normal())
-        yield StepSample(batch, tokens, kv, ms)
+        yield step(batch, tokens, kv, ms)
 
 
 @pytest.mark.parametrize("truth", [gpu_like, cpu_like])
@@ -53,7 +65,7 @@ def test_a_single_line_misses_the_knee():
 def test_extrapolates_unseen_token_counts_along_the_line():
     fitter = CostModelFitter()
     for tokens in (1, 2, 4, 8, 16) * 20:
-        fitter.observe(StepSample(tokens, tokens, 0, cpu_like(tokens, tokens, 0)))
+        fitter.observe(step(tokens, tokens, 0, cpu_like(tokens, tokens, 0)))
     p = fitter.refit()
     assert float(p.verify_ms(32, 32, 0)) == pytest.approx(cpu_like(32, 32, 0), rel=0.1)
     for unseen in (3, 6, 12):  # knots without data sit on the line through their neighbours
@@ -63,12 +75,13 @@ def test_extrapolates_unseen_token_counts_along_the_line():
 def test_knots_never_fall():
     """A dip in the data (here 16 tokens 202 ms, 32 tokens 158 ms) is noise of shared cores or a
     kernel the engine no longer uses; a planner that believed it would draft to get there."""
+
     def dip(tokens):
         return {16: 202.0, 24: 180.0, 32: 158.0}.get(tokens, 60.0 + 4.0 * tokens)
 
     fitter = CostModelFitter()
     for tokens in (8, 12, 16, 24, 32, 48, 64) * 30:
-        fitter.observe(StepSample(16 if tokens >= 16 else tokens, tokens, 0, dip(tokens)))
+        fitter.observe(step(16 if tokens >= 16 else tokens, tokens, 0, dip(tokens)))
     p = fitter.refit()
     assert np.all(np.diff(p.verify_ms_at_knots) >= 0)
     assert float(p.verify_ms(16, 32, 0)) == pytest.approx(float(p.verify_ms(16, 16, 0)), rel=0.02)  # pooled
@@ -79,8 +92,9 @@ def test_rising_is_the_weighted_closest_non_decreasing_sequence():
 
     np.testing.assert_allclose(_rising(np.array([1.0, 3.0, 2.0, 4.0]), np.ones(4)), [1.0, 2.5, 2.5, 4.0])
     np.testing.assert_allclose(_rising(np.array([1.0, 3.0, 2.0]), np.array([1.0, 1.0, 3.0])), [1.0, 2.25, 2.25])
-    np.testing.assert_allclose(_rising(np.array([5.0, 1.0, 1.0]), np.array([1e-3, 1.0, 1.0])), [1.002, 1.002, 1.002],
-                               rtol=1e-3)
+    np.testing.assert_allclose(
+        _rising(np.array([5.0, 1.0, 1.0]), np.array([1e-3, 1.0, 1.0])), [1.002, 1.002, 1.002], rtol=1e-3
+    )
 
 
 def test_learns_the_cliff_of_power_of_two_row_counts():
@@ -94,7 +108,7 @@ def test_learns_the_cliff_of_power_of_two_row_counts():
     rng = np.random.default_rng(5)
     for _ in range(600):
         tokens = int(rng.integers(1, 41))
-        fitter.observe(StepSample(1, tokens, 300, float(padded(tokens, 1, 300)) * rng.normal(1.0, 0.02)))
+        fitter.observe(step(1, tokens, 300, float(padded(tokens, 1, 300)) * rng.normal(1.0, 0.02)))
     p = fitter.refit()
     for tokens in (3, 4, 9, 16, 17, 20, 32):
         assert float(p.verify_ms(1, tokens, 300)) == pytest.approx(float(padded(tokens, 1, 300)), rel=0.05)
@@ -111,9 +125,9 @@ def test_slow_outliers_do_not_lift_the_typical_step():
         batch = int(rng.integers(1, 9))
         tokens = batch * int(rng.integers(1, 5))
         slowed = rng.uniform(1.3, 1.6) if rng.random() < 0.2 else 1.0
-        step = StepSample(batch, tokens, batch * 200, typical(tokens, batch) * slowed * rng.normal(1.0, 0.02))
-        huber.observe(step)
-        least_squares.observe(step)
+        record = step(batch, tokens, batch * 200, typical(tokens, batch) * slowed * rng.normal(1.0, 0.02))
+        huber.observe(record)
+        least_squares.observe(record)
     shapes = [(b, b * q) for b in range(1, 9) for q in range(1, 5)]
 
     def error(p: CostParams) -> float:
@@ -130,8 +144,7 @@ def test_draft_cost_and_rtt_from_proposal_times():
     for _ in range(300):
         ks = rng.integers(1, 6, size=int(rng.integers(1, 9)))
         draft = 4.0 * ks.max() + 0.5 * ks.sum()
-        fitter.observe(StepSample(len(ks), int(ks.sum() + len(ks)), 100, 50.0, int(ks.max()), int(ks.sum()),
-                                  propose_ms=draft + 0.8, draft_ms=draft))
+        fitter.observe(step(len(ks), int(ks.sum() + len(ks)), 100, 50.0, ks, propose_ms=draft + 0.8, draft_ms=draft))
     p = fitter.refit()
     assert p.draft_step_ms == pytest.approx(4.0, rel=0.01)
     assert p.draft_ms_per_token == pytest.approx(0.5, rel=0.02)
@@ -145,7 +158,7 @@ def test_draft_step_is_told_from_the_hop_under_a_fixed_depth():
     # are indistinguishable; the reported drafting time separates them.
     fitter = CostModelFitter()
     for _ in range(100):
-        fitter.observe(StepSample(4, 16, 400, 50.0, 3, 12, propose_ms=31.0 + 1.0, draft_ms=31.0))
+        fitter.observe(step(4, 16, 400, 50.0, (3, 3, 3, 3), propose_ms=31.0 + 1.0, draft_ms=31.0))
     p = fitter.refit()
     assert float(p.propose_ms(3, 12)) == pytest.approx(32.0)
     assert float(p.propose_ms(1, 4)) < 14.0  # a shallower draft is cheaper, not the same 32 ms
@@ -156,8 +169,17 @@ def test_timeouts_count_in_the_waited_time():
     fitter = CostModelFitter()
     for i in range(100):
         timed_out = i % 10 == 0
-        fitter.observe(StepSample(4, 16, 400, 50.0, 2, 8, propose_ms=50.0 if timed_out else 9.0,
-                                  draft_ms=0.0 if timed_out else 8.0))
+        fitter.observe(
+            step(
+                4,
+                16,
+                400,
+                50.0,
+                (2, 2, 2, 2),
+                propose_ms=50.0 if timed_out else 9.0,
+                draft_ms=0.0 if timed_out else 8.0,
+            )
+        )
     p = fitter.refit()
     # 10% of steps wait the 50 ms deadline: the expected wait is 0.9 * 9 + 0.1 * 50 = 13.1 ms.
     assert float(p.propose_ms(2, 8)) == pytest.approx(13.1, rel=0.01)
@@ -168,8 +190,7 @@ def test_without_reported_drafting_time_the_waited_time_is_fitted():
     fitter = CostModelFitter()
     for _ in range(200):
         ks = rng.integers(1, 6, size=int(rng.integers(1, 9)))
-        fitter.observe(StepSample(len(ks), int(ks.sum() + len(ks)), 100, 50.0, int(ks.max()), int(ks.sum()),
-                                  propose_ms=2.0 + 3.0 * ks.max()))
+        fitter.observe(step(len(ks), int(ks.sum() + len(ks)), 100, 50.0, ks, propose_ms=2.0 + 3.0 * ks.max()))
     p = fitter.refit()
     assert p.draft_step_ms == pytest.approx(3.0, rel=0.01)
     assert p.proposer_rtt_ms == pytest.approx(2.0, rel=0.02)
@@ -193,10 +214,14 @@ def test_linear_prior():
 
 
 def test_profiles_seed_the_fit(tmp_path):
-    from controller.profile import load_profile, write_profile
+    import json
 
-    rows = [{"B": b, "q": q, "ctx": 128, "ms": cpu_like(b * q, b, b * (128 + q))} for b in (1, 4, 16) for q in (1, 2, 4)]
-    write_profile(str(tmp_path / "p.json"), rows)
+    from controller.profile import load_profile
+
+    rows = [
+        {"B": b, "q": q, "ctx": 128, "ms": cpu_like(b * q, b, b * (128 + q))} for b in (1, 4, 16) for q in (1, 2, 4)
+    ]
+    (tmp_path / "p.json").write_text(json.dumps({"rows": rows}))
     fitter = CostModelFitter()
     for s in load_profile(str(tmp_path / "p.json")):
         fitter.observe(s)

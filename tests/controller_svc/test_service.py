@@ -7,18 +7,27 @@ import time
 
 import grpc
 import pytest
+from service_threads import LoopThread
 
 from controller_svc.server import Controller, ControllerConfig
-from service_threads import LoopThread
-from smartspec.v1 import controller_pb2 as pb
-from smartspec.v1 import controller_pb2_grpc as pb_grpc
+from protocol.serving import from_options
+from protocol.v1 import controller_pb2 as pb
+from protocol.v1 import controller_pb2_grpc as pb_grpc
 
 
 @pytest.fixture
 def controller():
     loop = LoopThread()
-    ctl = Controller(ControllerConfig(port=0, metrics_port=0, policy="smartspec:4", proposers="10.0.0.1:50061",
-                                      push_interval_s=0.1))
+    ctl = Controller(
+        from_options(
+            ControllerConfig,
+            port=0,
+            metrics_port=0,
+            policy="smartspec:4",
+            proposers="10.0.0.1:50061",
+            push_interval_s=0.1,
+        )
+    )
     loop.run(ctl.start())
     channel = grpc.insecure_channel(f"127.0.0.1:{ctl.port}")
     yield ctl, pb_grpc.ControllerStub(channel)
@@ -29,17 +38,30 @@ def controller():
 
 def step(i: int, batch: int = 4, k: int = 2, verify_ms: float | None = None) -> pb.StepMetrics:
     tokens = batch * (k + 1)
-    return pb.StepMetrics(step_id=i, batch_size=batch, num_batched_tokens=tokens, num_kv_tokens=batch * 100,
-                          proposed=[k] * batch if k else [], accepted=[1] * batch if k else [], verify_ms=verify_ms or 20.0 + 2.0 * tokens,
-                          propose_ms=3.0, draft_ms=2.5, step_ms=30.0, emitted_tokens=2 * batch, draft_steps=k,
-                          draft_tokens=k * batch, planned_k=[k] * batch)
+    return pb.StepMetrics(
+        step_id=i,
+        batch_size=batch,
+        num_batched_tokens=tokens,
+        num_kv_tokens=batch * 100,
+        proposed=[k] * batch if k else [],
+        accepted=[1] * batch if k else [],
+        verify_ms=verify_ms or 20.0 + 2.0 * tokens,
+        propose_ms=3.0,
+        draft_ms=2.5,
+        step_ms=30.0,
+        emitted_tokens=2 * batch,
+        draft_steps=k,
+        draft_tokens=k * batch,
+        planned_k=[k] * batch,
+    )
 
 
 def reports(n: int, verifier_id: str = "v1", then_wait_s: float = 3.0, sent: threading.Event | None = None):
     """n reports, then the stream stays open like a live verifier's; `sent` is set once all are handed over."""
     for i in range(n):
-        yield pb.VerifierReport(verifier_id=verifier_id, steps=[step(i * 4 + j, batch=1 + (i + j) % 8, k=j % 4)
-                                                                for j in range(4)])
+        yield pb.VerifierReport(
+            verifier_id=verifier_id, steps=[step(i * 4 + j, batch=1 + (i + j) % 8, k=j % 4) for j in range(4)]
+        )
     if sent is not None:
         sent.set()
     time.sleep(then_wait_s)
@@ -68,6 +90,21 @@ def test_connect_gets_the_policy_and_endpoints_then_fitted_updates(controller):
     assert got.cost_model.num_steps == 120 and got.cost_model.draft_step_ms > 0
 
 
+def test_a_disconnected_verifier_is_forgotten_with_its_goodput_series(controller):
+    ctl, stub = controller
+    sent = threading.Event()
+    call = stub.Connect(reports(3, verifier_id="gone", then_wait_s=0.0, sent=sent), timeout=10)
+    for _ in call:  # the stream ends when the verifier closes its side
+        pass
+    assert sent.is_set()
+    deadline = time.monotonic() + 10
+    while "gone" in ctl.state._recent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "gone" not in ctl.state._recent
+    assert ctl.metrics.registry.get_sample_value("smartspec_goodput_tokens_per_second", {"verifier": "gone"}) is None
+    assert ctl.state.fitter.num_seen == 12  # what it taught the fits stays
+
+
 def test_set_policy_is_pushed_to_connected_verifiers(controller):
     ctl, stub = controller
 
@@ -82,12 +119,15 @@ def test_set_policy_is_pushed_to_connected_verifiers(controller):
     call.cancel()
 
 
-@pytest.mark.parametrize("request_,field", [
-    (pb.SetPolicyRequest(k=9), "k:"),
-    (pb.SetPolicyRequest(k_max=-1), "k_max:"),
-    (pb.SetPolicyRequest(mode=pb.POLICY_MODE_FIXED), "k:"),
-    (pb.SetPolicyRequest(mode=42), "mode:"),
-])
+@pytest.mark.parametrize(
+    "request_,field",
+    [
+        (pb.SetPolicyRequest(k=9), "k:"),
+        (pb.SetPolicyRequest(k_max=-1), "k_max:"),
+        (pb.SetPolicyRequest(mode=pb.POLICY_MODE_FIXED), "k:"),
+        (pb.SetPolicyRequest(mode=42), "mode:"),
+    ],
+)
 def test_bad_set_policy(controller, request_, field):
     _, stub = controller
     with pytest.raises(grpc.RpcError) as err:
@@ -96,12 +136,15 @@ def test_bad_set_policy(controller, request_, field):
     assert stub.GetPolicy(pb.GetPolicyRequest()).mode == pb.POLICY_MODE_SMARTSPEC  # nothing changed
 
 
-@pytest.mark.parametrize("report,field", [
-    (pb.VerifierReport(steps=[step(0)]), "verifier_id"),
-    (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(proposed=[2], accepted=[3])]), "steps[0].accepted"),
-    (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(proposed=[2])]), "steps[0].accepted"),
-    (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(verify_ms=float("nan"))]), "steps[0].verify_ms"),
-])
+@pytest.mark.parametrize(
+    "report,field",
+    [
+        (pb.VerifierReport(steps=[step(0)]), "verifier_id"),
+        (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(proposed=[2], accepted=[3])]), "steps[0].accepted"),
+        (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(proposed=[2])]), "steps[0].accepted"),
+        (pb.VerifierReport(verifier_id="v", steps=[pb.StepMetrics(verify_ms=float("nan"))]), "steps[0].verify_ms"),
+    ],
+)
 def test_bad_reports_end_the_stream_naming_the_field(controller, report, field):
     _, stub = controller
     call = stub.Connect(iter([report]), timeout=10)

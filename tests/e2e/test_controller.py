@@ -10,20 +10,34 @@ import sys
 import time
 
 import pytest
-
 from greedy_reference import assert_same_greedy, hf_greedy
 from service_threads import VerifierThread
-from smartspec.models import load_model
+
+from protocol.v1 import generation_pb2 as pb
+from runtime.models import load_model
 from smartspec.up import wait_serving
-from smartspec.v1 import generation_pb2 as pb
 
 NEW_TOKENS = 40
 PROMPTS = [[2 + (i * 7 + j * 3) % 10 for j in range(4 + i % 5)] for i in range(8)]
 
 
 def start_controller(port: int, policy: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "controller", "--port", str(port),
-                             "--metrics-port", "0", "--policy", policy, "--push-interval-s", "0.2"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "smartspec.cli",
+            "controller",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--policy",
+            policy,
+            "--push-interval-s",
+            "0.2",
+        ]
+    )
     wait_serving(port, proc, 60)
     return proc
 
@@ -36,8 +50,13 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
 
 
 def ctl(port: int, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "smartspec.cli", "ctl", "--controller", f"127.0.0.1:{port}", *args],
-                         capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "smartspec.cli", "ctl", "--controller", f"127.0.0.1:{port}", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -46,15 +65,20 @@ def test_controller_killed_and_restarted_under_load(small_vocab_dir, smollm2_tok
     model, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
     port = unused_tcp_port
     controller = start_controller(port, "fixed:2")
-    verifier = VerifierThread(model, smollm2_tokenizer, ["ngram"], controller=f"127.0.0.1:{port}",
-                              cost_profile="none")
+    verifier = VerifierThread(model, smollm2_tokenizer, ["ngram"], controller=f"127.0.0.1:{port}", cost_profile="none")
     planner = verifier.verifier.engine.planner
     client = verifier.verifier.controller
     try:
         wait_for(lambda: str(planner.policy) == "fixed:2")
-        streams = [verifier.stub.Generate(pb.GenerateRequest(
-            request_id=f"r{i}", prompt_token_ids=pb.TokenIds(ids=p), max_new_tokens=NEW_TOKENS, ignore_eos=True),
-            timeout=120) for i, p in enumerate(PROMPTS)]
+        streams = [
+            verifier.stub.Generate(
+                pb.GenerateRequest(
+                    request_id=f"r{i}", prompt_token_ids=pb.TokenIds(ids=p), max_new_tokens=NEW_TOKENS, ignore_eos=True
+                ),
+                timeout=120,
+            )
+            for i, p in enumerate(PROMPTS)
+        ]
         first = [[next(s)] for s in streams]
         controller.send_signal(signal.SIGKILL)
         controller.wait(timeout=10)
@@ -72,8 +96,12 @@ def test_controller_killed_and_restarted_under_load(small_vocab_dir, smollm2_tok
         wait_for(lambda: client.connected.is_set() and str(planner.policy) == "smartspec:4", timeout=30)
         assert ctl(port, "set", "smartspec-uniform:3")["mode"] == "smartspec-uniform"
         wait_for(lambda: str(planner.policy) == "smartspec-uniform:3")
-        list(verifier.stub.Generate(pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=PROMPTS[0]),
-                                                       max_new_tokens=8, ignore_eos=True), timeout=60))
+        list(
+            verifier.stub.Generate(
+                pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=PROMPTS[0]), max_new_tokens=8, ignore_eos=True),
+                timeout=60,
+            )
+        )
         wait_for(lambda: ctl(port, "get")["cost_model"]["steps_fitted"] > 0, timeout=30)
     finally:
         verifier.close()

@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from greedy_reference import assert_same_greedy, hf_greedy
+
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
 from smartspec.up import wait_serving
-from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
 
 PROMPTS = [
     "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
@@ -35,9 +35,25 @@ NEW_TOKENS = 24
 @pytest.mark.parametrize("proposer", [["--ngram"], ["--draft", "smollm2-draft"]], ids=["ngram", "builtin-draft"])
 def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smollm2_pair):
     port, proposer_port, controller_port = unused_tcp_port, unused_tcp_port + 1, unused_tcp_port + 2
-    proc = subprocess.Popen([sys.executable, "-m", "smartspec.cli", "up", *proposer, "--port", str(port),
-                             "--proposer-port", str(proposer_port), "--controller-port", str(controller_port),
-                             "--metrics-port", "0", "--policy", "off"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "smartspec.cli",
+            "up",
+            *proposer,
+            "--port",
+            str(port),
+            "--proposer-port",
+            str(proposer_port),
+            "--controller-port",
+            str(controller_port),
+            "--metrics-port",
+            "0",
+            "--policy",
+            "off",
+        ]
+    )
     reference = smollm2_pair[1]
     try:
         wait_serving(port, proc, 180)
@@ -47,22 +63,41 @@ def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smol
 
             def generate(prompt_ids, k):
                 mode = pb.SPECULATION_MODE_FIXED if k else pb.SPECULATION_MODE_AUTO
-                chunks = list(stub.Generate(pb.GenerateRequest(
-                    prompt_token_ids=pb.TokenIds(ids=prompt_ids), max_new_tokens=NEW_TOKENS,
-                    speculation=pb.Speculation(mode=mode, k=k)), timeout=300))
+                chunks = list(
+                    stub.Generate(
+                        pb.GenerateRequest(
+                            prompt_token_ids=pb.TokenIds(ids=prompt_ids),
+                            max_new_tokens=NEW_TOKENS,
+                            speculation=pb.Speculation(mode=mode, k=k),
+                        ),
+                        timeout=300,
+                    )
+                )
                 return [t for c in chunks for t in c.token_ids], chunks[-1].speculation
 
             expected = [hf_greedy(reference, p, NEW_TOKENS) for p in ids]
             with ThreadPoolExecutor(8) as pool:
                 for k in (1, 3, 5):
-                    results = list(pool.map(lambda p: generate(p, k), ids))
+                    results = list(pool.map(lambda p, k=k: generate(p, k), ids))
                     for p, want, (got, _) in zip(ids, expected, results):
                         assert_same_greedy(reference, p, got, want)
                     assert sum(s.proposed_tokens for _, s in results) > 0
                     assert sum(s.accepted_tokens for _, s in results) > 0
                 # The goodput policy, set at run time; whatever k it picks, output is the target's.
-                subprocess.run([sys.executable, "-m", "smartspec.cli", "ctl", "--controller",
-                                f"127.0.0.1:{controller_port}", "set", "smartspec"], check=True, timeout=30)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "smartspec.cli",
+                        "ctl",
+                        "--controller",
+                        f"127.0.0.1:{controller_port}",
+                        "set",
+                        "smartspec",
+                    ],
+                    check=True,
+                    timeout=30,
+                )
                 time.sleep(0.5)
                 for p, want, (got, _) in zip(ids, expected, pool.map(lambda p: generate(p, 0), ids)):
                     assert_same_greedy(reference, p, got, want)

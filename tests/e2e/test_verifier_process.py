@@ -12,24 +12,42 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
 
 SMARTSPEC = [sys.executable, "-m", "smartspec.cli"]
 
 
 def start_verifier(model: str, port: int, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        SMARTSPEC + ["verifier", "--model", model, "--port", str(port), "--metrics-port", "0",
-                     "--kv-cache-tokens", "8192", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        SMARTSPEC
+        + [
+            "verifier",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--kv-cache-tokens",
+            "8192",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 120
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return proc
             except grpc.RpcError:
                 time.sleep(0.2)
@@ -50,13 +68,15 @@ def test_streams_over_real_grpc_then_drains_on_sigterm(tiny_verifier):
     proc, target = tiny_verifier
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        chunks = list(stub.Generate(pb.GenerateRequest(prompt_text="Hello there", max_new_tokens=16,
-                                                       ignore_eos=True), timeout=60))
+        chunks = list(
+            stub.Generate(pb.GenerateRequest(prompt_text="Hello there", max_new_tokens=16, ignore_eos=True), timeout=60)
+        )
         assert sum(len(c.token_ids) for c in chunks) == 16
         assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
-        in_flight = stub.Generate(pb.GenerateRequest(prompt_text="Count:", max_new_tokens=400, ignore_eos=True),
-                                  timeout=60)
+        in_flight = stub.Generate(
+            pb.GenerateRequest(prompt_text="Count:", max_new_tokens=400, ignore_eos=True), timeout=60
+        )
         next(in_flight)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
@@ -74,9 +94,20 @@ def test_builtin_model_with_the_cli_client(unused_tcp_port):
     proc = start_verifier("smollm2", unused_tcp_port)
     try:
         done = subprocess.run(
-            SMARTSPEC + ["generate", "What is the capital of France?", "--chat", "--max-new-tokens", "24",
-                         "--target", f"127.0.0.1:{unused_tcp_port}"],
-            capture_output=True, text=True, timeout=120)
+            SMARTSPEC
+            + [
+                "generate",
+                "What is the capital of France?",
+                "--chat",
+                "--max-new-tokens",
+                "24",
+                "--target",
+                f"127.0.0.1:{unused_tcp_port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, done.stderr
         assert "Paris" in done.stdout
         assert "tokens, finish=" in done.stderr

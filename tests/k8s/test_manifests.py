@@ -15,10 +15,9 @@ import sys
 import tomllib
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
-
-import kubernetes_validate
 from kubernetes_validate.utils import all_versions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +55,7 @@ STARTUP_BUDGET_S = {"verifier": 300, "proposer": 300, "controller": 60}
 # What `controller.policy.Policy.parse` accepts (K and KMAX in 1..8).
 POLICY = re.compile(r"off|fixed:[1-8]|smartspec(-uniform)?(:[1-8])?")
 
+
 def policy(text: str) -> str:
     if not POLICY.fullmatch(text):
         raise argparse.ArgumentTypeError(f"not a policy: {text!r}")
@@ -87,7 +87,7 @@ def verifier_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proposer-deadline-ms", type=float, required=True)
     parser.add_argument("--controller", required=True)
     parser.add_argument("--verifier-id", required=True)
-    parser.add_argument("--cost-profile", default="")
+    parser.add_argument("--cost-profile", default="calibrate")
     return parser
 
 
@@ -111,7 +111,7 @@ def controller_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--policy", type=policy, required=True)
-    parser.add_argument("--proposers", default="")
+    parser.add_argument("--proposers", default=None)
     parser.add_argument("--push-interval-s", type=float, default=1.0)
     return parser
 
@@ -154,9 +154,7 @@ def parse_controller_args(args: list[str]) -> argparse.Namespace:
 
 
 def kustomize(path: Path) -> list[dict]:
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"kubectl kustomize {path} failed:\n{result.stderr}"
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
@@ -297,7 +295,7 @@ def test_verifier_args_parse_and_match_the_ports(name):
     assert args.policy == "smartspec"
     assert args.proposer_deadline_ms == 100
     # Profiles are per hardware and the image ships none: time the pod's own device at start.
-    assert args.cost_profile == "", "--cost-profile names a file the image does not have"
+    assert args.cost_profile == "calibrate", "--cost-profile names a file the image does not have"
 
 
 @needs_kubectl
@@ -322,7 +320,7 @@ def test_controller_args_parse_and_match_the_ports(name):
     assert args.metrics_port == container_port(container, "metrics") == CONTROLLER_METRICS_PORT
     assert args.policy == "smartspec"
     # A pushed endpoint list would replace the verifiers' own DNS view of the proposer replicas.
-    assert args.proposers == "", "verifiers resolve the proposers by DNS; the controller must not override it"
+    assert args.proposers is None, "verifiers resolve the proposers by DNS; the controller must not override it"
 
 
 @needs_kubectl
@@ -553,8 +551,7 @@ def test_controller_service_is_a_stable_address_over_the_controller_pod(name):
 def test_every_service_selects_only_its_own_pods(name):
     objects = rendered(name)
     pod_labels = {
-        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
-        for d in objects if d["kind"] == "Deployment"
+        d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in objects if d["kind"] == "Deployment"
     }
     services = [o for o in objects if o["kind"] == "Service"]
     assert {s["metadata"]["name"] for s in services} == set(COMPONENTS.values())
@@ -690,15 +687,13 @@ def test_image_tag_is_the_project_version(component):
 
 def test_dockerfile_installs_cpu_torch_before_the_project():
     lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
-    assert lines[[i for i, l in enumerate(lines) if l.startswith("FROM ")][0]].startswith(
-        "FROM python:3.11-slim"
-    )
+    assert lines[[i for i, line in enumerate(lines) if line.startswith("FROM ")][0]].startswith("FROM python:3.11-slim")
     text = "\n".join(lines)
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     assert "ARG TORCH_VERSION=2.13.0" in text
 
     def first(pattern: str) -> int:
-        hits = [i for i, l in enumerate(lines) if re.search(pattern, l)]
+        hits = [i for i, line in enumerate(lines) if re.search(pattern, line)]
         assert hits, f"Dockerfile has no line matching {pattern!r}"
         return hits[0]
 
@@ -712,7 +707,7 @@ def test_dockerfile_installs_cpu_torch_before_the_project():
 
 
 def test_dockerignore_keeps_local_state_out():
-    ignored = {l.strip().rstrip("/") for l in (REPO / ".dockerignore").read_text().splitlines()}
+    ignored = {line.strip().rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines()}
     for entry in (".venv", ".git", "results", "**/__pycache__"):
         assert entry in ignored, f".dockerignore misses {entry}"
 
@@ -723,7 +718,10 @@ def test_dockerignore_keeps_local_state_out():
 def skip_without_real_cli():
     probe = subprocess.run(
         [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('smartspec.cli') is not None)"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     if probe.stdout.strip() != "True":
         pytest.skip("smartspec.cli does not exist yet: nothing to compare the mirror with")
@@ -734,8 +732,15 @@ def test_real_cli_knows_every_deployed_flag(component):
     """The argparse mirrors above must not drift from `smartspec verifier` / `proposer` / `controller`."""
     skip_without_real_cli()
     result = subprocess.run(
-        [sys.executable, "-c", f"import sys; from smartspec.cli import main; sys.argv = ['smartspec', '{component}', '--help']; main()"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from smartspec.cli import main; sys.argv = ['smartspec', '{component}', '--help']; main()",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert result.returncode == 0, f"`smartspec {component} --help` failed:\n{result.stderr[-2000:]}"
     missing = sorted(f for f in FLAGS[component] if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", result.stdout))
@@ -768,8 +773,12 @@ def test_real_cli_parses_the_deployed_args():
         for component in sorted(COMPONENTS)
     ]
     result = subprocess.run(
-        [sys.executable, "-c", _REAL_PARSE], input=json.dumps([args for _, _, args in cases]),
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [sys.executable, "-c", _REAL_PARSE],
+        input=json.dumps([args for _, _, args in cases]),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert result.returncode == 0, f"the real parser crashed:\n{result.stderr[-2000:]}"
     for (name, component, args), parsed in zip(cases, json.loads(result.stdout), strict=True):
@@ -778,22 +787,34 @@ def test_real_cli_parses_the_deployed_args():
         assert real["command"] == component
         mirror = vars(parse_args(component, args))
         for key, value in mirror.items():
-            assert real[key] == value, f"{name} {component}: real --{key.replace('_', '-')}={real[key]!r}, mirror {value!r}"
+            assert real[key] == value, (
+                f"{name} {component}: real --{key.replace('_', '-')}={real[key]!r}, mirror {value!r}"
+            )
 
 
 @needs_kubectl
 def test_real_policy_parser_accepts_the_deployed_policies():
     """Every --policy deployed parses with `controller.policy.Policy`, the same for verifier and controller."""
     skip_without_real_cli()
-    policies = sorted({
-        parse_args(component, component_container(rendered(name), component)["args"]).policy
-        for name in sorted(KUSTOMIZATIONS)
-        for component in ("verifier", "controller")
-    })
+    policies = sorted(
+        {
+            parse_args(component, component_container(rendered(name), component)["args"]).policy
+            for name in sorted(KUSTOMIZATIONS)
+            for component in ("verifier", "controller")
+        }
+    )
     result = subprocess.run(
-        [sys.executable, "-c", "import json, sys; from controller.policy import Policy; "
-         "print(json.dumps([str(Policy.parse(p)) for p in json.load(sys.stdin)]))"],
-        input=json.dumps(policies), capture_output=True, text=True, cwd=REPO, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; from controller.policy import Policy; "
+            "print(json.dumps([str(Policy.parse(p)) for p in json.load(sys.stdin)]))",
+        ],
+        input=json.dumps(policies),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert result.returncode == 0, f"a deployed policy is rejected:\n{result.stderr[-2000:]}"
     assert "off" not in json.loads(result.stdout), "deployed with speculation off"

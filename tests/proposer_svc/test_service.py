@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from service_threads import LoopThread
+
 from proposer_svc.server import ProposerConfig, ProposerServer
-from smartspec.v1 import proposer_pb2 as pb
-from smartspec.v1 import proposer_pb2_grpc as pb_grpc
+from protocol.serving import ServerConfig
+from protocol.v1 import proposer_pb2 as pb
+from protocol.v1 import proposer_pb2_grpc as pb_grpc
 
 
 @pytest.fixture
 def proposer():
     loop = LoopThread()
-    server = ProposerServer(ProposerConfig(port=0, max_k=4, max_requests=3))
+    server = ProposerServer(ProposerConfig(server=ServerConfig(port=0), max_k=4, max_requests=3))
     loop.run(server.start())
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield server, pb_grpc.ProposerStub(channel)
@@ -71,14 +72,17 @@ def test_released_and_least_recently_used_states_are_dropped(proposer):
     assert len(server.servicer.store) == 2
 
 
-@pytest.mark.parametrize("request_, field", [
-    (pb.ProposeRequest(), "items"),
-    (pb.ProposeRequest(items=[item("a", [1], 1, k=5, full=True)]), "items[0].k"),
-    (pb.ProposeRequest(items=[item("a", [1], 1, full=True), item("b", [1], 1, k=-1, full=True)]), "items[1].k"),
-    (pb.ProposeRequest(items=[item("", [1], 1, full=True)]), "items[0].request_id"),
-    (pb.ProposeRequest(items=[item("a", [1, 2, 3], 2, full=True)]), "items[0].total_length"),
-    (pb.ProposeRequest(items=[item("a", [1], 1, full=True), item("a", [1], 1, full=True)]), "items[1].request_id"),
-])
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (pb.ProposeRequest(), "items"),
+        (pb.ProposeRequest(items=[item("a", [1], 1, k=5, full=True)]), "items[0].k"),
+        (pb.ProposeRequest(items=[item("a", [1], 1, full=True), item("b", [1], 1, k=-1, full=True)]), "items[1].k"),
+        (pb.ProposeRequest(items=[item("", [1], 1, full=True)]), "items[0].request_id"),
+        (pb.ProposeRequest(items=[item("a", [1, 2, 3], 2, full=True)]), "items[0].total_length"),
+        (pb.ProposeRequest(items=[item("a", [1], 1, full=True), item("a", [1], 1, full=True)]), "items[1].request_id"),
+    ],
+)
 def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(proposer, request_, field):
     _, stub = proposer
     with pytest.raises(grpc.RpcError) as err:

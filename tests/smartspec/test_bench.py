@@ -7,13 +7,13 @@ import grpc
 import numpy as np
 import pytest
 
-from smartspec import bench
+from protocol.v1 import generation_pb2 as pb
+from protocol.v1 import generation_pb2_grpc as pb_grpc
+from smartspec import bench, report
 from smartspec.prompts import BUILTIN_PROMPTS, load_prompts
-from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
-
 
 # --- arrivals and prompt order ------------------------------------------------
+
 
 @pytest.mark.parametrize("burstiness", [1.0, 0.5, 4.0])
 def test_arrival_gaps_have_mean_one_over_rate(burstiness):
@@ -55,19 +55,28 @@ def test_prompt_order_uses_each_prompt_equally_and_is_seeded():
 
 # --- summary and table --------------------------------------------------------
 
+
 def test_latency_stats_on_known_data():
-    stats = bench.latency_stats(list(range(1, 101)))
+    stats = report.latency_stats(list(range(1, 101)))
     assert stats["mean"] == pytest.approx(50.5)
     assert stats["p50"] == pytest.approx(50.5)
     assert stats["p90"] == pytest.approx(90.1)
     assert stats["p99"] == pytest.approx(99.01)
-    assert bench.latency_stats([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+    assert report.latency_stats([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
 
 
 def _record(i, e2e, ttft, tokens, error=None, proposed=0, accepted=0):
-    return bench.RequestRecord(index=i, prompt_chars=1, e2e_ms=e2e, ttft_ms=ttft, completion_tokens=tokens,
-                               itl_ms=[10.0] * max(tokens - 1, 0), error=error,
-                               proposed_tokens=proposed, accepted_tokens=accepted)
+    return report.RequestRecord(
+        index=i,
+        prompt_chars=1,
+        e2e_ms=e2e,
+        ttft_ms=ttft,
+        completion_tokens=tokens,
+        itl_ms=[10.0] * max(tokens - 1, 0),
+        error=error,
+        proposed_tokens=proposed,
+        accepted_tokens=accepted,
+    )
 
 
 def test_summarize_skips_failed_requests_and_counts_errors():
@@ -77,7 +86,7 @@ def test_summarize_skips_failed_requests_and_counts_errors():
         _record(2, 5.0, None, 0, error="INVALID_ARGUMENT"),
         _record(3, 5.0, None, 0, error="INVALID_ARGUMENT"),
     ]
-    summary = bench.summarize(records, duration_s=2.0)
+    summary = report.summarize(records, duration_s=2.0)
     assert summary["completed"] == 2
     assert summary["errors"] == 2
     assert summary["error_codes"] == {"INVALID_ARGUMENT": 2}
@@ -88,23 +97,27 @@ def test_summarize_skips_failed_requests_and_counts_errors():
     assert summary["output_throughput"] == pytest.approx(4.0)
     assert summary["request_throughput"] == pytest.approx(1.0)
     assert summary["acceptance"] == pytest.approx(0.6)
-    table = bench.format_table(summary)
+    table = report.format_table(summary)
     assert "e2e_ms" in table and "INVALID_ARGUMENT x2" in table and "0.600" in table
 
 
 def test_acceptance_is_none_without_proposals():
-    summary = bench.summarize([_record(0, 10.0, 5.0, 2)], duration_s=1.0)
+    summary = report.summarize([_record(0, 10.0, 5.0, 2)], duration_s=1.0)
     assert summary["acceptance"] is None
-    assert "acceptance" in bench.format_table(summary)
+    assert "acceptance" in report.format_table(summary)
 
 
 # --- speculation flag ---------------------------------------------------------
 
-@pytest.mark.parametrize("text, mode, k", [
-    ("auto", pb.SPECULATION_MODE_AUTO, 0),
-    ("off", pb.SPECULATION_MODE_OFF, 0),
-    ("fixed:4", pb.SPECULATION_MODE_FIXED, 4),
-])
+
+@pytest.mark.parametrize(
+    "text, mode, k",
+    [
+        ("auto", pb.SPECULATION_MODE_AUTO, 0),
+        ("off", pb.SPECULATION_MODE_OFF, 0),
+        ("fixed:4", pb.SPECULATION_MODE_FIXED, 4),
+    ],
+)
 def test_parse_speculation(text, mode, k):
     spec = bench.parse_speculation(text)
     assert (spec.mode, spec.k) == (mode, k)
@@ -128,6 +141,7 @@ def test_cli_flags_parse_and_validate():
 
 
 # --- prompts ------------------------------------------------------------------
+
 
 def test_builtin_prompts():
     assert load_prompts(None) == BUILTIN_PROMPTS
@@ -155,17 +169,20 @@ def test_load_plain_strings_and_prompt_objects(tmp_path):
     assert load_prompts(_write(tmp_path, [{"prompt": "p1"}, {"prompt": "p2"}])) == ["p1", "p2"]
 
 
-@pytest.mark.parametrize("data, message", [
-    ("{not json", "not valid JSON"),
-    ({"prompt": "x"}, "expected a JSON list"),
-    ([1, 2], "item 0"),
-    ([{"text": "x"}], "neither"),
-    ([{"prompt": 3}], "must be a string"),
-    ([{"conversations": "hi"}], "must be a list"),
-    ([{"conversations": [{"from": "human"}]}], "string \"value\""),
-    ([], "no non-empty prompts"),
-    (["", "  "], "no non-empty prompts"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("{not json", "not valid JSON"),
+        ({"prompt": "x"}, "expected a JSON list"),
+        ([1, 2], "item 0"),
+        ([{"text": "x"}], "neither"),
+        ([{"prompt": 3}], "must be a string"),
+        ([{"conversations": "hi"}], "must be a list"),
+        ([{"conversations": [{"from": "human"}]}], 'string "value"'),
+        ([], "no non-empty prompts"),
+        (["", "  "], "no non-empty prompts"),
+    ],
+)
 def test_load_prompts_rejects_malformed_files(tmp_path, data, message):
     with pytest.raises(ValueError, match=message):
         load_prompts(_write(tmp_path, data))
@@ -222,10 +239,20 @@ def server():
 
 def test_run_benchmark_records_requests_and_errors(server):
     target, servicer = server
-    result = asyncio.run(bench.run_benchmark(
-        target, ["good a", "bad", "good b"], rate=200.0, num_requests=6, max_new_tokens=16,
-        temperature=0.5, chat=True, speculation="fixed:3", seed=1, progress=False,
-    ))
+    result = asyncio.run(
+        bench.run_benchmark(
+            target,
+            ["good a", "bad", "good b"],
+            rate=200.0,
+            num_requests=6,
+            max_new_tokens=16,
+            temperature=0.5,
+            chat=True,
+            speculation="fixed:3",
+            seed=1,
+            progress=False,
+        )
+    )
     records, summary = result["requests"], result["summary"]
     assert len(records) == 6 and len(servicer.requests) == 6
     failed = [r for r in records if r["error"]]
@@ -257,8 +284,21 @@ def test_run_writes_json_and_png(server, tmp_path, capsys):
     output = tmp_path / "out" / "bench.json"
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--target", target, "--rate", "inf", "--num-requests", "4", "--prompts",
-                              str(prompts), "--output", str(output), "--no-progress"])
+    args = parser.parse_args(
+        [
+            "--target",
+            target,
+            "--rate",
+            "inf",
+            "--num-requests",
+            "4",
+            "--prompts",
+            str(prompts),
+            "--output",
+            str(output),
+            "--no-progress",
+        ]
+    )
     assert bench.run(args) == 1  # the "bad" prompts failed
     result = json.loads(output.read_text())
     assert result["config"]["rate"] == "inf"
@@ -266,6 +306,17 @@ def test_run_writes_json_and_png(server, tmp_path, capsys):
     assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "ttft_ms" in capsys.readouterr().out
 
-    ok_only = parser.parse_args(["--target", target, "--num-requests", "2", "--rate", "100",
-                                 "--output", str(tmp_path / "ok.json"), "--no-progress"])
+    ok_only = parser.parse_args(
+        [
+            "--target",
+            target,
+            "--num-requests",
+            "2",
+            "--rate",
+            "100",
+            "--output",
+            str(tmp_path / "ok.json"),
+            "--no-progress",
+        ]
+    )
     assert bench.run(ok_only) == 0

@@ -16,7 +16,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_proposers_come_first_and_get_one_thread_by_default():
-    procs = up.commands(parse("--replicas", "2"))
+    procs = [cmd for cmd, _ in up.commands(parse("--replicas", "2"))]
     roles = [cmd[3] for cmd in procs]
     assert roles == ["proposer", "proposer", "controller", "verifier"]
     for cmd in procs[:2]:
@@ -26,16 +26,19 @@ def test_proposers_come_first_and_get_one_thread_by_default():
 
 
 def test_proposer_threads_can_be_raised():
-    procs = up.commands(parse("--ngram", "--proposer-threads", "0"))
-    assert procs[0][procs[0].index("--threads") + 1] == "0"
+    procs = [cmd for cmd, _ in up.commands(parse("--ngram", "--proposer-threads", "2"))]
+    assert procs[0][procs[0].index("--threads") + 1] == "2"
+    assert "--threads" not in up.commands(parse("--proposer-threads", "0"))[0][0]  # torch's default: all cores
     assert "--ngram" in procs[0]
 
 
 def test_device_dtype_and_draft_confidence_reach_the_processes():
-    procs = up.commands(parse("--device", "cuda", "--dtype", "bfloat16", "--draft-min-confidence", "0.4"))
+    procs = [
+        cmd for cmd, _ in up.commands(parse("--device", "cuda", "--dtype", "bfloat16", "--draft-min-confidence", "0.4"))
+    ]
     for cmd in (procs[0], procs[-1]):  # the draft proposer and the verifier
         assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--dtype") + 1] == "bfloat16"
     assert procs[0][procs[0].index("--min-confidence") + 1] == "0.4"
-    assert "--min-confidence" not in up.commands(parse("--ngram"))[0]
+    assert "--min-confidence" not in up.commands(parse("--ngram"))[0][0]
     with pytest.raises(ValueError, match="needs a draft model"):
         up.commands(parse("--ngram", "--draft-min-confidence", "0.4"))

@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from service_threads import LoopThread, ProposerThread, VerifierThread
 
 from controller_svc.server import Controller, ControllerConfig
-from service_threads import LoopThread, ProposerThread, VerifierThread
-from smartspec.models import load_model
-from smartspec.v1 import generation_pb2 as pb
+from protocol.serving import from_options
+from protocol.v1 import generation_pb2 as pb
+from runtime.models import load_model
 
 
 def wait_for(predicate, timeout: float = 20.0) -> None:
@@ -24,18 +25,32 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
 def test_pushed_endpoints_and_policy_are_applied_and_steps_reported(small_vocab_dir, smollm2_tokenizer):
     old, new = ProposerThread(), ProposerThread()
     loop = LoopThread()
-    controller = Controller(ControllerConfig(port=0, metrics_port=0, policy="fixed:2", proposers=new.address,
-                                             push_interval_s=0.1))
+    controller = Controller(
+        from_options(
+            ControllerConfig, port=0, metrics_port=0, policy="fixed:2", proposers=new.address, push_interval_s=0.1
+        )
+    )
     loop.run(controller.start())
-    verifier = VerifierThread(load_model(small_vocab_dir), smollm2_tokenizer, [old.address],
-                              controller=f"127.0.0.1:{controller.port}", verifier_id="v-test", cost_profile="none")
+    verifier = VerifierThread(
+        load_model(small_vocab_dir),
+        smollm2_tokenizer,
+        [old.address],
+        controller=f"127.0.0.1:{controller.port}",
+        verifier_id="v-test",
+        cost_profile="none",
+    )
     client = verifier.verifier.engine.proposer
     try:
         wait_for(lambda: set(client.replicas) == {new.address})
         assert str(verifier.verifier.engine.planner.policy) == "fixed:2"
-        chunks = list(verifier.stub.Generate(pb.GenerateRequest(
-            prompt_token_ids=pb.TokenIds(ids=[3, 4, 5, 3, 4, 5, 3, 4]), max_new_tokens=16, ignore_eos=True),
-            timeout=60))
+        chunks = list(
+            verifier.stub.Generate(
+                pb.GenerateRequest(
+                    prompt_token_ids=pb.TokenIds(ids=[3, 4, 5, 3, 4, 5, 3, 4]), max_new_tokens=16, ignore_eos=True
+                ),
+                timeout=60,
+            )
+        )
         assert chunks[-1].speculation.proposed_tokens > 0
         assert new.server.servicer.num_items > 0 and old.server.servicer.num_items == 0
         wait_for(lambda: controller.state.fitter.num_seen >= 4)  # the steps reached the controller

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proposer_svc.servicer import NgramBackend
 from service_threads import ProposerThread
-from verifier_svc.engine import DraftRequest
+
+from drafting.ngram import NgramBackend
+from runtime.draft import DraftRequest
+from runtime.sampler import SamplingParams
 from verifier_svc.proposer_client import ProposerClient, rendezvous
-from verifier_svc.sampler import SamplingParams
 
 
 def requests(n: int, k: int = 2) -> list[DraftRequest]:
@@ -35,9 +36,9 @@ def test_dns_name_is_resolved_and_drafts_arrive():
         client = ProposerClient([f"dns:127.0.0.1:{proposer.server.port}"], deadline_s=2.0)
 
         async def go():
-            drafts = await client.propose(requests(3))
+            proposal = await client.propose(requests(3))
             await client.close()
-            return drafts
+            return proposal.drafts
 
         drafts = asyncio.run(go())
         assert list(client.replicas) == [proposer.address]
@@ -59,11 +60,12 @@ class StoppingBackend(NgramBackend):
 def test_a_confidence_stop_reaches_the_verifier():
     plain, stopping = ProposerThread(), ProposerThread(backend=StoppingBackend())
     try:
+
         async def go(address):
             client = ProposerClient([address], deadline_s=2.0)
-            drafts = await client.propose(requests(2, k=4))
+            proposal = await client.propose(requests(2, k=4))
             await client.close()
-            return drafts
+            return proposal.drafts
 
         for proposer, stopped in ((plain, False), (stopping, True)):
             drafts = asyncio.run(go(proposer.address))
@@ -89,10 +91,9 @@ def test_a_slow_replica_costs_only_this_steps_drafts():
 
         async def go():
             first = await client.propose(requests(40))
-            failures = client.last_failures
             second = await client.propose(requests(40))  # the slow one is in back-off: all go to the fast one
             await client.close()
-            return first, failures, second
+            return first.drafts, first.failures, second.drafts
 
         first, failures, second = asyncio.run(go())
         assert failures == 1

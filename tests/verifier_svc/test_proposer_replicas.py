@@ -7,11 +7,12 @@ import random
 import time
 
 import pytest
-
 from greedy_reference import assert_same_greedy, hf_greedy
-from service_threads import ProposerThread as Proposer, VerifierThread
-from smartspec.models import load_model
-from smartspec.v1 import generation_pb2 as pb
+from service_threads import ProposerThread as Proposer
+from service_threads import VerifierThread
+
+from protocol.v1 import generation_pb2 as pb
+from runtime.models import load_model
 
 NEW_TOKENS = 40
 
@@ -30,9 +31,15 @@ PROMPTS = [_prompt(i) for i in range(8)]
 
 
 def start_streams(stub):
-    return [stub.Generate(pb.GenerateRequest(request_id=f"r{i}", prompt_token_ids=pb.TokenIds(ids=p),
-                                             max_new_tokens=NEW_TOKENS, ignore_eos=True), timeout=60)
-            for i, p in enumerate(PROMPTS)]
+    return [
+        stub.Generate(
+            pb.GenerateRequest(
+                request_id=f"r{i}", prompt_token_ids=pb.TokenIds(ids=p), max_new_tokens=NEW_TOKENS, ignore_eos=True
+            ),
+            timeout=60,
+        )
+        for i, p in enumerate(PROMPTS)
+    ]
 
 
 def finish(streams, first_chunks=None) -> list[pb.GenerateResponse]:
@@ -80,7 +87,9 @@ def test_a_replica_killed_mid_stream_costs_no_request(models):
     try:
         streams = start_streams(verifier.stub)
         first = [[next(s)] for s in streams]
-        pinned_to_a = [f"r{i}" for i in range(len(PROMPTS)) if client.replica_for(f"r{i}") is client.replicas[a.address]]
+        pinned_to_a = [
+            f"r{i}" for i in range(len(PROMPTS)) if client.replica_for(f"r{i}") is client.replicas[a.address]
+        ]
         assert pinned_to_a, "rendezvous put no request on replica a"
         resyncs_before = b.server.servicer.num_resyncs
         a.kill()

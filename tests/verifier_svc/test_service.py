@@ -10,11 +10,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-
 from service_threads import VerifierThread
-from smartspec.models import load_model
-from smartspec.v1 import generation_pb2 as pb
-from smartspec.v1 import generation_pb2_grpc as pb_grpc
+
+from protocol.v1 import generation_pb2 as pb
+from runtime.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ BAD_INPUTS = [
     ({"sampling": pb.SamplingParams(temperature=1.0, top_p=0.0)}, "sampling.top_p"),
     ({"sampling": pb.SamplingParams(temperature=1.0, top_p=1.5)}, "sampling.top_p"),
     ({"sampling": pb.SamplingParams(top_k=-1)}, "sampling.top_k"),
-    ({"prompt_token_ids": pb.TokenIds(ids=[1, 10 ** 6])}, "prompt_token_ids"),
+    ({"prompt_token_ids": pb.TokenIds(ids=[1, 10**6])}, "prompt_token_ids"),
     ({"prompt_token_ids": pb.TokenIds(ids=[-4, 1])}, "prompt_token_ids"),
     ({"stop": ["x"] * 9}, "stop"),
     ({"stop": ["y" * 65]}, "stop"),
@@ -76,23 +75,35 @@ def test_bad_input_gets_invalid_argument_and_serving_continues(make_server):
 
 def test_stream_shape_and_final_chunk(make_server):
     server = make_server()
-    chunks = generate(server.stub, request_id="abc", max_new_tokens=6,
-                      sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7))
+    chunks = generate(
+        server.stub,
+        request_id="abc",
+        max_new_tokens=6,
+        sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7),
+    )
     assert all(c.request_id == "abc" for c in chunks)
     last = chunks[-1]
     assert last.usage.completion_tokens == 6 == sum(len(c.token_ids) for c in chunks)
     assert last.usage.prompt_tokens > 0
     assert last.timings.e2e_ms >= last.timings.time_to_first_token_ms >= last.timings.queue_ms >= 0
-    again = generate(server.stub, request_id="abd", max_new_tokens=6,
-                     sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7))
+    again = generate(
+        server.stub,
+        request_id="abd",
+        max_new_tokens=6,
+        sampling=pb.SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7),
+    )
     assert [t for c in again for t in c.token_ids] == [t for c in chunks for t in c.token_ids]  # seeded
 
 
 def test_cancelled_streams_free_their_kv(make_server):
     server = make_server()
     initial = server.verifier.engine.allocator.num_free
-    streams = [server.stub.Generate(pb.GenerateRequest(prompt_text=f"Story number {i}:", max_new_tokens=500,
-                                                       ignore_eos=True), timeout=60) for i in range(20)]
+    streams = [
+        server.stub.Generate(
+            pb.GenerateRequest(prompt_text=f"Story number {i}:", max_new_tokens=500, ignore_eos=True), timeout=60
+        )
+        for i in range(20)
+    ]
     for s in streams:
         next(s)  # every stream is mid-flight
     assert server.verifier.engine.allocator.num_free < initial
@@ -123,8 +134,9 @@ def test_full_waiting_queue_gets_resource_exhausted(make_server):
 
 def test_duplicate_request_id_is_refused(make_server):
     server = make_server()
-    first = server.stub.Generate(pb.GenerateRequest(request_id="dup", prompt_text="a", max_new_tokens=900,
-                                                    ignore_eos=True))
+    first = server.stub.Generate(
+        pb.GenerateRequest(request_id="dup", prompt_text="a", max_new_tokens=900, ignore_eos=True)
+    )
     next(first)
     with pytest.raises(grpc.RpcError) as err:
         generate(server.stub, request_id="dup")
@@ -145,14 +157,27 @@ def test_health_reflection_and_metrics(make_server, unused_tcp_port):
     assert {"smartspec.v1.Generation", "grpc.health.v1.Health"} <= names
     text = urllib.request.urlopen(f"http://127.0.0.1:{unused_tcp_port}/metrics", timeout=5).read().decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("smartspec_time_to_first_token_seconds", "smartspec_inter_token_latency_seconds",
-                 "smartspec_e2e_request_latency_seconds", "smartspec_step_seconds",
-                 "smartspec_num_requests_running", "smartspec_num_requests_waiting",
-                 "smartspec_kv_cache_usage_perc", "smartspec_goodput_tokens_per_second"):
+    for name in (
+        "smartspec_time_to_first_token_seconds",
+        "smartspec_inter_token_latency_seconds",
+        "smartspec_e2e_request_latency_seconds",
+        "smartspec_step_seconds",
+        "smartspec_num_requests_running",
+        "smartspec_num_requests_waiting",
+        "smartspec_kv_cache_usage_perc",
+        "smartspec_goodput_tokens_per_second",
+    ):
         assert name in families, name
-    e2e_count = [s.value for s in families["smartspec_e2e_request_latency_seconds"].samples
-                 if s.name.endswith("_count")]
+    e2e_count = [
+        s.value for s in families["smartspec_e2e_request_latency_seconds"].samples if s.name.endswith("_count")
+    ]
     assert e2e_count == [1.0]
+    # Which product each linear weight shape uses, over which row counts: every count of every shape once.
+    kernels = [s for s in families["smartspec_cpu_linear_kernel"].samples if s.value == 1]
+    assert kernels and {s.labels["kernel"] for s in kernels} <= {"linear", "transposed", "packed"}
+    for shape in {s.labels["shape"] for s in kernels}:
+        ranges = [s.labels["rows"] for s in kernels if s.labels["shape"] == shape]
+        assert ranges[0].startswith("1") and ranges[-1].endswith("+")
 
 
 def test_drain_finishes_in_flight_and_refuses_new_calls(make_server):

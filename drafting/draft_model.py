@@ -1,0 +1,167 @@
+"""Drafting with a small causal LM: its own paged KV cache, a whole sub-batch per call.
+
+Per request the state is the context the verifier committed plus the draft
+model's KV for it. A call first feeds every request's uncached tokens, then
+drafts in lockstep: step j feeds the token drafted at step j - 1 for the
+requests that still want more (k_i > j), so requests drop out as their k_i is
+reached. Drafted positions' KV is kept: when the verifier accepts them, the
+next call finds it already computed.
+
+With `min_confidence` > 0 a request's draft also stops after a position
+where the draft model's most likely token had less than that probability (of
+its processed distribution, for sampled requests): the verifier then checks
+fewer tokens that would likely be rejected. The stop depends on the draft
+model alone, so verification stays lossless (greedy and sampled).
+
+Greedy requests draft the argmax. Sampled requests draw from the draft's
+distribution after their own temperature / top-p and a top-k cap, and get
+that exact sparse distribution back for the rejection sampler.
+
+With a head vocabulary (`drafting.head_vocab`) the draft's output layer
+covers only those tokens: logits column j is token `head_ids[j]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from drafting.head_vocab import restrict_head
+from drafting.state import DraftCall
+from runtime.draft import Draft
+from runtime.kv_cache import BlockAllocator, OutOfBlocks
+from runtime.model_runner import ForwardItem, ModelRunner
+from runtime.sampler import SamplingParams, processed_probs
+
+
+@dataclass(eq=False)
+class DraftState:
+    tokens: list[int] = field(default_factory=list)  # committed context
+    drafted: list[int] = field(default_factory=list)  # tokens drafted after it, with KV computed
+    num_computed: int = 0  # positions with valid KV (context first, then drafted)
+    block_table: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def extend(self, new: list[int]) -> None:
+        # KV of drafted tokens that the verifier accepted stays valid.
+        keep = 0
+        while keep < min(len(new), len(self.drafted)) and new[keep] == self.drafted[keep]:
+            keep += 1
+        self.num_computed = min(self.num_computed, len(self.tokens) + keep)
+        self.tokens.extend(new)
+        self.drafted = []
+
+
+class DraftModelBackend:
+    def __init__(
+        self,
+        model,
+        kv_cache_tokens: int = 65536,
+        block_size: int = 16,
+        top_k_cap: int = 32,
+        min_confidence: float = 0.0,
+        head_vocab: list[int] | None = None,
+    ):
+        self.min_confidence = check_min_confidence(min_confidence)
+        self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
+        num_blocks = -(-kv_cache_tokens // block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.top_k_cap = top_k_cap
+        self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
+
+    def new_state(self) -> DraftState:
+        return DraftState()
+
+    def release(self, state: DraftState) -> None:
+        self.allocator.free(state.block_table)
+
+    def propose(self, calls: list[DraftCall]) -> list[Draft]:
+        """A draft per call, at most k ids, with sparse distributions for sampled requests."""
+        drafts: list[list[int]] = [[] for _ in calls]
+        probs: list[list | None] = [None if c.params.greedy else [] for c in calls]
+        stopped = [False] * len(calls)
+        active = [i for i, c in enumerate(calls) if c.k > 0 and self._fits(c)]
+        for i in active:
+            s = calls[i].state
+            s.drafted = []
+            # Feed at least the last committed token: its logits give the first draft.
+            s.num_computed = min(s.num_computed, len(s.tokens) - 1)
+            if s.generator is None and not calls[i].params.greedy:
+                s.generator = _generator(calls[i].params)
+        while active:
+            items = []
+            for i in active:
+                s = calls[i].state
+                pending = (s.tokens + s.drafted)[s.num_computed :]
+                items.append(ForwardItem(pending, s.num_computed, s.block_table, 1))
+            logits = self.runner.forward(items)
+            still = []
+            for row, i in enumerate(active):
+                c = calls[i]
+                c.state.num_computed += len(items[row].token_ids)
+                token, dist, confidence = self._pick(logits[row], c)
+                drafts[i].append(token)
+                c.state.drafted.append(token)
+                if dist is not None:
+                    probs[i].append(dist)
+                if len(drafts[i]) < c.k:
+                    if confidence >= self.min_confidence:
+                        still.append(i)
+                    else:
+                        stopped[i] = True
+            active = still
+        return [Draft(*d) for d in zip(drafts, probs, stopped)]
+
+    def _fits(self, call: DraftCall) -> bool:
+        """Reserves KV for the uncached context plus k drafts; no room means no drafts."""
+        s = call.state
+        total = len(s.tokens) + call.k
+        if total > self.max_len or not s.tokens:
+            return False
+        try:
+            self.allocator.grow(s.block_table, total)
+        except OutOfBlocks:
+            return False
+        return True
+
+    def _pick(self, logits: torch.Tensor, call: DraftCall) -> tuple[int, tuple[list[int], list[float]] | None, float]:
+        """The drafted token, its sparse distribution (sampled requests) and the draft's confidence: the
+        probability of its most likely token (1.0 for greedy requests without a confidence stop: not computed)."""
+        if call.params.greedy:
+            column = int(logits.argmax())
+            token = self._token(column)
+            if self.min_confidence <= 0.0:
+                return token, None, 1.0
+            return token, None, float(torch.softmax(logits.float(), -1)[column])
+        p = call.params
+        cap = min(p.top_k, self.top_k_cap) if p.top_k > 0 else self.top_k_cap
+        dist = processed_probs(
+            logits.float().cpu().unsqueeze(0), [SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=cap)]
+        )[0]
+        column = int(torch.multinomial(dist, 1, generator=call.state.generator))
+        support = dist.nonzero().squeeze(1)
+        tokens = support if self.head_ids is None else self.head_ids[support]
+        return self._token(column), (tokens.tolist(), dist[support].tolist()), float(dist.max())
+
+    def _token(self, column: int) -> int:
+        return column if self.head_ids is None else int(self.head_ids[column])
+
+
+def check_min_confidence(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {value}")
+    return value
+
+
+def _generator(params: SamplingParams) -> torch.Generator:
+    g = torch.Generator()
+    if params.seed is None:
+        g.seed()
+    else:
+        g.manual_seed(params.seed ^ 0x5EED)  # a stream of its own, not the verifier's
+    return g

@@ -1,0 +1,25 @@
+"""What an engine is built with: its KV cache, its scheduler's limits and the server's policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from controller.policy import Policy
+from engine.scheduler import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    kv_cache_tokens: int = field(default=65536, metadata={"help": "KV cache capacity in tokens"})
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.kv_cache_tokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    policy: Policy = Policy()

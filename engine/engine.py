@@ -1,0 +1,309 @@
+"""The engine step: schedule -> plan -> propose -> forward -> verify/sample -> emit.
+
+`step()` is the one step loop: the verifier's serving loop awaits it, and so do
+the tests and benchmarks. The proposal is an injected phase (any `Proposer`);
+the forward pass and sampling run on a worker thread, where torch releases the
+GIL, so an event loop keeps streaming while the model computes. Scheduler state
+is touched on the caller's thread only; aborts that arrive during a step are
+applied right after it.
+
+A speculating request feeds its pending token plus k draft tokens; the target's
+k + 1 rows of logits go through the rejection sampler, the request emits the
+accepted drafts plus one token, and the KV of rejected drafts is rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+from controller.policy import MAX_K, Policy
+from controller.step import StepRecord
+from engine.config import EngineConfig
+from engine.output import FinishReason, RequestOutput, TextStream, emit
+from engine.planner import SpecPlanner
+from engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from runtime.draft import Draft, DraftRequest, Proposal, Proposer
+from runtime.kv_cache import BlockAllocator
+from runtime.model_runner import ForwardItem, ModelRunner
+from runtime.rejection import Verified, verify
+from runtime.sampler import SamplingParams, make_generator, sample
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EngineConfig = EngineConfig(),
+        proposer: Proposer | None = None,
+        planner: SpecPlanner | None = None,
+    ):
+        """Without a proposer nothing speculates. `planner` chooses k per request per step
+        (default: one following `config.policy`)."""
+        self.config = config
+        self.proposer = proposer
+        self.planner = planner or SpecPlanner(config.policy)
+        self.tokenizer = tokenizer
+        cache = config.cache
+        self.runner = ModelRunner(model, cache.num_blocks, cache.block_size)
+        self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.allocator)
+        model_len = getattr(model.config, "max_position_embeddings", None) or cache.kv_cache_tokens
+        self.max_model_len = min(
+            config.scheduler.max_model_len or model_len, model_len, cache.num_blocks * cache.block_size
+        )
+        self.vocab_size = model.config.vocab_size
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._seqs: dict[str, Sequence] = {}
+        self._streams: dict[str, TextStream] = {}
+        self._stepping = False
+        self._deferred_aborts: set[str] = set()
+        self._step_ids = itertools.count(1)
+        self.last_step: StepRecord | None = None
+
+    # -- requests -----------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, policy: Policy | None = None
+    ) -> Sequence:
+        """Queues a validated request (`policy`: its own speculation, None = the server's);
+        raises QueueFull or ValueError (duplicate id)."""
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        seq = Sequence(request_id, list(prompt_ids), params, generator=make_generator(params), policy=policy)
+        self.scheduler.add(seq)
+        self._seqs[request_id] = seq
+        self._streams[request_id] = TextStream(self.tokenizer, params.stop)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        """Drops a request; its KV is freed now, or right after the running step (whose
+        proposal and forward use its blocks). False when it is not in flight."""
+        if request_id not in self._seqs:
+            return False
+        if self._stepping:
+            self._deferred_aborts.add(request_id)
+        else:
+            self._finish(self._seqs[request_id])
+            self.planner.release(request_id)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._seqs.get(request_id)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._seqs)
+
+    def kv_usage(self) -> float:
+        return self.allocator.usage()
+
+    # -- the step -----------------------------------------------------------
+
+    async def step(self) -> list[RequestOutput]:
+        """One step over the scheduled batch; its record is `last_step` afterwards (None when it
+        failed). A failing forward pass ends the batch's requests with FinishReason.ERROR, not the caller."""
+        start = time.perf_counter()
+        self.last_step = None
+        sched = self._schedule()
+        self._stepping = True
+        try:
+            proposal, propose_ms = await self._propose(sched)
+            forward_start = time.perf_counter()
+            results, sample_ms = await asyncio.to_thread(self._execute, sched)
+            verify_ms = (time.perf_counter() - forward_start) * 1e3
+        except Exception as exc:  # a bug or device error must not take the server down
+            log.exception("engine step failed; dropping its %d requests", len(sched.items))
+            return self._fail(sched, exc)
+        except asyncio.CancelledError:  # the caller is stopping: what was aborted meanwhile goes now
+            self._stepping = False
+            self._apply_deferred_aborts()
+            raise
+        finally:
+            self._stepping = False
+        outputs = self._postprocess(sched, results)
+        self.last_step = record = StepRecord(
+            step_id=next(self._step_ids),
+            batch_size=len(sched.items),
+            num_batched_tokens=sum(it.num_new + (len(it.draft.token_ids) if it.draft else 0) for it in sched.items),
+            num_prefill_tokens=sum(it.num_new for it in sched.items if it.num_new > 1 or not it.sample),
+            num_kv_tokens=sum(it.seq.num_computed + it.num_new for it in sched.items),
+            num_preempted=len(sched.preempted),
+            verify_ms=verify_ms,
+            sample_ms=sample_ms,
+            propose_ms=propose_ms,
+            draft_ms=proposal.draft_ms,
+            proposer_failures=proposal.failures,
+            planned_k=tuple(it.k for it in sched.items),
+            drafts=tuple(
+                (it.seq.request_id, len(it.draft.token_ids), r.num_accepted)
+                for it, r in zip(sched.items, results)
+                if it.draft
+            ),
+            emitted_tokens=sum(len(o.token_ids) for o in outputs),
+            step_ms=(time.perf_counter() - start) * 1e3,
+        )
+        if self.proposer is not None:  # without one there is nothing to plan
+            self.planner.observe(record)
+        # Released after observing, so a request finishing now leaves no acceptance entry behind.
+        for out in outputs:
+            if out.finish_reason is not None:
+                self.planner.release(out.request_id)
+        self._apply_deferred_aborts()
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        sched = self.scheduler.schedule()
+        if (
+            self.proposer is None
+            or not self.planner.policy.speculates
+            and not any(it.seq.policy is not None and it.seq.policy.speculates for it in sched.items)
+        ):
+            return sched
+        for item, k in zip(sched.items, self.planner.plan(sched.items)):
+            if k > 0 and self.scheduler.reserve_drafts(item, k):
+                item.k = k
+        return sched
+
+    async def _propose(self, sched: SchedulerOutput) -> tuple[Proposal, float]:
+        """Attaches drafts; a proposer problem only means no drafts this step.
+        Returns the proposal and the time waited for it (ms)."""
+        requests = [
+            DraftRequest(it.seq.request_id, it.seq.token_ids(), it.k, it.seq.params) for it in sched.items if it.k > 0
+        ]
+        if not requests:
+            return Proposal(), 0.0
+        start = time.perf_counter()
+        try:
+            proposal = await self.proposer.propose(requests)
+            self._attach(sched, proposal.drafts)
+        except Exception:
+            log.exception("proposer failed; this step runs without drafts")
+            proposal = Proposal(failures=1)
+        return proposal, (time.perf_counter() - start) * 1e3
+
+    def _attach(self, sched: SchedulerOutput, drafts: list[Draft | None]) -> None:
+        """Drafts in the order of the speculating items; None means k = 0 this step."""
+        speculating = iter(it for it in sched.items if it.k > 0)
+        for item, draft in zip(speculating, drafts):
+            if draft is None:
+                continue
+            # A proposer that offers fewer tokens than asked (no n-gram match) is asked
+            # for at most one more next step; a confidence stop is no such limit.
+            short = len(draft.token_ids) < item.k and not draft.stopped_early
+            item.seq.draft_cap = len(draft.token_ids) + 1 if short else MAX_K
+            if draft.token_ids and self._well_formed(draft):
+                item.draft = Draft(draft.token_ids[: item.k], draft.probs[: item.k] if draft.probs else None)
+
+    def _well_formed(self, draft: Draft) -> bool:
+        """A proposer's bug must not reach the target: ids in the vocabulary, one distribution per id."""
+        if not all(0 <= t < self.vocab_size for t in draft.token_ids):
+            return False
+        if draft.probs is None:
+            return True
+        return len(draft.probs) == len(draft.token_ids) and all(
+            len(ids) == len(ps) and all(0 <= i < self.vocab_size for i in ids) for ids, ps in draft.probs
+        )
+
+    def _execute(self, sched: SchedulerOutput) -> tuple[list[Verified | None], float]:
+        """Forward pass, then per item that samples its emitted tokens (None for a prefill chunk);
+        and the sampling time (ms). Runs on a worker thread: touches no scheduler state."""
+        fwd = []
+        for it in sched.items:
+            seq = it.seq
+            ids = seq.token_slice(seq.num_computed, seq.num_computed + it.num_new)
+            drafted = it.draft.token_ids if it.draft else []
+            fwd.append(
+                ForwardItem(ids + drafted, seq.num_computed, seq.block_table, 1 + len(drafted) if it.sample else 0)
+            )
+        logits = self.runner.forward(fwd)
+        start = time.perf_counter()
+        results = self._sample(sched, logits)
+        return results, (time.perf_counter() - start) * 1e3
+
+    def _sample(self, sched: SchedulerOutput, logits) -> list[Verified | None]:
+        """Plain decoding rows sampled as one batch; speculating items through the rejection sampler."""
+        results: list[Verified | None] = [None] * len(sched.items)
+        plain, plain_rows, row = [], [], 0
+        for i, it in enumerate(sched.items):
+            if not it.sample:
+                continue
+            if it.draft:
+                k = len(it.draft.token_ids)
+                results[i] = verify(logits[row : row + k + 1], it.draft, it.seq.params, it.seq.generator)
+                row += k + 1
+            else:
+                plain.append(i)
+                plain_rows.append(row)
+                row += 1
+        seqs = [sched.items[i].seq for i in plain]
+        tokens = sample(logits[plain_rows], [s.params for s in seqs], [s.generator for s in seqs])
+        for i, token in zip(plain, tokens):
+            results[i] = Verified([token], 0)
+        return results
+
+    def _postprocess(self, sched: SchedulerOutput, results: list[Verified | None]) -> list[RequestOutput]:
+        outputs = []
+        now = time.monotonic()
+        for it, res in zip(sched.items, results):
+            self.scheduler.advance(it)
+            seq = it.seq
+            if it.k:
+                # Drafts beyond the accepted ones wrote KV that is no longer valid.
+                seq.num_computed += res.num_accepted if it.draft else 0
+                self.scheduler.rollback(seq, seq.num_computed)
+                if it.draft:
+                    seq.num_proposed += len(it.draft.token_ids)
+                    seq.num_accepted += res.num_accepted
+                    seq.num_spec_steps += 1
+            if res is None or seq.request_id in self._deferred_aborts:  # prefill chunk, or aborted meanwhile
+                continue
+            seq.output_ids.extend(res.token_ids)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            outputs.append(self._emit(seq, res.token_ids))
+        return outputs
+
+    def _emit(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
+        out = emit(seq, new_tokens, self._streams[seq.request_id], self.eos_token_ids)
+        if out.finish_reason is not None:
+            self._finish(seq)
+        return out
+
+    def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for it in sched.items:
+            seq = it.seq
+            if seq.request_id in self._seqs:
+                self._finish(seq)
+                self.planner.release(seq.request_id)
+                if seq.request_id not in self._deferred_aborts:
+                    outputs.append(
+                        RequestOutput(
+                            seq.request_id, [], "", FinishReason.ERROR, seq=seq, error=f"engine step failed: {exc}"
+                        )
+                    )
+        self._apply_deferred_aborts()
+        return outputs
+
+    def _apply_deferred_aborts(self) -> None:
+        for request_id in self._deferred_aborts:
+            self.abort(request_id)
+        self._deferred_aborts.clear()
+
+    def _finish(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self._streams.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        if self.proposer is not None:
+            self.proposer.release([seq.request_id])

@@ -1,0 +1,94 @@
+"""A request's output as it grows: stop tokens, the length limit, stop strings and text deltas."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from engine.scheduler import Sequence
+
+
+class TextStream:
+    """Turns a growing list of output ids into text deltas.
+
+    Text that could still be the start of a stop string, or that ends in an
+    incomplete character, is held back until it is safe to send.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.sent = 0  # characters of self.text already sent
+
+    def update(self, output_ids: list[int]) -> str | None:
+        """Decodes the output so far; returns the matched stop string, if any."""
+        previous = self.text
+        self.text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        # A completed multi-byte character replaces the '\ufffd' before it: search from
+        # where the old and new text first differ, not from the old end.
+        unchanged = os.path.commonprefix([previous, self.text])
+        search_from = max(0, len(unchanged) - self.hold)
+        best = None
+        for stop in self.stops:
+            at = self.text.find(stop, search_from)
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return None
+        self.text = self.text[: best[0]]
+        return best[1]
+
+    def delta(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            end -= self.hold
+            if self.text.endswith("\ufffd"):
+                end = min(end, len(self.text) - 1)
+        if end <= self.sent:
+            return ""
+        out = self.text[self.sent : end]
+        self.sent = end
+        return out
+
+
+class FinishReason:
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"  # the step serving the request failed; it was dropped
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    matched_stop: str = ""  # the stop string or token that ended it
+    seq: Sequence | None = field(default=None, repr=False)
+    error: str = ""  # what went wrong, for FinishReason.ERROR
+
+
+def emit(seq: Sequence, new_tokens: list[int], stream: TextStream, eos_token_ids: frozenset[int]) -> RequestOutput:
+    """Applies stop tokens, max_new_tokens and stop strings to the tokens just appended to
+    `seq.output_ids` (truncating them), and returns what to send."""
+    params = seq.params
+    base = len(seq.output_ids) - len(new_tokens)
+    reason, matched = None, ""
+    for j, token in enumerate(new_tokens):
+        if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
+            del seq.output_ids[base + j + 1 :]
+            reason, matched = FinishReason.STOP, stream.tokenizer.decode([token])
+            break
+    limit = params.max_new_tokens
+    if len(seq.output_ids) > limit or (len(seq.output_ids) == limit and reason is None):
+        del seq.output_ids[limit:]
+        reason, matched = FinishReason.LENGTH, ""
+    hit = stream.update(seq.output_ids)
+    if hit is not None:
+        reason, matched = FinishReason.STOP, hit
+    return RequestOutput(
+        seq.request_id, seq.output_ids[base:], stream.delta(final=reason is not None), reason, matched, seq
+    )

@@ -1,0 +1,145 @@
+"""What every SmartSpec server has: grpc.health.v1, server reflection, a listening address,
+and command-line flags generated from its config dataclasses.
+
+A config is a dataclass whose fields are settings or nested dataclasses (one per
+concern: model placement, cache, scheduler, speculation, server). Each nested
+dataclass becomes an argparse group; flags are named after the leaf fields, so
+leaf names are unique within one config. Unset optional values are None.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+import typing
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> HealthServicer:
+    """Registers both; call `set_serving` once the server is started."""
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    return health
+
+
+async def set_serving(health: HealthServicer, service_names: list[str]) -> None:
+    for name in ("", *service_names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def until_signalled() -> None:
+    """Returns on SIGTERM or SIGINT (what Kubernetes and Ctrl-C send)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def start_server(add_servicer, servicer, service_name: str, host: str, port: int):
+    """A started grpc.aio server with the servicer, health (SERVING) and reflection;
+    returns (server, health, bound port)."""
+    server = grpc.aio.server()
+    add_servicer(servicer, server)
+    health = add_health_and_reflection(server, [service_name])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await set_serving(health, [service_name])
+    return server, health, bound
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
+
+
+def _leaves(config_type, default) -> typing.Iterator[tuple[dataclasses.Field, type, object, tuple[str, ...]]]:
+    """(field, type, default, path of nested field names) for each setting of a config."""
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            for leaf, kind, leaf_default, path in _leaves(type(value), value):
+                yield leaf, kind, leaf_default, (f.name, *path)
+        else:
+            yield f, hints[f.name], value, ()
+
+
+def _scalar(kind) -> type:
+    """int for `int | None`, and so on: what argparse converts a flag's text with."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_type, skip: tuple[str, ...] = (), defaults=None) -> None:
+    """One --flag per setting, in one argparse group per nested dataclass, typed by the field's
+    annotation (a bool is a switch: --name / --no-name); help from the field's metadata.
+    `defaults`: a config instance whose values the flags default to (default: `config_type()`)."""
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for f, kind, default, path in _leaves(config_type, defaults if defaults is not None else config_type()):
+        if f.name in skip:
+            continue
+        target = parser
+        if path:
+            if path not in groups:
+                groups[path] = parser.add_argument_group(" ".join(path))
+            target = groups[path]
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        if kind is bool:
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            target.add_argument(flag, type=_scalar(kind), default=default, help=text)
+
+
+def from_options(config_type, base=None, **options):
+    """The config with the named settings replaced (leaf names, as on the command line);
+    raises TypeError for a name the config does not have."""
+    base = base if base is not None else config_type()
+    known = {f.name for f, *_ in _leaves(config_type, base)}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"{config_type.__name__} has no setting {', '.join(sorted(unknown))}")
+    return _replace(base, options)
+
+
+def _replace(config, options: dict):
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = _replace(value, options)
+        elif f.name in options:
+            changes[f.name] = options[f.name]
+    return dataclasses.replace(config, **changes)
+
+
+def from_args(config_type, args: argparse.Namespace, skip: tuple[str, ...] = ()):
+    names = [f.name for f, *_ in _leaves(config_type, config_type()) if f.name not in skip]
+    return from_options(config_type, **{name: getattr(args, name) for name in names})
+
+
+def to_argv(config) -> list[str]:
+    """The flags that rebuild `config` from its defaults (for starting a service as a process)."""
+    defaults = {f.name: value for f, _, value, _ in _leaves(type(config), type(config)())}
+    argv = []
+    for f, kind, value, _ in _leaves(type(config), config):
+        if value == defaults[f.name]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv

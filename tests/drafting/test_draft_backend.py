@@ -1,0 +1,226 @@
+"""The draft-model backend: lockstep drafting with its own KV, exact sparse distributions, and
+lossless speculation through the real services with a draft that is the target plus noise."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from distributions import chi_square_p, exact_marginals
+from greedy_reference import assert_same_greedy, hf_greedy
+from service_threads import ProposerThread, VerifierThread
+
+from drafting.draft_model import DraftModelBackend
+from drafting.state import DraftCall
+from protocol.v1 import generation_pb2 as pb
+from runtime.models import load_model
+from runtime.sampler import SamplingParams
+
+
+def noisy_copy(src_dir: str, dst, scale: float, seed: int) -> str:
+    """The target with Gaussian noise on every weight: a draft with tunable acceptance."""
+    model = load_model(src_dir)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    model.save_pretrained(dst)
+    return str(dst)
+
+
+def test_drafts_follow_the_draft_models_greedy_chain(small_vocab_dir):
+    reference = load_model(small_vocab_dir)
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512)
+    states = [backend.new_state() for _ in range(3)]
+    prompts = [[3, 4, 5, 6], [7, 7, 2], [9, 3, 3, 3, 10, 11]]
+    for s, p in zip(states, prompts):
+        s.extend(p)
+    ks = [3, 1, 5]  # requests drop out of the lockstep as their k is reached
+    drafts = backend.propose([DraftCall(s, k, SamplingParams()) for s, k in zip(states, ks)])
+    for d, p, k in zip(drafts, prompts, ks):
+        assert d.probs is None and d.token_ids == hf_greedy(reference, p, k, ignore_eos=True)
+        assert not d.stopped_early
+    # The verifier accepts 2 of request 0's drafts and adds its own token: KV of those 2 is reused.
+    accepted = drafts[0].token_ids[:2] + [11]
+    states[0].extend(accepted)
+    assert states[0].num_computed == len(prompts[0]) + 2
+    [d] = backend.propose([DraftCall(states[0], 4, SamplingParams())])
+    assert d.token_ids == hf_greedy(reference, prompts[0] + accepted, 4, ignore_eos=True)
+    for s in states:
+        backend.release(s)
+    assert backend.allocator.num_free == backend.allocator.num_blocks
+
+
+def test_sampled_drafts_return_their_exact_truncated_distribution(small_vocab_dir):
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, top_k_cap=5)
+    state = backend.new_state()
+    state.extend([3, 4, 5])
+    [d] = backend.propose([DraftCall(state, 3, SamplingParams(temperature=0.8, top_p=0.9, seed=1))])
+    assert len(d.token_ids) == len(d.probs) == 3
+    for token, (support, probs) in zip(d.token_ids, d.probs):
+        assert token in support and len(support) <= 5
+        assert abs(sum(probs) - 1) < 1e-5 and min(probs) > 0
+
+
+def test_a_draft_stops_after_a_token_below_the_confidence_floor(small_vocab_dir):
+    reference = load_model(small_vocab_dir)
+    prompt, k = [3, 4, 5, 6], 6
+    chain = hf_greedy(reference, prompt, k, ignore_eos=True)
+    with torch.no_grad():  # the draft model's probability of each token of its greedy chain
+        logits = reference(torch.tensor([prompt + chain])).logits[0, len(prompt) - 1 : -1]
+    confidence = torch.softmax(logits.float(), -1).max(-1).values.tolist()
+    low, high = sorted(confidence)[k // 2 - 1 : k // 2 + 1]
+    assert high - low > 1e-3  # a floor between them is not a near-tie
+    floor = (low + high) / 2
+    stop = next(j for j, c in enumerate(confidence) if c < floor)
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=floor)
+    state = backend.new_state()
+    state.extend(prompt)
+    [d] = backend.propose([DraftCall(state, k, SamplingParams())])
+    assert d.token_ids == chain[: stop + 1]  # the low-confidence token is drafted, then the draft stops
+    assert d.stopped_early == (stop + 1 < k)
+    assert stop + 1 < k  # the floor is the median: some token after the stop was above it
+
+    never = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=1.0)
+    state = never.new_state()
+    state.extend(prompt)
+    [d] = never.propose([DraftCall(state, k, SamplingParams(temperature=1.5, seed=2))])
+    assert len(d.token_ids) == len(d.probs) == 1 and max(d.probs[0][1]) < 1.0  # sampled drafts stop the same way
+    assert d.stopped_early
+    [d] = never.propose([DraftCall(state, 1, SamplingParams(temperature=1.5, seed=2))])
+    assert len(d.token_ids) == 1 and not d.stopped_early  # k reached: not a stop
+    with pytest.raises(ValueError, match="min_confidence"):
+        DraftModelBackend(reference, kv_cache_tokens=512, min_confidence=1.5)
+
+
+def test_the_confidence_flag_is_checked_before_any_model_loads():
+    from drafting.config import DraftConfig
+
+    with pytest.raises(ValueError, match=r"min_confidence must be in \[0, 1\]"):
+        DraftConfig(draft="/no/such/model", min_confidence=1.5).make_backend()
+    with pytest.raises(ValueError, match="n-gram drafts have no confidence"):
+        DraftConfig(min_confidence=0.4).make_backend()
+
+
+def generate_greedy(verifier, prompt: list[int], max_new_tokens: int):
+    """Greedy tokens from the verifier service and the final chunk's speculation stats."""
+    chunks = list(
+        verifier.stub.Generate(
+            pb.GenerateRequest(
+                prompt_token_ids=pb.TokenIds(ids=prompt), max_new_tokens=max_new_tokens, ignore_eos=True
+            ),
+            timeout=60,
+        )
+    )
+    return [t for c in chunks for t in c.token_ids], chunks[-1].speculation
+
+
+def test_identical_draft_is_always_accepted_through_the_services(small_vocab_dir, smollm2_tokenizer):
+    target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
+    proposer = ProposerThread(backend=DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=2048))
+    verifier = VerifierThread(target, smollm2_tokenizer, [proposer.address], policy="fixed:3")
+    try:
+        prompt = [3, 4, 5, 6, 7]
+        tokens, stats = generate_greedy(verifier, prompt, 33)
+        assert_same_greedy(reference, prompt, tokens, hf_greedy(reference, prompt, 33, ignore_eos=True))
+        assert stats.accepted_tokens == stats.proposed_tokens > 0
+        assert stats.mean_accepted_length == pytest.approx(4.0)  # k + 1 every speculative step
+    finally:
+        verifier.close()
+        proposer.kill()
+
+
+def test_an_in_process_draft_model_serves_through_the_verifier(small_vocab_dir, smollm2_tokenizer):
+    """`--proposer draft:MODEL`: the draft runs off the event loop, next to the target."""
+    target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
+    verifier = VerifierThread(target, smollm2_tokenizer, [f"draft:{small_vocab_dir}"], policy="fixed:3")
+    try:
+        prompt = [3, 4, 5, 6, 7]
+        tokens, stats = generate_greedy(verifier, prompt, 25)
+        assert_same_greedy(reference, prompt, tokens, hf_greedy(reference, prompt, 25, ignore_eos=True))
+        assert stats.accepted_tokens == stats.proposed_tokens > 0
+    finally:
+        verifier.close()
+
+
+@pytest.mark.parametrize("min_confidence, head", [(0.0, None), (0.2, None), (0.0, [0, 1, 3, 4, 6, 8, 9, 10])])
+def test_sampling_with_a_noisy_draft_follows_the_target(
+    small_vocab_dir, smollm2_tokenizer, tmp_path, min_confidence, head
+):
+    """Lossless sampling, also when drafts stop early at the draft's own low-confidence tokens, and
+    when the draft's head vocabulary leaves out tokens the target writes (its q is 0 there)."""
+    draft_dir = noisy_copy(small_vocab_dir, tmp_path / "noisy", scale=0.5, seed=3)
+    target, reference = load_model(small_vocab_dir), load_model(small_vocab_dir)
+    backend = DraftModelBackend(
+        load_model(draft_dir), kv_cache_tokens=8192, min_confidence=min_confidence, head_vocab=head
+    )
+    lengths = collections.Counter()  # drafted tokens per request per call
+    stops = collections.Counter()  # the same, for drafts the confidence stop ended
+    drafted = set()
+    propose = backend.propose
+
+    def recording(calls):
+        drafts = propose(calls)
+        lengths.update(len(d.token_ids) for d in drafts)
+        stops.update(len(d.token_ids) for d in drafts if d.stopped_early)
+        drafted.update(t for d in drafts for t in d.token_ids)
+        return drafts
+
+    backend.propose = recording
+    proposer = ProposerThread(backend=backend)
+    verifier = VerifierThread(
+        target, smollm2_tokenizer, [proposer.address], policy="fixed:2", max_num_seqs=128, kv_cache_tokens=8192
+    )
+    prompt, steps, n = [3, 4, 5, 6], 4, 2000
+    counts = [torch.zeros(12, dtype=torch.float64) for _ in range(steps)]
+    proposed = accepted = 0
+    try:
+        for start in range(0, n, 100):
+            streams = [
+                verifier.stub.Generate(
+                    pb.GenerateRequest(
+                        prompt_token_ids=pb.TokenIds(ids=prompt),
+                        max_new_tokens=steps,
+                        ignore_eos=True,
+                        sampling=pb.SamplingParams(temperature=1.0, seed=start + i),
+                    ),
+                    timeout=60,
+                )
+                for i in range(100)
+            ]
+            for s in streams:
+                chunks = list(s)
+                for t, y in enumerate(t for c in chunks for t in c.token_ids):
+                    counts[t][y] += 1
+                proposed += chunks[-1].speculation.proposed_tokens
+                accepted += chunks[-1].speculation.accepted_tokens
+    finally:
+        verifier.close()
+        proposer.kill()
+    assert proposed > 500 and 0.05 < accepted / proposed < 0.95  # the noise gives partial acceptance
+    # Each request gets one call at k = 2 (the others are capped by the tokens left): the
+    # confidence stop must have cut some of them short and let others run to k.
+    assert lengths[2] == n if not min_confidence else 100 < lengths[2] < n - 100
+    assert stops == ({1: n - lengths[2]} if min_confidence else {})  # each k = 2 call short of 2 was a stop
+    marginals = exact_marginals(reference, prompt, steps, 12)
+    if head is not None:
+        left_out = [t for t in range(12) if t not in head]
+        assert drafted <= set(head)
+        assert all(float(m[left_out].sum()) > 0.05 for m in marginals)  # the target does write them
+    for t, marginal in enumerate(marginals):
+        assert chi_square_p(counts[t], marginal) > 0.01, (t, counts[t].tolist(), marginal.tolist())
+
+
+def test_a_draft_proposer_runs_on_the_threads_it_is_given(small_vocab_dir):
+    from drafting.config import DraftConfig
+    from runtime.models import Placement
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        backend = DraftConfig(draft=small_vocab_dir).make_backend(Placement(threads=1))
+        assert isinstance(backend, DraftModelBackend)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

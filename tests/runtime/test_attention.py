@@ -1,0 +1,171 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runtime.attention import LAYOUT_KWARG, StepItem, StepLayout, paged_attention
+from runtime.kv_cache import KVCache
+
+H, H_KV, D = 4, 2, 8
+BS = 4
+NUM_BLOCKS = 40
+LAYERS = 2
+
+
+def reference(q, k, v, ctx, scale):
+    """q: [H, n, D] at positions ctx..ctx+n-1; k/v: [H_kv, ctx+n, D] -> [n, H, D]."""
+    rep = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(rep, dim=0)  # kv head j serves query heads j*rep .. j*rep+rep-1
+    v = v.repeat_interleave(rep, dim=0)
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale  # [H, n, T]
+    n, total = q.shape[1], k.shape[1]
+    pos = torch.arange(ctx, ctx + n).view(-1, 1)
+    scores = scores.masked_fill(torch.arange(total).view(1, -1) > pos, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v.double()
+    return out.transpose(0, 1).float()
+
+
+class Request:
+    def __init__(self, gen, table, total):
+        self.table = table
+        self.q = torch.randn(LAYERS, H, total, D, generator=gen)
+        self.k = torch.randn(LAYERS, H_KV, total, D, generator=gen)
+        self.v = torch.randn(LAYERS, H_KV, total, D, generator=gen)
+
+
+def allocate(spec, gen):
+    """Non-contiguous block tables: blocks handed out in a shuffled order."""
+    order = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
+    reqs = []
+    for ctx, q in spec:
+        nb = -(-(ctx + q) // BS)
+        table, order = order[:nb], order[nb:]
+        reqs.append(Request(gen, table, ctx + q))
+    return reqs
+
+
+def run_step(kv, reqs, chunks, scale, batched_max_q=16):
+    """chunks: [(request index, ctx, q)]; one paged_attention call per layer over the
+    flattened batch; returns per-layer [1, N, H, D] outputs."""
+    items = [StepItem(ctx, q, reqs[r].table) for r, ctx, q in chunks]
+    layout = StepLayout.build(items, kv, "cpu", batched_max_q)
+    outs = []
+    for layer in range(LAYERS):
+        query = torch.cat([reqs[r].q[layer, :, ctx : ctx + q] for r, ctx, q in chunks], dim=1)[None]
+        key = torch.cat([reqs[r].k[layer, :, ctx : ctx + q] for r, ctx, q in chunks], dim=1)[None]
+        value = torch.cat([reqs[r].v[layer, :, ctx : ctx + q] for r, ctx, q in chunks], dim=1)[None]
+        assert query.shape == (1, H, sum(c[2] for c in chunks), D)
+        out, weights = paged_attention(
+            SimpleNamespace(layer_idx=layer), query, key, value, None, scaling=scale, **{LAYOUT_KWARG: layout}
+        )
+        assert weights is None
+        assert out.shape == (1, query.shape[2], H, D)
+        outs.append(out)
+    return layout, outs
+
+
+def check(outs, reqs, chunks, scale):
+    ref_scale = scale if scale is not None else D**-0.5
+    for layer, out in enumerate(outs):
+        start = 0
+        for r, ctx, q in chunks:
+            rq = reqs[r]
+            want = reference(
+                rq.q[layer, :, ctx : ctx + q], rq.k[layer, :, : ctx + q], rq.v[layer, :, : ctx + q], ctx, ref_scale
+            )
+            torch.testing.assert_close(out[0, start : start + q], want, rtol=1e-5, atol=1e-5)
+            start += q
+
+
+@pytest.mark.parametrize("per_request", [False, True], ids=["batched", "all-spans"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_paged_attention_matches_per_request_reference(scale, per_request):
+    gen = torch.Generator().manual_seed(0)
+    # (ctx, q) of the checked step; ctx tokens are cached by an earlier call.
+    spec = [
+        (5, 1),  # decode
+        (9, 3),  # verification of 2 drafts, crosses a block boundary
+        (0, 20),  # first prefill chunk > 16: "single" path straight from its keys
+        (6, 18),  # later prefill chunk > 16: "single" path over cached blocks
+        (0, 3),  # short first prefill: batched with ctx 0
+        (8, 16),  # exactly batched_max_q: still batched
+    ]
+    reqs = allocate(spec, gen)
+    kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
+
+    fill = [(r, 0, ctx) for r, (ctx, _) in enumerate(spec) if ctx > 0]
+    max_q = 0 if per_request else 16
+    _, outs = run_step(kv, reqs, fill, scale, max_q)
+    check(outs, reqs, fill, scale)
+
+    step = [(r, ctx, q) for r, (ctx, q) in enumerate(spec)]
+    layout, outs = run_step(kv, reqs, step, scale, max_q)
+    if per_request:
+        assert layout.batched is None and [s.ctx for s in layout.spans] == [c for c, _ in spec]
+    else:
+        assert [s.ctx for s in layout.spans] == [0, 6]  # the two long prefill chunks
+        assert layout.batched is not None and layout.batched.q_index.shape == (4, 16)
+    check(outs, reqs, step, scale)
+
+
+def test_only_singles_and_only_batched():
+    gen = torch.Generator().manual_seed(1)
+    reqs = allocate([(0, 17), (0, 2)], gen)
+    kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
+    layout, outs = run_step(kv, reqs, [(0, 0, 17)], None)
+    assert layout.batched is None and len(layout.spans) == 1
+    check(outs, reqs, [(0, 0, 17)], None)
+    layout, outs = run_step(kv, reqs, [(1, 0, 2)], None)
+    assert layout.batched is not None and layout.spans == []
+    check(outs, reqs, [(1, 0, 2)], None)
+
+
+@pytest.mark.parametrize("batched_max_q", [16, 0], ids=["batched", "spans"])
+def test_decode_steps_one_token_at_a_time(batched_max_q):
+    gen = torch.Generator().manual_seed(2)
+    reqs = allocate([(0, 11), (0, 7)], gen)
+    kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
+    chunks = [(0, 0, 4), (1, 0, 2)]
+    _, outs = run_step(kv, reqs, chunks, None, batched_max_q)
+    check(outs, reqs, chunks, None)
+    for t in range(5):  # both decode; request 0 continues past its prefill
+        chunks = [(0, 4 + t, 1), (1, 2 + t, 1)]
+        _, outs = run_step(kv, reqs, chunks, None, batched_max_q)
+        check(outs, reqs, chunks, None)
+
+
+def test_rolled_back_positions_are_overwritten():
+    """Verification writes KV for drafts; after rejection the same positions are rewritten."""
+    gen = torch.Generator().manual_seed(3)
+    reqs = allocate([(6, 4)], gen)
+    kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
+    run_step(kv, reqs, [(0, 0, 6)], None)
+    rejected = Request(gen, reqs[0].table, 10)  # different drafts at positions 6..9
+    run_step(kv, [rejected], [(0, 6, 4)], None)
+    _, outs = run_step(kv, reqs, [(0, 6, 4)], None)
+    check(outs, reqs, [(0, 6, 4)], None)
+
+
+def test_layout_slots_follow_the_block_tables():
+    kv = KVCache(1, 16, BS, H_KV, D, torch.float32, "cpu")
+    items = [StepItem(ctx=3, q=3, block_table=[9, 2]), StepItem(ctx=0, q=2, block_table=[5])]
+    layout = StepLayout.build(items, kv, "cpu")
+    # request 0: positions 3, 4, 5 -> block 9 offset 3, block 2 offsets 0, 1
+    assert layout.slots.tolist() == [9 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 5 * 4 + 0, 5 * 4 + 1]
+    g = layout.batched
+    assert g.q_index.tolist() == [[0, 1, 2], [3, 4, 0]]
+    assert g.blocks.tolist() == [[9, 2], [5, 0]]
+    assert g.valid.tolist() == [0, 1, 2, 3, 4]
+    assert g.token_index.tolist() == [0, 1, 2, 3, 4]
+    assert g.mask.shape == (2, 1, 3, 8)
+    assert g.mask[0, 0, 0].tolist() == [True] * 4 + [False] * 4
+    assert g.mask[1, 0, 1].tolist() == [True, True] + [False] * 6
+    assert g.mask[1, 0, 2].tolist() == [True] + [False] * 7  # padding query sees key 0 only
+
+
+def test_spans_read_runs_of_consecutive_blocks():
+    kv = KVCache(1, 16, BS, H_KV, D, torch.float32, "cpu")
+    items = [StepItem(ctx=9, q=2, block_table=[3, 4, 5, 9]), StepItem(ctx=5, q=1, block_table=[7, 8])]
+    layout = StepLayout.build(items, kv, "cpu", batched_max_q=0)
+    assert [s.runs for s in layout.spans] == [[(3, 3)], [(7, 2)]]  # block 9 holds no token yet
+    assert layout.spans[0].mask.shape == (2, 11) and layout.spans[1].mask is None

@@ -1,0 +1,218 @@
+import math
+
+import pytest
+import torch
+
+from runtime.sampler import SamplingParams, make_generator, processed_probs, sample
+
+
+def softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def test_default_params_are_greedy():
+    p = SamplingParams()
+    assert p.greedy and p.top_p == 1.0 and p.top_k == 0 and p.seed is None
+    assert not SamplingParams(temperature=0.5).greedy
+
+
+def test_make_generator():
+    assert make_generator(SamplingParams()) is None
+    g = make_generator(SamplingParams(temperature=1.0, seed=5))
+    assert isinstance(g, torch.Generator) and g.initial_seed() == 5
+    unseeded = make_generator(SamplingParams(temperature=1.0))
+    assert isinstance(unseeded, torch.Generator)
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [5.0, 0.0, 0.0, 4.0], [-3.0, -2.0, -1.0, -1.5]])
+    params = [SamplingParams()] * 3
+    assert sample(logits, params, [None] * 3) == [1, 0, 2]
+
+
+def test_greedy_ignores_top_k_and_top_p():
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert sample(logits, [SamplingParams(top_k=1, top_p=0.1)], [None]) == [1]
+
+
+def test_empty_batch():
+    assert sample(torch.empty(0, 5), [], []) == []
+
+
+def test_mixed_batch_keeps_greedy_rows_greedy():
+    logits = torch.tensor([[0.0, 9.0, 0.0], [0.0, 0.0, 0.0], [7.0, 0.0, 0.0]])
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams()]
+    gens = [None, make_generator(params[1]), None]
+    tokens = sample(logits, params, gens)
+    assert tokens[0] == 1 and tokens[2] == 0
+    assert tokens[1] in (0, 1, 2)
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, -1.0]])
+    probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_k=2)])
+    assert probs.dtype == torch.float32
+    assert torch.count_nonzero(probs) == 2
+    expected = softmax([3.0, 2.0])
+    torch.testing.assert_close(probs[0, [1, 2]], torch.tensor(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_top_k_per_row():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    probs = processed_probs(
+        logits, [SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, top_k=3)]
+    )
+    assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert (probs[1] > 0).tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [
+        # probabilities (sorted): 0.5, 0.25, 0.15, 0.1
+        (0.4, [0]),  # 0.5 >= 0.4 already
+        (0.7, [0, 1]),  # 0.75 >= 0.7
+        (0.8, [0, 1, 2]),  # 0.75 < 0.8 <= 0.9
+        (0.95, [0, 1, 2, 3]),
+    ],
+)
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    base = [0.5, 0.25, 0.15, 0.1]
+    perm = [2, 0, 3, 1]  # vocabulary order is not probability order
+    vocab_probs = [0.0] * 4
+    for rank, tok in enumerate(perm):
+        vocab_probs[tok] = base[rank]
+    logits = torch.tensor([[math.log(p) for p in vocab_probs]])
+    probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=top_p)])[0]
+    kept_tokens = {perm[r] for r in kept}
+    mass = sum(base[r] for r in kept)
+    for tok in range(4):
+        want = vocab_probs[tok] / mass if tok in kept_tokens else 0.0
+        assert probs[tok].item() == pytest.approx(want, abs=1e-6)
+
+
+def test_top_p_tiny_keeps_the_top_token():
+    logits = torch.tensor([[0.0, 0.1, 0.2]])
+    probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=1e-6)])
+    assert probs[0].tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0, top_p=1.0, top_k=0),
+        SamplingParams(temperature=1.0, top_k=5),  # k == vocab
+        SamplingParams(temperature=1.0, top_k=50),  # k > vocab
+    ],
+)
+def test_no_truncation_is_plain_softmax(params):
+    logits = torch.tensor([[0.3, -1.2, 2.5, 0.0, 1.1]])
+    probs = processed_probs(logits, [params])
+    torch.testing.assert_close(probs, torch.softmax(logits, 1), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.25, 0.5, 1.0, 2.0])
+def test_temperature_scaling(temperature):
+    raw = [1.0, 2.0, 3.0, -0.5]
+    probs = processed_probs(torch.tensor([raw]), [SamplingParams(temperature=temperature)])[0]
+    want = softmax([x / temperature for x in raw])
+    for got, w in zip(probs.tolist(), want):
+        assert got == pytest.approx(w, rel=1e-5)
+
+
+def test_temperature_then_top_k_then_top_p():
+    raw = [2.0, 1.0, 0.5, 0.0, -1.0]
+    params = SamplingParams(temperature=0.5, top_k=3, top_p=0.9)
+    probs = processed_probs(torch.tensor([raw]), [params])[0].tolist()
+    after_k = softmax([x / 0.5 for x in raw[:3]])  # [0.844, 0.114, 0.042]
+    assert after_k[0] < 0.9 <= after_k[0] + after_k[1]
+    mass = after_k[0] + after_k[1]
+    want = [after_k[0] / mass, after_k[1] / mass, 0.0, 0.0, 0.0]
+    assert probs == pytest.approx(want, abs=1e-6)
+
+
+def test_bf16_logits_give_float32_probs():
+    logits = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.bfloat16)
+    probs = processed_probs(logits, [SamplingParams(temperature=1.0)])
+    assert probs.dtype == torch.float32
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def _draws(seed: int, n: int = 64) -> list[int]:
+    params = SamplingParams(temperature=1.0, seed=seed)
+    gen = make_generator(params)
+    logits = torch.zeros(1, 50)  # uniform over 50 tokens
+    return [sample(logits, [params], [gen])[0] for _ in range(n)]
+
+
+def test_same_seed_same_tokens_different_seed_differs():
+    assert _draws(1234) == _draws(1234)
+    assert _draws(1234) != _draws(4321)
+
+
+def test_seeded_stream_does_not_depend_on_the_batch():
+    """A request's tokens come from its own generator, whoever else is in the batch."""
+    params = SamplingParams(temperature=1.0, seed=7)
+    other = SamplingParams(temperature=1.0, seed=99)
+    logits = torch.zeros(1, 50)
+    alone, g = [], make_generator(params)
+    for _ in range(20):
+        alone.append(sample(logits, [params], [g])[0])
+    batched, g, g_other = [], make_generator(params), make_generator(other)
+    for _ in range(20):
+        batched.append(sample(logits.repeat(2, 1), [other, params], [g_other, g])[1])
+    assert alone == batched
+
+
+def test_truncated_tokens_are_never_sampled():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    params = SamplingParams(temperature=1.5, top_k=3, seed=0)
+    gen = make_generator(params)
+    n = 2000
+    tokens = sample(logits.repeat(n, 1), [params] * n, [gen] * n)
+    assert set(tokens) == {0, 1, 2}
+
+
+def _chi2_critical_wilson_hilferty(df: int, alpha: float) -> float:
+    z = {0.01: 2.326347874}[alpha]  # upper-tail standard normal quantile
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def test_sample_follows_processed_probs_chi_square():
+    logits = torch.tensor([[1.2, 0.4, -0.3, 0.9, 2.0, -1.5, 0.1, 0.6]])
+    params = SamplingParams(temperature=0.7, top_k=4, top_p=0.9, seed=20240601)
+    probs = processed_probs(logits, [params])[0].double()
+    support = (probs > 0).nonzero().flatten().tolist()
+    assert 2 <= len(support) <= 4  # the truncations actually bite
+
+    n = 6000
+    gen = make_generator(params)
+    tokens = sample(logits.repeat(n, 1), [params] * n, [gen] * n)
+    counts = torch.bincount(torch.tensor(tokens), minlength=8).double()
+    assert counts[[t for t in range(8) if t not in support]].sum() == 0
+
+    expected = probs[support] * n
+    assert (expected >= 5).all()
+    observed = counts[support]
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    df = len(support) - 1
+    p_value = 1.0 - float(torch.distributions.Chi2(torch.tensor(float(df))).cdf(torch.tensor(stat)))
+    assert p_value > 0.01, (stat, observed.tolist(), expected.tolist())
+    assert stat < _chi2_critical_wilson_hilferty(df, 0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sampling_accepts_gpu_logits():
+    logits = torch.randn(3, 10, device="cuda")
+    params = [
+        SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1),
+        SamplingParams(),
+        SamplingParams(temperature=1.0, seed=2),
+    ]
+    tokens = sample(logits, params, [make_generator(p) for p in params])
+    assert len(tokens) == 3 and all(0 <= t < 10 for t in tokens)
+    assert tokens[1] == int(logits[1].argmax())
