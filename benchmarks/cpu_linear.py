@@ -149,6 +149,7 @@ def main() -> int:
     use_cpu_linear(model, "auto")
     decided_s = time.perf_counter() - start
     plans = [m.plan for m in linears]
+    chosen = [{"shape": s, "rows": r, "kernel": k} for s, r, k in describe(model)]
     assert all(type(m) is CpuLinear for m in linears)
     print(
         f"machine: {machine_info()['cpu_model']}, {torch.get_num_threads()} threads; auto decided in {decided_s:.1f} s"
@@ -164,7 +165,7 @@ def main() -> int:
     results = {
         "machine": machine_info(),
         "auto_decision_s": decided_s,
-        "auto": [{"shape": s, "rows": r, "kernel": k} for s, r, k in describe(model)],
+        "auto": chosen,
         "layers": layers,
         "forward": forward,
     }

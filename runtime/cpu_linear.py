@@ -9,10 +9,13 @@ weight shape and row count, the one `runtime.cpu_linear_select` measured fastest
 here (or the one forced with `--cpu-linear`):
 
 - `linear`: `F.linear`, what nn.Linear does.
-- `transposed`: (W @ x^T)^T, with 1 to 4 rows padded to 2 or 4, which streams W
-  once at memory speed where MKL's few-row x @ W^T does not. The rows must reach
-  the product row-major: the output of the layer before is a transposed view, and
-  fed as it is, the product is up to 4x slower.
+- `transposed`: (W @ x^T)^T, which streams W once at memory speed where MKL's
+  few-row x @ W^T does not. Up to MAX_ROWS rows are padded to a power of two (at
+  least 2): MKL's cost for it is a staircase with steps at powers of two (13 rows
+  cost 1.5x 16 on the EPYC), so a padded count costs what the step's top costs,
+  which is also the count the selection times. The rows must reach the product
+  row-major: the output of the layer before is a transposed view, and fed as it
+  is, the product is up to 4x slower.
 - `packed`: oneDNN's inner product over a copy of W packed once for its blocking
   (the kernel torch's own compiler uses for frozen CPU linears). float32 only.
 
@@ -32,13 +35,12 @@ from torch import nn
 KERNELS = ("linear", "transposed", "packed")
 CHOICES = ("auto", *KERNELS)
 MAX_ROWS = 64  # row counts above this use the product chosen for MAX_ROWS
-PAD_ROWS = 4  # the transposed product pads 1 to this many rows to 2 or 4
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def padded_rows(n: int) -> int:
-    """Rows the transposed product is computed with for n <= PAD_ROWS input rows."""
+    """Rows the transposed product is computed with for n <= MAX_ROWS input rows."""
     return max(2, 1 << (n - 1).bit_length())
 
 
@@ -93,7 +95,7 @@ def product(weight, bias, rows: torch.Tensor, kernel: str, packed: torch.Tensor 
     if kernel == "packed":
         return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
     n = rows.shape[0]
-    if 0 < n < padded_rows(n) and n <= PAD_ROWS:
+    if 0 < n < padded_rows(n) and n <= MAX_ROWS:
         rows = torch.cat([rows, rows.new_zeros(padded_rows(n) - n, rows.shape[1])])
     # A transposed view (the output of the layer before) as the right operand takes
     # MKL's slow path: SmolLM2's down_proj at 2 rows, 120 -> 520 us.

@@ -1,8 +1,15 @@
 """Choosing the CPU linear product per weight shape and row count, by timing the candidates here.
 
 For each distinct weight (shape, dtype) the candidates of `runtime.cpu_linear` are
-timed on random rows at a few row counts (ROW_BUCKETS); a row count uses the
-product that was fastest at the bucket it rounds up to. The candidates run in
+timed on random rows at both ends of each bucket of row counts (BUCKETS: 1, 2, 3,
+4, then 5-8, 9-16, 17-32, 33-64), and each bucket takes the product with the least
+time summed over its two ends: the transposed product pads to a power of two, so
+its cost is flat within a bucket, while the others grow across it, and the top
+alone would favour the padded product everywhere below it. The model takes one
+product per bucket, the least total time over its layers, and a weight shape takes
+its own only where that saves it more than SHAPE_TIE. They are timed where
+they run, among the model's layers in order (up to TIMED_PER_SHAPE layers of each
+shape), so weights come from memory as in a forward pass. The candidates run in
 turn within each repetition, so drift on shared cores hits them alike, and the
 median over repetitions decides. `F.linear` keeps the count unless another
 product beats it by more than TIE: a packed copy of the weights costs memory,
@@ -12,7 +19,7 @@ Timings depend on the CPU, the cores torch uses and torch's own kernels, so
 they are cached per machine (CPU model, core count, torch threads, torch version)
 in `cpu_linear.json` under $SMARTSPEC_CACHE_DIR (default ~/.cache/smartspec): a
 restart reuses them, and a different CPU or torch measures afresh. SmolLM2's
-five shapes take a few seconds to measure.
+five shapes take about ten seconds to measure on 2 cores.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from runtime.cpu_linear import CHOICES, MAX_ROWS, CpuLinear, describe, kernels_f
 
 log = logging.getLogger(__name__)
 
-ROW_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, MAX_ROWS)
+BUCKETS = ((1, 1), (2, 2), (3, 3), (4, 4), (5, 8), (9, 16), (17, 32), (33, MAX_ROWS))
+TIMED_ROWS = tuple(sorted({n for bucket in BUCKETS for n in bucket}))
+TIMED_PER_SHAPE = 4  # layers of each shape timed: four blocks in order keep every weight out of cache
 TIE = 0.03  # F.linear stays unless another product is this much faster
-MIN_SAMPLE_S = 3e-4  # each timed sample repeats the product until it lasts about this long
+SHAPE_TIE = 0.25  # one shape leaves the model's choice only for more than this gain
 
 
 def cpu_model() -> str:
@@ -66,41 +75,78 @@ def shape_key(layer: nn.Linear) -> str:
 
 
 @torch.inference_mode()
-def time_products(weight: torch.Tensor, bias, buckets=ROW_BUCKETS, kernels=None, reps: int = 5) -> dict:
-    """{rows: {product: median ms}} for each bucket's row count, the products in turn per repetition."""
-    kernels = kernels or kernels_for(weight.dtype)
-    packed = pack(weight) if "packed" in kernels else None
-    timings = {}
-    for n in buckets:
-        x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
-        calls = {}
-        for kernel in kernels:  # warm-up, and how many calls make one sample
-            start = time.perf_counter()
-            product(weight, bias, x, kernel, packed)
-            calls[kernel] = max(1, int(MIN_SAMPLE_S / max(time.perf_counter() - start, 1e-7)))
-        samples: dict[str, list[float]] = {k: [] for k in kernels}
-        for rep in range(reps):
-            for kernel in kernels[rep % len(kernels) :] + kernels[: rep % len(kernels)]:
-                start = time.perf_counter()
-                for _ in range(calls[kernel]):
-                    product(weight, bias, x, kernel, packed)
-                samples[kernel].append((time.perf_counter() - start) * 1e3 / calls[kernel])
-        timings[n] = {k: statistics.median(v) for k, v in samples.items()}
+def time_products(layers: list[nn.Linear], rows=TIMED_ROWS, reps: int = 3) -> dict:
+    """{shape key: {rows: {product: median ms}}}, timed where the layers run: in the model's order,
+    one pass over all of them per product, so each weight comes from memory as it does in a forward
+    pass (timed alone, a small weight stays in cache and favours another product). Each shape's
+    time sums its layers' calls; the products take turns within each repetition."""
+    count: dict[str, int] = {}
+    timed = []
+    for m in layers:
+        count[shape_key(m)] = count.get(shape_key(m), 0) + 1
+        if count[shape_key(m)] <= TIMED_PER_SHAPE:
+            timed.append(m)
+    layers = timed
+    kernels = {id(m): kernels_for(m.weight.dtype) for m in layers}
+    packed = {id(m): pack(m.weight) for m in layers if "packed" in kernels[id(m)]}
+    keys = {id(m): shape_key(m) for m in layers}
+    names = list(dict.fromkeys(k for m in layers for k in kernels[id(m)]))
+    timings: dict[str, dict] = {key: {} for key in keys.values()}
+    for n in rows:
+        inputs = {(m.in_features, m.weight.dtype): None for m in layers}
+        inputs = {k: torch.randn(n, k[0], dtype=k[1]) for k in inputs}
+        samples = {key: {k: [] for k in names} for key in timings}
+        for rep in range(reps + 1):  # the first pass warms up
+            for kernel in names[rep % len(names) :] + names[: rep % len(names)]:
+                spent: dict[str, float] = {}
+                for m in layers:
+                    if kernel not in kernels[id(m)]:
+                        continue
+                    x = inputs[(m.in_features, m.weight.dtype)]
+                    start = time.perf_counter()
+                    product(m.weight, m.bias, x, kernel, packed.get(id(m)))
+                    spent[keys[id(m)]] = spent.get(keys[id(m)], 0.0) + time.perf_counter() - start
+                if rep:
+                    for key, s in spent.items():
+                        samples[key][kernel].append(s * 1e3)
+        for key, by_kernel in samples.items():
+            timings[key][n] = {k: statistics.median(v) for k, v in by_kernel.items() if v}
     return timings
 
 
-def choose(timings: dict) -> tuple[str, ...]:
-    """plan[n] for n = 0..MAX_ROWS: the product fastest at the smallest timed row count >= n."""
-    best = {}
-    for n, by_kernel in timings.items():
-        fastest = min(by_kernel, key=by_kernel.get)
-        linear = by_kernel.get("linear")
-        best[int(n)] = "linear" if linear is not None and linear <= (1 + TIE) * by_kernel[fastest] else fastest
-    buckets = sorted(best)
-    plan = []
-    for n in range(MAX_ROWS + 1):
-        plan.append(best[next((b for b in buckets if b >= n), buckets[-1])])
-    return tuple(plan)
+def _scores(timings: dict, lo: int, hi: int) -> dict[str, float]:
+    """A shape's time per product summed over the bucket's two ends ({} when not timed there)."""
+    ends = [timings[n] for n in {lo, hi} if n in timings]
+    kernels = set.intersection(*(set(t) for t in ends)) if ends else set()
+    return {k: sum(t[k] for t in ends) for k in kernels}
+
+
+def _fastest(score: dict[str, float], keep: str, tie: float) -> str:
+    """The least-time product, unless `keep` is within `tie` of it."""
+    fastest = min(sorted(score), key=score.get)
+    return keep if keep in score and score[keep] <= (1 + tie) * score[fastest] else fastest
+
+
+def choose(timings: dict, weights: dict[str, float] | None = None) -> dict[str, tuple[str, ...]]:
+    """plan[n] for n = 0..MAX_ROWS per shape, from {shape: {rows: {product: ms}}}.
+
+    For each bucket the model as a whole takes the product with the least time over all its
+    layers (each shape's time times `weights[shape]`, its layers per timed layer), F.linear
+    unless another is more than TIE faster. A shape takes another product only where its own
+    time with it is more than SHAPE_TIE below its time with the model's: the cheap layers'
+    timings are the noisiest, and a choice they flip on noise costs more than it gains."""
+    timings = {key: {int(n): t for n, t in by_rows.items()} for key, by_rows in timings.items()}
+    weights = weights or dict.fromkeys(timings, 1.0)
+    plans = {key: ["linear"] * (MAX_ROWS + 1) for key in timings}
+    for lo, hi in BUCKETS:
+        scores = {key: _scores(by_rows, lo, hi) for key, by_rows in timings.items()}
+        common = set.intersection(*(set(s) for s in scores.values())) if scores else set()
+        total = {k: sum(weights[key] * s[k] for key, s in scores.items()) for k in common}
+        model_best = _fastest(total, "linear", TIE) if total else "linear"
+        for key, score in scores.items():
+            if score:
+                plans[key][lo : hi + 1] = [_fastest(score, model_best, SHAPE_TIE)] * (hi - lo + 1)
+    return {key: tuple([plan[1], *plan[1:]]) for key, plan in plans.items()}
 
 
 class KernelSelector:
@@ -116,21 +162,22 @@ class KernelSelector:
         self._loaded = False
 
     def plans(self, layers: list[nn.Linear]) -> list[tuple[str, ...]]:
+        """A plan per layer. Shapes without timings for this machine are timed among all the
+        layers (their context), and only those are recorded."""
         self._load()
-        fresh = False
-        for layer in layers:
-            key = shape_key(layer)
-            if key not in self.timings:
-                start = time.perf_counter()
-                self.timings[key] = self.timer(
-                    layer.weight.detach(), layer.bias, ROW_BUCKETS, kernels_for(layer.weight.dtype)
-                )
-                self.measured.append(key)
-                fresh = True
-                log.info("cpu_linear: timed %s in %.2f s", key, time.perf_counter() - start)
-        if fresh:
+        missing = {shape_key(m) for m in layers} - set(self.timings)
+        if missing:
+            start = time.perf_counter()
+            timed = self.timer(layers, TIMED_ROWS)
+            self.timings.update({key: timed[key] for key in missing})
+            self.measured.extend(sorted(missing))
+            log.info("cpu_linear: timed %d weight shapes in %.1f s", len(missing), time.perf_counter() - start)
             self._save()
-        plans = {key: choose(self.timings[key]) for key in {shape_key(m) for m in layers}}
+        counts: dict[str, int] = {}
+        for m in layers:
+            counts[shape_key(m)] = counts.get(shape_key(m), 0) + 1
+        weights = {key: n / min(n, TIMED_PER_SHAPE) for key, n in counts.items()}
+        plans = choose({key: self.timings[key] for key in counts}, weights)
         return [plans[shape_key(m)] for m in layers]
 
     def _entries(self) -> dict:

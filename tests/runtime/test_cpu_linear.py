@@ -14,7 +14,7 @@ needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch build has no on
 HERE = kernels_for(torch.float32)  # the products this torch build has
 
 
-@pytest.mark.parametrize("n,rows", [(0, 2), (1, 2), (2, 2), (3, 4), (4, 4)])
+@pytest.mark.parametrize("n,rows", [(0, 2), (1, 2), (2, 2), (3, 4), (4, 4), (5, 8), (13, 16), (33, 64), (64, 64)])
 def test_padded_rows(n, rows):
     assert padded_rows(n) == rows
 
