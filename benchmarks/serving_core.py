@@ -31,7 +31,7 @@ from machine import hf_generate, machine_info  # noqa: E402
 
 from engine.config import CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from runtime.cpu_linear import use_cpu_linear  # noqa: E402
+from runtime.cpu_linear_select import use_cpu_linear  # noqa: E402
 from runtime.model_runner import ForwardItem, kv_shape  # noqa: E402
 from runtime.models import load_model, load_tokenizer  # noqa: E402
 from runtime.sampler import SamplingParams  # noqa: E402

@@ -52,7 +52,7 @@ from drafting.config import DraftConfig  # noqa: E402
 from drafting.local import LocalProposer  # noqa: E402
 from engine.config import CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from runtime.cpu_linear import use_cpu_linear  # noqa: E402
+from runtime.cpu_linear_select import use_cpu_linear  # noqa: E402
 from runtime.models import Placement, load_model, load_tokenizer  # noqa: E402
 from runtime.sampler import SamplingParams  # noqa: E402
 from smartspec.prompts import GROUNDED_PROMPTS  # noqa: E402
