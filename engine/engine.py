@@ -131,13 +131,14 @@ class Engine:
             raise
         finally:
             self._stepping = False
+        kv_tokens = sum(it.seq.num_computed + it.num_new for it in sched.items)  # before postprocess moves them
         outputs = self._postprocess(sched, results)
         self.last_step = record = StepRecord(
             step_id=next(self._step_ids),
             batch_size=len(sched.items),
             num_batched_tokens=sum(it.num_new + (len(it.draft.token_ids) if it.draft else 0) for it in sched.items),
             num_prefill_tokens=sum(it.num_new for it in sched.items if it.num_new > 1 or not it.sample),
-            num_kv_tokens=sum(it.seq.num_computed + it.num_new for it in sched.items),
+            num_kv_tokens=kv_tokens,
             num_preempted=len(sched.preempted),
             verify_ms=verify_ms,
             sample_ms=sample_ms,

@@ -105,3 +105,16 @@ def test_calibration_adds_the_row_counts_where_the_linear_products_change(tiny):
     finally:
         for m, plan in zip(layers, saved):
             m.plan = plan
+
+
+def test_the_step_record_counts_the_kv_the_forward_attended_over(tiny):
+    model, _, tok = tiny
+    engine = Engine(model, tok, EngineConfig(CacheConfig(kv_cache_tokens=1024)))
+    ids = tok(PROMPTS[0]).input_ids
+    engine.add_request("r", ids, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    step(engine)  # the prefill: the prompt's tokens, over nothing cached before
+    first = engine.last_step
+    assert (first.batch_size, first.num_batched_tokens, first.num_kv_tokens) == (1, len(ids), len(ids))
+    step(engine)  # one decode token over the prompt
+    assert (engine.last_step.num_batched_tokens, engine.last_step.num_kv_tokens) == (1, len(ids) + 1)
+    assert engine.last_step.step_id == first.step_id + 1 and engine.last_step.emitted_tokens == 1
