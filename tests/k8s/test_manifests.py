@@ -712,25 +712,12 @@ def test_dockerignore_keeps_local_state_out():
         assert entry in ignored, f".dockerignore misses {entry}"
 
 
-# --- the real CLI, once it exists --------------------------------------------------
-
-
-def skip_without_real_cli():
-    probe = subprocess.run(
-        [sys.executable, "-c", "import importlib.util as u; print(u.find_spec('smartspec.cli') is not None)"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
-    if probe.stdout.strip() != "True":
-        pytest.skip("smartspec.cli does not exist yet: nothing to compare the mirror with")
+# --- the real CLI ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
 def test_real_cli_knows_every_deployed_flag(component):
     """The argparse mirrors above must not drift from `smartspec verifier` / `proposer` / `controller`."""
-    skip_without_real_cli()
     result = subprocess.run(
         [
             sys.executable,
@@ -766,7 +753,6 @@ json.dump(out, sys.stdout, default=str)
 @needs_kubectl
 def test_real_cli_parses_the_deployed_args():
     """What each container runs, parsed by the real `smartspec` parser, means what the mirrors say."""
-    skip_without_real_cli()
     cases = [
         (name, component, component_container(rendered(name), component)["args"])
         for name in sorted(KUSTOMIZATIONS)
@@ -795,7 +781,6 @@ def test_real_cli_parses_the_deployed_args():
 @needs_kubectl
 def test_real_policy_parser_accepts_the_deployed_policies():
     """Every --policy deployed parses with `controller.policy.Policy`, the same for verifier and controller."""
-    skip_without_real_cli()
     policies = sorted(
         {
             parse_args(component, component_container(rendered(name), component)["args"]).policy
