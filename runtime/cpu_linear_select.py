@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -52,8 +53,6 @@ def cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine() or "unknown"
 
 
@@ -158,7 +157,6 @@ class KernelSelector:
         self.timer = timer
         self.machine = machine_info or machine()
         self.timings: dict[str, dict] = {}  # shape key -> {rows: {product: ms}} for this machine
-        self.measured: list[str] = []  # shape keys timed in this process (the others came from the cache)
         self._loaded = False
 
     def plans(self, layers: list[nn.Linear]) -> list[tuple[str, ...]]:
@@ -170,7 +168,6 @@ class KernelSelector:
             start = time.perf_counter()
             timed = self.timer(layers, TIMED_ROWS)
             self.timings.update({key: timed[key] for key in missing})
-            self.measured.extend(sorted(missing))
             log.info("cpu_linear: timed %d weight shapes in %.1f s", len(missing), time.perf_counter() - start)
             self._save()
         counts: dict[str, int] = {}
