@@ -16,9 +16,10 @@ product beats it by more than TIE: a packed copy of the weights costs memory,
 and a win inside the noise is no win.
 
 Timings depend on the CPU, the cores torch uses and torch's own kernels, so
-they are cached per machine (CPU model, core count, torch threads, torch version)
-in `cpu_linear.json` under $SMARTSPEC_CACHE_DIR (default ~/.cache/smartspec): a
-restart reuses them, and a different CPU or torch measures afresh. SmolLM2's
+they are cached per machine (CPU name, family, model and vector ISA; core count,
+torch threads, torch version) in `cpu_linear.json` under $SMARTSPEC_CACHE_DIR
+(default ~/.cache/smartspec): a restart reuses them, and a different CPU or torch
+measures afresh. SmolLM2's
 five shapes take about ten seconds to measure on 2 cores.
 """
 
@@ -47,13 +48,36 @@ SHAPE_TIE = 0.25  # one shape leaves the model's choice only for more than this 
 
 
 def cpu_model() -> str:
+    """The CPU's name plus its family/model/stepping and widest vector ISA.
+
+    Virtual machines often report a bare "AMD EPYC" or "Intel Xeon" for several
+    generations whose fastest products differ, so the name alone cannot key the cache.
+    """
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
+        info = ""
+    return info or platform.processor() or platform.machine() or "unknown"
+
+
+def parse_cpuinfo(text: str) -> str:
+    """'<model name> (family F model M stepping S, <isa>)' from /proc/cpuinfo's first CPU."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "")
+    if not name:
+        return ""
+    flags = set(fields.get("flags", "").split())
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
+    ids = " ".join(f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields)
+    detail = ", ".join(x for x in (ids.replace("cpu family", "family"), isa) if x)
+    return f"{name} ({detail})" if detail else name
 
 
 def machine() -> dict:

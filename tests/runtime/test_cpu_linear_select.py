@@ -17,6 +17,7 @@ from runtime.cpu_linear_select import (
     KernelSelector,
     choose,
     machine,
+    parse_cpuinfo,
     shape_key,
     time_products,
     use_cpu_linear,
@@ -149,3 +150,26 @@ def test_a_forced_choice_reaches_every_linear_layer_of_a_loaded_model(tiny_llama
     model = Placement(cpu_linear="transposed").load(tiny_llama_dir)
     plans = {m.plan for m in model.modules() if isinstance(m, nn.Linear)}
     assert plans == {("transposed",) * (MAX_ROWS + 1)}
+
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu sse4_2 avx avx2 fma
+
+processor\t: 1
+model name\t: something else
+"""
+
+
+def test_the_cpu_key_tells_apart_generations_that_share_a_name():
+    zen3 = parse_cpuinfo(ZEN3)
+    zen5 = parse_cpuinfo(
+        ZEN3.replace(": 25", ": 26").replace(": 1\nmodel name", ": 2\nmodel name").replace("avx2", "avx2 avx512f")
+    )
+    assert zen3 == "AMD EPYC (family 25 model 1 stepping 1, avx2)"
+    assert zen5 == "AMD EPYC (family 26 model 2 stepping 1, avx512f)"
+    assert parse_cpuinfo("flags\t: avx2\n") == ""  # no name: the caller falls back to the platform's
