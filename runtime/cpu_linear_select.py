@@ -115,9 +115,17 @@ def time_products(layers: list[nn.Linear], rows=TIMED_ROWS, reps: int = 3) -> di
     keys = {id(m): shape_key(m) for m in layers}
     names = list(dict.fromkeys(k for m in layers for k in kernels[id(m)]))
     timings: dict[str, dict] = {key: {} for key in keys.values()}
+    dims = {(m.in_features, m.weight.dtype) for m in layers}
+    # One untimed call at every size first: the allocator's first buffers of a new size
+    # (fresh pages), and oneDNN's first primitive for it, cost several times a warm call.
     for n in rows:
-        inputs = {(m.in_features, m.weight.dtype): None for m in layers}
-        inputs = {k: torch.randn(n, k[0], dtype=k[1]) for k in inputs}
+        for m in layers:
+            for kernel in kernels[id(m)]:
+                product(
+                    m.weight, m.bias, torch.randn(n, m.in_features, dtype=m.weight.dtype), kernel, packed.get(id(m))
+                )
+    for n in rows:
+        inputs = {k: torch.randn(n, k[0], dtype=k[1]) for k in dims}
         samples = {key: {k: [] for k in names} for key in timings}
         for rep in range(reps + 1):  # the first pass warms up
             for kernel in names[rep % len(names) :] + names[: rep % len(names)]:
