@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 
 from controller.policy import MAX_K, Policy
@@ -28,8 +29,8 @@ from engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from runtime.draft import Draft, DraftRequest, Proposal, Proposer
 from runtime.kv_cache import BlockAllocator
 from runtime.model_runner import ForwardItem, ModelRunner
-from runtime.rejection import Verified, verify
-from runtime.sampler import SamplingParams, make_generator, sample
+from runtime.rejection import SampleRequest, Verified, verify
+from runtime.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Engine:
         raises QueueFull or ValueError (duplicate id)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        seq = Sequence(request_id, list(prompt_ids), params, generator=make_generator(params), policy=policy)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id, list(prompt_ids), params, seed=seed, policy=policy)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         self._streams[request_id] = TextStream(self.tokenizer, params.stop)
@@ -233,25 +235,11 @@ class Engine:
         return results, (time.perf_counter() - start) * 1e3
 
     def _sample(self, sched: SchedulerOutput, logits) -> list[Verified | None]:
-        """Plain decoding rows sampled as one batch; speculating items through the rejection sampler."""
-        results: list[Verified | None] = [None] * len(sched.items)
-        plain, plain_rows, row = [], [], 0
-        for i, it in enumerate(sched.items):
-            if not it.sample:
-                continue
-            if it.draft:
-                k = len(it.draft.token_ids)
-                results[i] = verify(logits[row : row + k + 1], it.draft, it.seq.params, it.seq.generator)
-                row += k + 1
-            else:
-                plain.append(i)
-                plain_rows.append(row)
-                row += 1
-        seqs = [sched.items[i].seq for i in plain]
-        tokens = sample(logits[plain_rows], [s.params for s in seqs], [s.generator for s in seqs])
-        for i, token in zip(plain, tokens):
-            results[i] = Verified([token], 0)
-        return results
+        """Plain decoding and speculating items alike, through one batched rejection sampler."""
+        sampling = [it for it in sched.items if it.sample]
+        requests = [SampleRequest(it.seq.params, it.draft, it.seq.seed, len(it.seq.output_ids)) for it in sampling]
+        verified = iter(verify(logits, requests))
+        return [next(verified) if it.sample else None for it in sched.items]
 
     def _postprocess(self, sched: SchedulerOutput, results: list[Verified | None]) -> list[RequestOutput]:
         outputs = []

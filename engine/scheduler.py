@@ -10,8 +10,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from controller.policy import MAX_K, Policy
 from runtime.draft import Draft
 from runtime.kv_cache import BlockAllocator
@@ -38,7 +36,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
-    generator: torch.Generator | None = None
+    seed: int = 0  # keys the request's sampling draws (runtime.counter_rng)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0

@@ -1,7 +1,8 @@
-"""Lossless verification of drafted tokens.
+"""Token selection and lossless verification of drafted tokens, for a whole batch at once.
 
-For one request with k draft tokens x_1..x_k, the target's k + 1 rows of
-logits are the distributions after the context, after x_1, ..., after x_k.
+Request b with k_b draft tokens x_1..x_k owns k_b + 1 consecutive rows of the
+target's logits: the distributions after the context, after x_1, ..., after x_k
+(plain decoding is k_b = 0: one row).
 
 - accepted tokens: the longest prefix of drafts the target keeps;
 - recovered token: at the first rejection, a token drawn from the target's
@@ -9,11 +10,19 @@ logits are the distributions after the context, after x_1, ..., after x_k.
 - bonus token: when all k drafts are accepted, one more token from the last
   row, for free.
 
-So a step emits accepted + 1 tokens. Greedy requests accept a draft iff it
-equals the target's argmax; sampled requests accept x with probability
+So a request emits accepted + 1 tokens a step. Greedy requests accept a draft
+iff it equals the target's argmax; sampled requests accept x with probability
 min(1, p_t(x) / p_d(x)), which makes the output distributed exactly as the
 target alone. p_d is the draft's exact (truncated) distribution, given sparse;
 a deterministic draft (n-gram) has p_d = one-hot, given as None.
+
+Everything runs as tensors over [requests, k_max] on the logits' device: one
+host-to-device copy of the batch's small integers and draft distributions in,
+one device-to-host copy of the emitted tokens and accept counts out. Random
+numbers are counter-based (`runtime.counter_rng`): the acceptance test of draft
+j uses (seed, position + j, stream 0) and the final token (seed, position + m,
+stream 1), where position is the index of the request's first output token
+decided this step.
 """
 
 from __future__ import annotations
@@ -22,8 +31,19 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.counter_rng import SEED_BITS, uniform
 from runtime.draft import Draft
 from runtime.sampler import SamplingParams, processed_probs
+
+ACCEPT_STREAM, TOKEN_STREAM = 0, 1
+
+
+@dataclass
+class SampleRequest:
+    params: SamplingParams
+    draft: Draft | None = None
+    seed: int = 0  # keys the request's random numbers; unused when greedy
+    position: int = 0  # output index of the first token this step decides
 
 
 @dataclass
@@ -32,39 +52,95 @@ class Verified:
     num_accepted: int
 
 
-def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator | None) -> Verified:
-    """logits: [k + 1, V] target logits for one request."""
-    k = len(draft.token_ids)
-    assert logits.shape[0] == k + 1, (logits.shape, k)
-    logits = logits.float().cpu()  # request generators live on the CPU
-    if params.greedy:
-        target = logits.argmax(dim=1).tolist()
-        m = 0
-        while m < k and draft.token_ids[m] == target[m]:
-            m += 1
-        return Verified(draft.token_ids[:m] + [target[m]], m)
-    p_target = processed_probs(logits, [params] * (k + 1))  # [k + 1, V]
-    for j, x in enumerate(draft.token_ids):
-        p_draft = _dense(draft, j, p_target.shape[1])
-        ratio = p_target[j, x] / p_draft[x] if p_draft[x] > 0 else torch.tensor(0.0)
-        if torch.rand((), generator=generator) < ratio:  # accept with probability min(1, ratio)
-            continue
-        residual = (p_target[j] - p_draft).clamp_min(0.0)
-        total = residual.sum()
-        # A zero residual has probability zero of being reached (p_t <= p_d everywhere
-        # only when they are equal); fall back to the target row for float safety.
-        row = residual / total if total > 0 else p_target[j]
-        token = int(torch.multinomial(row, 1, generator=generator))
-        return Verified(draft.token_ids[:j] + [token], j)
-    bonus = int(torch.multinomial(p_target[k], 1, generator=generator))
-    return Verified(draft.token_ids + [bonus], k)
+def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified]:
+    """logits: [sum(k_b + 1), V], request b's rows in order -> what each request emits."""
+    if not requests:
+        return []
+    ks = [len(r.draft.token_ids) if r.draft else 0 for r in requests]
+    assert logits.shape[0] == sum(ks) + len(ks), (logits.shape, ks)
+    dev, width = logits.device, max(ks)
+    starts, row = [], 0
+    for k in ks:
+        starts.append(row)
+        row += k + 1
+    sampled = [not r.params.greedy for r in requests]
+    header = [
+        [s, k, r.seed % 2**SEED_BITS, r.position, int(smp)] + (r.draft.token_ids if r.draft else []) + [0] * (width - k)
+        for s, k, r, smp in zip(starts, ks, requests, sampled)
+    ]
+    ints = torch.tensor(header, dtype=torch.long).to(dev, non_blocking=True)
+    start, k, seed, position, is_sampled = ints[:, :5].unbind(1)
+    drafts = ints[:, 5:]  # [B, K]
+    j = torch.arange(width, device=dev)
+    valid = j < k.unsqueeze(1)
+    rows = torch.where(valid, start.unsqueeze(1) + j, start.unsqueeze(1))  # padding reads a real row
+    argmax = logits.argmax(dim=1)  # [R]
+    accept = valid & (argmax[rows] == drafts)
+    probs = support = None
+    if any(sampled):
+        row_params = [r.params for r, k_b in zip(requests, ks) for _ in range(k_b + 1)]
+        probs = processed_probs(logits, row_params)  # [R, V]
+        support = _draft_support(requests, width, dev)
+        ids, p = support
+        p_draft = (p * (ids == drafts.unsqueeze(2))).sum(2)  # [B, K]: p_d(x_j)
+        p_target = probs[rows, drafts]
+        u = uniform(seed.unsqueeze(1), position.unsqueeze(1) + j, ACCEPT_STREAM)
+        accept_sampled = valid & (p_draft > 0) & (u * p_draft < p_target)  # u < p_t / p_d
+        accept = torch.where(is_sampled.bool().unsqueeze(1), accept_sampled, accept)
+    accepted = accept.long().cumprod(dim=1).sum(dim=1)  # [B]
+    last = start + accepted
+    final = argmax[last]
+    if probs is not None:
+        final = torch.where(is_sampled.bool(), _draw(probs[last], accepted, k, support, seed, position), final)
+    out = torch.nn.functional.pad(drafts, (0, 1))
+    out.scatter_(1, accepted.unsqueeze(1), final.unsqueeze(1))
+    host = torch.cat([out, accepted.unsqueeze(1)], dim=1).tolist()  # the step's one copy back
+    return [Verified(h[: h[-1] + 1], h[-1]) for h in host]
 
 
-def _dense(draft: Draft, j: int, vocab: int) -> torch.Tensor:
-    p = torch.zeros(vocab)
-    if draft.probs is None:
-        p[draft.token_ids[j]] = 1.0
-    else:
-        ids, probs = draft.probs[j]
-        p[torch.tensor(ids, dtype=torch.long)] = torch.tensor(probs, dtype=torch.float32)
-    return p
+def _draft_support(requests: list[SampleRequest], width: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each draft position's distribution as padded sparse tensors ([B, K, S] ids, [B, K, S] probs).
+
+    A deterministic draft is a one-hot on its token; padding has probability 0.
+    """
+    rows_ids, rows_p = [], []
+    for r in requests:
+        tokens = r.draft.token_ids if r.draft else []
+        if r.draft is not None and r.draft.probs is not None:
+            dists = r.draft.probs
+        else:
+            dists = [([t], [1.0]) for t in tokens]
+        rows_ids.append([ids for ids, _ in dists])
+        rows_p.append([p for _, p in dists])
+    size = max((len(ids) for row in rows_ids for ids in row), default=1)
+    ids = [[d + [0] * (size - len(d)) for d in row] + [[0] * size] * (width - len(row)) for row in rows_ids]
+    p = [[d + [0.0] * (size - len(d)) for d in row] + [[0.0] * size] * (width - len(row)) for row in rows_p]
+    if width == 0:
+        return torch.zeros(len(requests), 0, 1, dtype=torch.long, device=dev), torch.zeros(
+            len(requests), 0, 1, device=dev
+        )
+    return (
+        torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+        torch.tensor(p, dtype=torch.float32).to(dev, non_blocking=True),
+    )
+
+
+def _draw(probs, accepted, k, support, seed, position) -> torch.Tensor:
+    """[B, V] target rows at each request's last position -> a token each, by inverse CDF.
+
+    Where a draft was rejected the row becomes the residual max(0, p_t - p_d).
+    """
+    ids, p = support
+    if ids.shape[1] > 0:
+        at = accepted.clamp(max=ids.shape[1] - 1)
+        b = torch.arange(len(at), device=at.device)
+        rejected = (accepted < k).unsqueeze(1)
+        residual = probs.scatter_add(1, ids[b, at], -p[b, at] * rejected).clamp_min(0.0)
+        # A zero residual has probability zero of being reached (p_t <= p_d everywhere only
+        # when they are equal); the target row stands in for float safety.
+        probs = torch.where(residual.sum(1, keepdim=True) > 0, residual, probs)
+    cdf = probs.double().cumsum(dim=1)
+    u = uniform(seed, position + accepted, TOKEN_STREAM)
+    # The first index whose cumulative mass exceeds u * total: never a zero-probability token.
+    token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return token.clamp(max=probs.shape[1] - 1)

@@ -8,10 +8,20 @@ import pytest
 import torch
 
 from runtime.draft import Draft
-from runtime.rejection import verify
+from runtime.rejection import SampleRequest, verify
 from runtime.sampler import SamplingParams, processed_probs
 
 V = 6
+
+
+def verify_one(logits, draft, params, seed=0, position=0):
+    return verify(logits, [SampleRequest(params, draft, seed, position)])[0]
+
+
+def verify_trials(logits, drafts, params):
+    """One batch of independent trials: trial i is a request with seed i over its own copy of the rows."""
+    requests = [SampleRequest(params, d, seed=i) for i, d in enumerate(drafts)]
+    return verify(logits.repeat(len(drafts), 1), requests)
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -29,10 +39,28 @@ def test_greedy_accepts_the_matching_prefix_then_corrects():
     for row, best in enumerate([2, 4, 1, 3]):
         logits[row, best] = 5.0
     params = SamplingParams()
-    assert verify(logits, Draft([2, 4, 1]), params, None).token_ids == [2, 4, 1, 3]  # all + bonus
-    got = verify(logits, Draft([2, 0, 1]), params, None)
+    assert verify_one(logits, Draft([2, 4, 1]), params).token_ids == [2, 4, 1, 3]  # all + bonus
+    got = verify_one(logits, Draft([2, 0, 1]), params)
     assert got.token_ids == [2, 4] and got.num_accepted == 1  # corrected at the mismatch
-    assert verify(logits[:1], Draft([]), params, None).token_ids == [2]  # k = 0 is plain decoding
+    assert verify_one(logits[:1], Draft([]), params).token_ids == [2]  # k = 0 is plain decoding
+    assert verify_one(logits[:1], None, params).token_ids == [2]
+
+
+def test_a_batch_of_different_draft_lengths_and_modes():
+    """Requests with k = 0..3, greedy and sampled, in one call: each reads its own rows."""
+    logits = torch.full((10, V), -5.0)
+    best = [2, 4, 1, 3, 0, 5, 5, 1, 2, 3]
+    logits[torch.arange(10), torch.tensor(best)] = 5.0
+    sure = SamplingParams(temperature=1.0, top_k=1, seed=4)  # sampled, but only one token survives top-k
+    requests = [
+        SampleRequest(SamplingParams(), Draft([2, 4, 0])),  # rows 0-3: rejected at the third draft
+        SampleRequest(sure, None, seed=5),  # row 4
+        SampleRequest(sure, Draft([5, 5], [([5, 1], [0.5, 0.5]), ([5], [1.0])]), seed=6),  # rows 5-7: all kept
+        SampleRequest(SamplingParams(), Draft([3])),  # rows 8-9: rejected at once
+    ]
+    got = verify(logits, requests)
+    assert [v.token_ids for v in got] == [[2, 4, 1], [0], [5, 5, 1], [2]]
+    assert [v.num_accepted for v in got] == [2, 0, 2, 0]
 
 
 @pytest.mark.parametrize("draft_kind", ["sparse", "one-hot"])
@@ -42,15 +70,15 @@ def test_first_token_follows_the_target_and_acceptance_is_exact(draft_kind):
     logits = torch.tensor([[1.0, 0.2, -0.5, 2.0, 0.0, -3.0], [0.3, 0.1, 0.0, -1.0, 2.0, 0.5]])
     p_target = processed_probs(logits, [params] * 2)[0]
     q = torch.tensor([0.1, 0.5, 0.3, 0.1, 0.0, 0.0])  # the draft over-weights token 1
-    counts = torch.zeros(V)
-    accepted = 0
     n = 6000
-    for _ in range(n):
-        x = int(torch.multinomial(q, 1, generator=gen)) if draft_kind == "sparse" else 1
-        probs = [([0, 1, 2, 3], q[:4].tolist())] if draft_kind == "sparse" else None
-        out = verify(logits, Draft([x], probs), params, gen)
-        counts[out.token_ids[0]] += 1
-        accepted += out.num_accepted
+    if draft_kind == "sparse":
+        xs = torch.multinomial(q, n, replacement=True, generator=gen).tolist()
+        drafts = [Draft([x], [([0, 1, 2, 3], q[:4].tolist())]) for x in xs]
+    else:
+        drafts = [Draft([1])] * n
+    outs = verify_trials(logits, drafts, params)
+    counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=V).float()
+    accepted = sum(o.num_accepted for o in outs)
     assert chi_square_p_value(counts, p_target) > 0.01
     if draft_kind == "sparse":
         expected = float(torch.minimum(q, p_target).sum())  # sum_x q(x) min(1, p(x)/q(x))
@@ -60,23 +88,18 @@ def test_first_token_follows_the_target_and_acceptance_is_exact(draft_kind):
 
 
 def test_bonus_token_follows_the_last_row():
-    gen = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=1.0, top_p=0.8, seed=1)
     logits = torch.tensor([[-9.0, -9.0, 9.0, -9.0, -9.0, -9.0], [0.5, 1.5, 0.0, 1.0, -1.0, 0.2]])
-    counts = torch.zeros(V)
-    for _ in range(3000):
-        out = verify(logits, Draft([2]), params, gen)  # the target is sure of token 2: always accepted
-        assert out.num_accepted == 1
-        counts[out.token_ids[1]] += 1
+    outs = verify_trials(logits, [Draft([2])] * 3000, params)  # the target is sure of token 2: always accepted
+    assert all(o.num_accepted == 1 for o in outs)
+    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=V).float()
     assert chi_square_p_value(counts, processed_probs(logits, [params] * 2)[1]) > 0.01
 
 
 def test_draft_outside_the_target_support_is_always_rejected():
-    gen = torch.Generator().manual_seed(2)
     params = SamplingParams(temperature=1.0, top_k=2, seed=2)
     logits = torch.tensor([[3.0, 2.0, 0.0, 0.0, 0.0, 0.0], [0.0] * V])
-    for _ in range(200):
-        out = verify(logits, Draft([5], [([5], [1.0])]), params, gen)
+    for out in verify_trials(logits, [Draft([5], [([5], [1.0])])] * 200, params):
         assert out.num_accepted == 0 and out.token_ids[0] in (0, 1)
 
 
@@ -84,7 +107,25 @@ def test_seeded_verification_is_reproducible():
     params = SamplingParams(temperature=0.7, seed=3)
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(4))
     draft = Draft([1, 2, 3], [([1, 2], [0.6, 0.4]), ([2], [1.0]), ([3, 4], [0.5, 0.5])])
-    runs = [
-        [verify(logits, draft, params, torch.Generator().manual_seed(9)).token_ids for _ in range(1)] for _ in range(2)
-    ]
+    runs = [[verify_one(logits, draft, params, seed=9, position=p).token_ids for p in range(30)] for _ in range(2)]
     assert runs[0] == runs[1]
+    other = [verify_one(logits, draft, params, seed=10, position=p).token_ids for p in range(30)]
+    assert other != runs[0]
+
+
+def test_every_position_of_a_long_draft_follows_the_target():
+    """k = 3 sparse drafts per trial: the token emitted at position j, given the drafts before it
+    were kept, follows the target's row j (rows are the target after those drafts)."""
+    gen = torch.Generator().manual_seed(5)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=5)
+    logits = torch.randn(4, V, generator=gen) * 0.7
+    p_target = processed_probs(logits, [params] * 4)
+    q = torch.softmax(torch.randn(3, V, generator=gen), dim=1)  # the draft's own, different, rows
+    n = 8000
+    xs = torch.stack([torch.multinomial(q[j], n, replacement=True, generator=gen) for j in range(3)], dim=1)
+    support = [(list(range(V)), q[j].tolist()) for j in range(3)]
+    outs = verify_trials(logits, [Draft(x, support) for x in xs.tolist()], params)
+    for j in range(3):
+        reached = [o.token_ids[j] for o in outs if o.num_accepted >= j]
+        counts = torch.bincount(torch.tensor(reached), minlength=V).float()
+        assert len(reached) > 1000 and chi_square_p_value(counts, p_target[j]) > 0.01, j

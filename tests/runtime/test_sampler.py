@@ -3,7 +3,17 @@ import math
 import pytest
 import torch
 
-from runtime.sampler import SamplingParams, make_generator, processed_probs, sample
+from runtime.rejection import SampleRequest, verify
+from runtime.sampler import SamplingParams, processed_probs
+
+
+def sample(logits, params, seeds=None, positions=None) -> list[int]:
+    """One token per row (plain decoding: no drafts); by default each row's own seed at
+    output position = its row index, so repeated rows are independent draws."""
+    seeds = seeds or [p.seed or 0 for p in params]
+    positions = positions or list(range(len(params)))
+    requests = [SampleRequest(p, None, s, pos) for p, s, pos in zip(params, seeds, positions)]
+    return [v.token_ids[0] for v in verify(logits, requests)]
 
 
 def softmax(xs: list[float]) -> list[float]:
@@ -18,34 +28,25 @@ def test_default_params_are_greedy():
     assert not SamplingParams(temperature=0.5).greedy
 
 
-def test_make_generator():
-    assert make_generator(SamplingParams()) is None
-    g = make_generator(SamplingParams(temperature=1.0, seed=5))
-    assert isinstance(g, torch.Generator) and g.initial_seed() == 5
-    unseeded = make_generator(SamplingParams(temperature=1.0))
-    assert isinstance(unseeded, torch.Generator)
-
-
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [5.0, 0.0, 0.0, 4.0], [-3.0, -2.0, -1.0, -1.5]])
     params = [SamplingParams()] * 3
-    assert sample(logits, params, [None] * 3) == [1, 0, 2]
+    assert sample(logits, params) == [1, 0, 2]
 
 
 def test_greedy_ignores_top_k_and_top_p():
     logits = torch.tensor([[0.0, 3.0, 1.0]])
-    assert sample(logits, [SamplingParams(top_k=1, top_p=0.1)], [None]) == [1]
+    assert sample(logits, [SamplingParams(top_k=1, top_p=0.1)]) == [1]
 
 
 def test_empty_batch():
-    assert sample(torch.empty(0, 5), [], []) == []
+    assert sample(torch.empty(0, 5), []) == []
 
 
 def test_mixed_batch_keeps_greedy_rows_greedy():
     logits = torch.tensor([[0.0, 9.0, 0.0], [0.0, 0.0, 0.0], [7.0, 0.0, 0.0]])
     params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams()]
-    gens = [None, make_generator(params[1]), None]
-    tokens = sample(logits, params, gens)
+    tokens = sample(logits, params)
     assert tokens[0] == 1 and tokens[2] == 0
     assert tokens[1] in (0, 1, 2)
 
@@ -143,9 +144,8 @@ def test_bf16_logits_give_float32_probs():
 
 def _draws(seed: int, n: int = 64) -> list[int]:
     params = SamplingParams(temperature=1.0, seed=seed)
-    gen = make_generator(params)
-    logits = torch.zeros(1, 50)  # uniform over 50 tokens
-    return [sample(logits, [params], [gen])[0] for _ in range(n)]
+    logits = torch.zeros(n, 50)  # uniform over 50 tokens
+    return sample(logits, [params] * n)  # output positions 0..n-1
 
 
 def test_same_seed_same_tokens_different_seed_differs():
@@ -154,25 +154,21 @@ def test_same_seed_same_tokens_different_seed_differs():
 
 
 def test_seeded_stream_does_not_depend_on_the_batch():
-    """A request's tokens come from its own generator, whoever else is in the batch."""
+    """A request's tokens depend on its seed and output position, whoever else is in the batch."""
     params = SamplingParams(temperature=1.0, seed=7)
     other = SamplingParams(temperature=1.0, seed=99)
-    logits = torch.zeros(1, 50)
-    alone, g = [], make_generator(params)
-    for _ in range(20):
-        alone.append(sample(logits, [params], [g])[0])
-    batched, g, g_other = [], make_generator(params), make_generator(other)
-    for _ in range(20):
-        batched.append(sample(logits.repeat(2, 1), [other, params], [g_other, g])[1])
+    logits = torch.zeros(2, 50)
+    alone = [sample(logits[:1], [params], positions=[pos])[0] for pos in range(20)]
+    batched = [sample(logits, [other, params], positions=[3, pos])[1] for pos in range(20)]
     assert alone == batched
+    assert len(set(alone)) > 5
 
 
 def test_truncated_tokens_are_never_sampled():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
     params = SamplingParams(temperature=1.5, top_k=3, seed=0)
-    gen = make_generator(params)
     n = 2000
-    tokens = sample(logits.repeat(n, 1), [params] * n, [gen] * n)
+    tokens = sample(logits.repeat(n, 1), [params] * n)
     assert set(tokens) == {0, 1, 2}
 
 
@@ -190,8 +186,7 @@ def test_sample_follows_processed_probs_chi_square():
     assert 2 <= len(support) <= 4  # the truncations actually bite
 
     n = 6000
-    gen = make_generator(params)
-    tokens = sample(logits.repeat(n, 1), [params] * n, [gen] * n)
+    tokens = sample(logits.repeat(n, 1), [params] * n)
     counts = torch.bincount(torch.tensor(tokens), minlength=8).double()
     assert counts[[t for t in range(8) if t not in support]].sum() == 0
 
@@ -205,14 +200,16 @@ def test_sample_follows_processed_probs_chi_square():
     assert stat < _chi2_critical_wilson_hilferty(df, 0.01)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_sampling_accepts_gpu_logits():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; none on the CI machine")
+def test_sampling_accepts_gpu_logits_and_matches_the_cpu_draws():
+    """Needs a GPU: the same seeds give the same tokens on CUDA as on the CPU."""
     logits = torch.randn(3, 10, device="cuda")
     params = [
         SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1),
         SamplingParams(),
         SamplingParams(temperature=1.0, seed=2),
     ]
-    tokens = sample(logits, params, [make_generator(p) for p in params])
+    tokens = sample(logits, params)
     assert len(tokens) == 3 and all(0 <= t < 10 for t in tokens)
     assert tokens[1] == int(logits[1].argmax())
+    assert tokens == sample(logits.cpu(), params)
