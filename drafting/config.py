@@ -46,5 +46,10 @@ class DraftConfig:
         model = placement.load(path)
         head = None if self.full_head else head_vocab.load(path)  # None for a .gguf file or a model without one
         return DraftModelBackend(
-            model, self.kv_cache_tokens, top_k_cap=self.top_k_cap, min_confidence=self.min_confidence, head_vocab=head
+            model,
+            self.kv_cache_tokens,
+            top_k_cap=self.top_k_cap,
+            min_confidence=self.min_confidence,
+            head_vocab=head,
+            graphs=placement.graph_mode(),
         )

@@ -65,11 +65,12 @@ class DraftModelBackend:
         top_k_cap: int = 32,
         min_confidence: float = 0.0,
         head_vocab: list[int] | None = None,
+        graphs: str = "off",
     ):
         self.min_confidence = check_min_confidence(min_confidence)
         self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size)
+        self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs)  # its lockstep steps: small, many
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.top_k_cap = top_k_cap
         self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)

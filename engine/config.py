@@ -23,3 +23,4 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     policy: Policy = Policy()
+    graphs: str = "off"  # the model runner's: off | compile | cuda (runtime.graphs)

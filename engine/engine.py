@@ -51,7 +51,7 @@ class Engine:
         self.planner = planner or SpecPlanner(config.policy)
         self.tokenizer = tokenizer
         cache = config.cache
-        self.runner = ModelRunner(model, cache.num_blocks, cache.block_size)
+        self.runner = ModelRunner(model, cache.num_blocks, cache.block_size, graphs=config.graphs)
         self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.allocator)
         model_len = getattr(model.config, "max_position_embeddings", None) or cache.kv_cache_tokens

@@ -2,34 +2,43 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from engine.scheduler import Sequence
 
 
 class TextStream:
-    """Turns a growing list of output ids into text deltas.
+    """Turns a growing list of output ids into text deltas, decoding only the newest tokens.
 
-    Text that could still be the start of a stop string, or that ends in an
-    incomplete character, is held back until it is safe to send.
+    Each update decodes a short window twice, the tokens already read (from the previous
+    read's start) and the same plus the new ones, and appends the difference: a tokenizer
+    that merges a leading space or bytes across tokens sees the context it needs, and the
+    cost per step stays constant instead of growing with the output. New tokens that end in
+    an incomplete character wait for the rest. Text that could still be the start of a stop
+    string is held back until it is safe to send.
     """
 
     def __init__(self, tokenizer, stops: tuple[str, ...]):
         self.tokenizer = tokenizer
+        self.decode = _decoder(tokenizer)
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
+        self.confirmed = ""  # the text of output_ids[:read]
+        self.text = ""  # confirmed plus what the tokens after `read` decode to so far
         self.sent = 0  # characters of self.text already sent
+        self.prefix = 0  # output_ids[prefix:read]: the context the next window is decoded with
+        self.read = 0
 
     def update(self, output_ids: list[int]) -> str | None:
-        """Decodes the output so far; returns the matched stop string, if any."""
-        previous = self.text
-        self.text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        # A completed multi-byte character replaces the '\ufffd' before it: search from
-        # where the old and new text first differ, not from the old end.
-        unchanged = os.path.commonprefix([previous, self.text])
-        search_from = max(0, len(unchanged) - self.hold)
+        """Decodes the tokens new since the last update; returns the matched stop string, if any."""
+        searched = len(self.confirmed)
+        context = self.decode(output_ids[self.prefix : self.read])
+        new = self.decode(output_ids[self.prefix :])[len(context) :]
+        self.text = self.confirmed + new
+        if new and not new.endswith("\ufffd"):
+            self.confirmed = self.text
+            self.prefix, self.read = self.read, len(output_ids)
+        search_from = max(0, searched - self.hold)
         best = None
         for stop in self.stops:
             at = self.text.find(stop, search_from)
@@ -43,9 +52,7 @@ class TextStream:
     def delta(self, final: bool) -> str:
         end = len(self.text)
         if not final:
-            end -= self.hold
-            if self.text.endswith("\ufffd"):
-                end = min(end, len(self.text) - 1)
+            end = min(end - self.hold, len(self.text.rstrip("\ufffd")))
         if end <= self.sent:
             return ""
         out = self.text[self.sent : end]
@@ -92,3 +99,12 @@ def emit(seq: Sequence, new_tokens: list[int], stream: TextStream, eos_token_ids
     return RequestOutput(
         seq.request_id, seq.output_ids[base:], stream.delta(final=reason is not None), reason, matched, seq
     )
+
+
+def _decoder(tokenizer):
+    """ids -> text without special tokens; straight through a fast tokenizer's backend when
+    transformers' own decode would add nothing (it costs more than the decoding itself)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)

@@ -2,19 +2,27 @@
 
 The model runs on ONE sequence of all requests' new tokens ([1, N]); this
 function, called once per layer, writes the new K/V into the paged cache and
-attends per request. The per-step layout is built once (`StepLayout.build`)
-and shared by all layers:
+attends per request. The step's layout is built once (`StepLayout.build`) and
+shared by all layers: the host packs each request's (context, new tokens,
+logits wanted, block table) and the token ids into one integer tensor, copied
+to the device once; positions, cache slots, masks and gather indices are
+computed there from those lengths, with no per-token Python and no host
+synchronisation, so the forward can be compiled whole or captured as a graph.
 
 - requests with few new tokens (decode, verification) are padded to
   [B, q_max] queries and attend in ONE masked SDPA call over their gathered
-  blocks: a fixed number of kernel launches per layer whatever B is (what a
-  GPU needs; on a CPU it measured as fast as a per-request loop over views);
+  blocks: a fixed number of kernel launches per layer whatever B is;
 - long prefill chunks attend one by one as spans (padding them would waste
   q_max x B attention), over a view of their consecutive blocks.
+
+A request may occupy more flat tokens than it has (`width` > q): the padded
+grid the compiled and graph paths use. Padding tokens write their K/V to a
+scratch block past the allocator's, and their outputs are never read.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -28,21 +36,20 @@ LAYOUT_KWARG = "smartspec_layout"
 
 
 @dataclass
-class StepItem:
-    """One request's new tokens: flat positions follow the previous item's, KV positions start at ctx."""
-
-    ctx: int  # tokens already in the cache before this step
-    q: int  # new tokens this step
-    block_table: list[int]
+class ForwardItem:
+    token_ids: list[int]  # new tokens fed this step
+    ctx: int  # tokens of this request already in the cache (position of token_ids[0])
+    block_table: list[int]  # must already hold ctx + len(token_ids) tokens
+    num_logits: int  # trailing positions whose logits are returned (0..len(token_ids))
 
 
 @dataclass
 class BatchedGroup:
-    q_index: torch.Tensor  # [B, q_max] flat token index per padded query (0 for padding)
-    blocks: torch.Tensor  # [B, nb_max] block ids (0 for padding)
+    q_index: torch.Tensor  # [B, q_max] flat token index per padded query
+    blocks: torch.Tensor  # [B, nb_max] block ids (the scratch block for padding)
     mask: torch.Tensor  # [B, 1, q_max, nb_max * block_size] bool, True = attend
-    valid: torch.Tensor  # [n] index into the flattened [B * q_max] padded queries
-    token_index: torch.Tensor  # [n] flat token index of each valid padded query
+    out_index: torch.Tensor  # [n] index into the flattened [B * q_max] outputs, one per group token
+    token_index: torch.Tensor | None  # [n] flat token index of each; None when the group is every token
 
 
 @dataclass
@@ -73,70 +80,174 @@ class Span:
         return o[0].transpose(0, 1)
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """The Python integers that fix a step's tensor shapes: what a compiled or captured forward
+    is specialised on, and so the key of its cache."""
+
+    batch: int
+    blocks: int  # block-table width
+    tokens: int  # flat tokens, padding included
+    logits: int | None  # rows of logits returned; None: every token's (the caller selects)
+    group: tuple[int, ...] | None  # requests attended batched; None: all of them
+    q_max: int  # the group's padded queries per request
+    group_blocks: int
+    group_tokens: int
+
+
+@dataclass
+class PackedStep:
+    """A step as the host prepares it: one integer tensor and the shapes it implies."""
+
+    host: torch.Tensor  # [ctx | q | width | num_logits | group | tables | ids], int64
+    shape: StepShape
+    spans: list[tuple[ForwardItem, int, int]]  # (item, q, flat start) attended alone
+
+    @staticmethod
+    def build(
+        items: list[ForwardItem],
+        block_size: int,
+        scratch_block: int,
+        batched_max_q: int = 16,
+        widths: list[int] | None = None,
+        blocks: int | None = None,
+    ) -> PackedStep:
+        """`widths`: flat tokens per item (default its own count; wider pads it). `blocks`: the
+        block-table width (default the widest table needed). Padded steps return every row."""
+        qs = [len(it.token_ids) for it in items]
+        padded = widths is not None
+        widths = widths or qs
+        need = [-(-(it.ctx + q) // block_size) for it, q in zip(items, qs)]
+        nb = blocks or max(need)
+        group = [i for i, w in enumerate(widths) if w <= batched_max_q]
+        everything = len(group) == len(items)
+        tables = [it.block_table[:n] + [scratch_block] * (nb - n) for it, n in zip(items, need)]
+        ids = [it.token_ids + [0] * (w - q) for it, q, w in zip(items, qs, widths)]
+        host = torch.tensor(
+            [it.ctx for it in items]
+            + qs
+            + widths
+            + [it.num_logits for it in items]
+            + ([] if everything else group)
+            + list(itertools.chain.from_iterable(tables))
+            + list(itertools.chain.from_iterable(ids)),
+            dtype=torch.long,
+        )
+        shape = StepShape(
+            batch=len(items),
+            blocks=nb,
+            tokens=sum(widths),
+            logits=None if padded else sum(it.num_logits for it in items),
+            group=None if everything else tuple(group),
+            q_max=max((widths[i] for i in group), default=0),
+            group_blocks=nb if padded else max((need[i] for i in group), default=0),
+            group_tokens=sum(widths[i] for i in group),
+        )
+        starts = list(itertools.accumulate(widths, initial=0))
+        spans = [(items[i], qs[i], starts[i]) for i in range(len(items)) if widths[i] > batched_max_q]
+        return PackedStep(host, shape, spans)
+
+    def to(self, device) -> torch.Tensor:
+        """The step's one host-to-device copy."""
+        host = self.host.pin_memory() if torch.device(device).type == "cuda" else self.host
+        return host.to(device, non_blocking=True)
+
+
 @dataclass
 class StepLayout:
     kv: KVCache
+    input_ids: torch.Tensor  # [1, N]
+    positions: torch.Tensor  # [1, N]
+    keep: torch.Tensor | None  # [K] flat index of each token whose logits are returned; None: all
     slots: torch.Tensor  # [N] cache slot of each new token
     batched: BatchedGroup | None
     spans: list[Span]
 
     @staticmethod
-    def build(items: list[StepItem], kv: KVCache, device, batched_max_q: int = 16) -> StepLayout:
-        bs = kv.block_size
-        slots, starts = [], []
-        start = 0
-        for it in items:
-            for pos in range(it.ctx, it.ctx + it.q):
-                slots.append(it.block_table[pos // bs] * bs + pos % bs)
-            starts.append(start)
-            start += it.q
-        in_group = [it.q <= batched_max_q for it in items]
-        spans = [_span(it, s, bs, device) for it, s, g in zip(items, starts, in_group) if not g]
-        group = [(it, s) for it, s, g in zip(items, starts, in_group) if g]
-        batched = _batched([it for it, _ in group], [s for _, s in group], bs, device) if group else None
-        return StepLayout(kv, torch.tensor(slots, dtype=torch.long, device=device), batched, spans)
+    def build(
+        items: list[ForwardItem], kv: KVCache, device, batched_max_q: int = 16, widths: list[int] | None = None
+    ) -> StepLayout:
+        step = PackedStep.build(items, kv.block_size, kv.scratch_block, batched_max_q, widths)
+        spans = [_span(it, q, start, kv.block_size, device) for it, q, start in step.spans]
+        return StepLayout.derive(step.to(device), step.shape, kv, spans)
+
+    @staticmethod
+    def derive(packed: torch.Tensor, shape: StepShape, kv: KVCache, spans: list[Span] = ()) -> StepLayout:
+        """Everything else from the packed integers, on their device: positions, slots, the
+        logits to keep and the batched group's indices and mask. Only tensor operations of
+        shapes fixed by `shape`, so this traces, compiles and captures with the model."""
+        b, nb, bs = shape.batch, shape.blocks, kv.block_size
+        group_len = len(shape.group) if shape.group is not None else 0
+        ctx, q, width, num_logits, grp, table, input_ids = packed[: 4 * b + group_len + b * nb + shape.tokens].split(
+            [b, b, b, b, group_len, b * nb, shape.tokens]
+        )
+        table = table.view(b, nb)
+        start = torch.cumsum(width, 0) - width
+        req, local = _ragged(width, shape.tokens)
+        pos = ctx[req] + local
+        real = local < q[req]
+        block = table[req, torch.div(pos, bs, rounding_mode="floor").clamp(max=nb - 1)]
+        slots = torch.where(real, block * bs + pos % bs, kv.scratch_block * bs)
+        keep = None
+        if shape.logits is not None:
+            k_req, k_local = _ragged(num_logits, shape.logits)
+            keep = start[k_req] + q[k_req] - num_logits[k_req] + k_local
+        batched = None
+        if shape.group_tokens:
+            rows = (
+                (ctx, q, width, start, table)
+                if shape.group is None
+                else (x[grp] for x in (ctx, q, width, start, table))
+            )
+            batched = _batched(*rows, shape=shape, bs=bs)
+        return StepLayout(kv, input_ids.unsqueeze(0), pos.unsqueeze(0), keep, slots, batched, list(spans))
 
 
-def _causal_mask(ctxs: list[int], qs: list[int], q_max: int, kv_len: int) -> torch.Tensor:
-    """[B, q_max, kv_len]: query j of request b sees keys 0..ctx_b + j.
+def keep_rows(packed: torch.Tensor, shape: StepShape, num_logits: int) -> torch.Tensor:
+    """For a padded step (every row returned): the flat index of each row the items asked for."""
+    b = shape.batch
+    q, width, wanted = packed[b : 2 * b], packed[2 * b : 3 * b], packed[3 * b : 4 * b]
+    row, local = _ragged(wanted, num_logits)
+    start = torch.cumsum(width, 0) - width
+    return start[row] + q[row] - wanted[row] + local
 
-    Padding queries see key 0 only, so no row is fully masked (SDPA would give NaN).
+
+def _ragged(lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of the given lengths laid end to end: (row, index within row) per element.
+    `total` (the lengths' sum, known to the host) keeps the device from synchronising."""
+    rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=total)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return rows, torch.arange(total, device=lengths.device) - starts[rows]
+
+
+def _batched(ctx, q, width, start, table, *, shape: StepShape, bs: int) -> BatchedGroup:
+    """The padded [B, q_max] queries of the group's requests (all tensors on the device).
+
+    Query j of a request sees keys 0..ctx + j; padding queries (j >= q) repeat its last real
+    query, so no row is fully masked (SDPA would give NaN) and none needs a rule of its own.
     """
-    ctx = torch.tensor(ctxs).view(-1, 1, 1)
-    q = torch.tensor(qs).view(-1, 1, 1)
-    j = torch.arange(q_max).view(1, -1, 1)
-    t = torch.arange(kv_len).view(1, 1, -1)
-    mask = (t <= ctx + j) & (j < q)
-    mask |= (j >= q) & (t == 0)
-    return mask
-
-
-def _batched(items: list[StepItem], starts: list[int], bs: int, device) -> BatchedGroup:
-    q_max = max(it.q for it in items)
-    nb = max(-(-(it.ctx + it.q) // bs) for it in items)
-    q_index, valid, token_index = [], [], []
-    for b, (it, s) in enumerate(zip(items, starts)):
-        q_index.append([s + j for j in range(it.q)] + [0] * (q_max - it.q))
-        valid.extend(b * q_max + j for j in range(it.q))
-        token_index.extend(range(s, s + it.q))
-    blocks = [it.block_table[:nb] + [0] * (nb - len(it.block_table[:nb])) for it in items]
-    mask = _causal_mask([it.ctx for it in items], [it.q for it in items], q_max, nb * bs)
+    j = torch.arange(shape.q_max, device=ctx.device)
+    jj = torch.minimum(j, (q - 1).clamp_min(0).unsqueeze(1))  # [B, q_max]
+    q_index = start.unsqueeze(1) + torch.minimum(j, (width - 1).unsqueeze(1))
+    t = torch.arange(shape.group_blocks * bs, device=ctx.device)
+    mask = t.view(1, 1, -1) <= (ctx.unsqueeze(1) + jj).unsqueeze(2)
+    row, local = _ragged(width, shape.group_tokens)
     return BatchedGroup(
-        q_index=torch.tensor(q_index, dtype=torch.long, device=device),
-        blocks=torch.tensor(blocks, dtype=torch.long, device=device),
-        mask=mask.unsqueeze(1).to(device),
-        valid=torch.tensor(valid, dtype=torch.long, device=device),
-        token_index=torch.tensor(token_index, dtype=torch.long, device=device),
+        q_index=q_index,
+        blocks=table[:, : shape.group_blocks],
+        mask=mask.unsqueeze(1),
+        out_index=row * shape.q_max + local,
+        token_index=None if shape.group is None else start[row] + local,
     )
 
 
-def _span(it: StepItem, start: int, bs: int, device) -> Span:
-    total = it.ctx + it.q
+def _span(it: ForwardItem, q: int, start: int, bs: int, device) -> Span:
+    total = it.ctx + q
     runs = contiguous_runs(it.block_table[: -(-total // bs)])
     mask = None
-    if it.ctx > 0 and it.q > 1:
-        mask = _causal_mask([it.ctx], [it.q], it.q, total)[0].to(device)
-    return Span(start, start + it.q, it.ctx, runs, mask)
+    if it.ctx > 0 and q > 1:
+        mask = torch.arange(total, device=device).view(1, -1) <= torch.arange(it.ctx, total, device=device).view(-1, 1)
+    return Span(start, start + q, it.ctx, runs, mask)
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -145,13 +256,20 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layer = module.layer_idx
     q = query[0].transpose(0, 1)  # [N, H, D]
     layout.kv.write(layer, layout.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    out = query.new_empty(q.shape)
     g = layout.batched
+    out = None
     if g is not None:
         k, v = layout.kv.gather(layer, g.blocks)  # [B, H_kv, K, D]
         qb = q[g.q_index].transpose(1, 2)  # [B, H, q_max, D]
         o = F.scaled_dot_product_attention(qb, k, v, attn_mask=g.mask, scale=scaling, enable_gqa=True)
-        out[g.token_index] = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[g.valid]
+        o = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[g.out_index]
+        if g.token_index is None:
+            out = o
+        else:
+            out = query.new_empty(q.shape)
+            out[g.token_index] = o
+    if out is None:
+        out = query.new_empty(q.shape)
     for span in layout.spans:
         out[span.start : span.end] = span.attend(layout.kv, layer, query, key, value, scaling)
     return out.unsqueeze(0), None

@@ -96,7 +96,11 @@ def contiguous_runs(block_table: list[int]) -> list[tuple[int, int]]:
 
 
 class KVCache:
-    """Per-layer K and V tensors shaped [num_blocks, block_size, kv_heads, head_dim]."""
+    """Per-layer K and V tensors shaped [num_blocks + 1, block_size, kv_heads, head_dim].
+
+    The extra block, `scratch_block`, belongs to no request: padding tokens of a
+    padded batch write their K/V there, and padded block tables point at it.
+    """
 
     def __init__(
         self,
@@ -108,8 +112,9 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.block_size = block_size
+        self.scratch_block = num_blocks
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from runtime.attention import ATTN_IMPLEMENTATION, LAYOUT_KWARG, StepItem, StepLayout
+from runtime.attention import ATTN_IMPLEMENTATION, LAYOUT_KWARG, ForwardItem, StepLayout
 from runtime.cpu_linear_select import use_cpu_linear
+from runtime.graphs import GraphRunner
 from runtime.kv_cache import KVCache
-
-
-@dataclass
-class ForwardItem:
-    token_ids: list[int]  # new tokens fed this step
-    ctx: int  # tokens of this request already in the cache (position of token_ids[0])
-    block_table: list[int]  # must already hold ctx + len(token_ids) tokens
-    num_logits: int  # trailing positions whose logits are returned (0..len(token_ids))
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -28,7 +19,9 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, batched_max_q: int = 16):
+    def __init__(self, model, num_blocks: int, block_size: int, batched_max_q: int = 16, graphs: str = "off"):
+        """`graphs`: "off" (eager), "compile" or "cuda": decode and verification steps through
+        `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly."""
         self.model = model
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = next(model.parameters()).device
@@ -39,32 +32,29 @@ class ModelRunner:
             layers, num_blocks, block_size, kv_heads, head_dim, next(model.parameters()).dtype, self.device
         )
         self.batched_max_q = batched_max_q
+        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q)
 
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Returns [sum(num_logits), vocab] float32 logits, items in order."""
-        ids, positions, keep = [], [], []
-        for it in items:
-            start = len(ids)
-            ids.extend(it.token_ids)
-            positions.extend(range(it.ctx, it.ctx + len(it.token_ids)))
-            keep.extend(range(start + len(it.token_ids) - it.num_logits, start + len(it.token_ids)))
-        if not ids:
+        if not any(it.token_ids for it in items):
             return torch.empty(0, self.model.config.vocab_size)
-        layout = StepLayout.build(
-            [StepItem(it.ctx, len(it.token_ids), it.block_table) for it in items],
-            self.kv,
-            self.device,
-            self.batched_max_q,
-        )
-        out = self.model(
-            input_ids=torch.tensor([ids], device=self.device),
-            position_ids=torch.tensor([positions], device=self.device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
-            **{LAYOUT_KWARG: layout},
-        )
-        logits = out.logits[0].float()
+        bucket = self.graphs.bucket(items) if self.graphs is not None else None
+        if bucket is not None:
+            logits = self.graphs.forward(items, bucket).float()
+        else:
+            logits = self._eager(items)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the step's timers (and the cost model) see the GPU's time
         return logits
+
+    def _eager(self, items: list[ForwardItem]) -> torch.Tensor:
+        layout = StepLayout.build(items, self.kv, self.device, self.batched_max_q)
+        out = self.model(
+            input_ids=layout.input_ids,
+            position_ids=layout.positions,
+            use_cache=False,
+            logits_to_keep=layout.keep,
+            **{LAYOUT_KWARG: layout},
+        )
+        return out.logits[0].float()

@@ -32,6 +32,23 @@ class Placement:
         },
     )
 
+    cuda_graphs: str = field(
+        default="auto",
+        metadata={
+            "help": "decode and verification steps replayed as CUDA graphs, one per padded batch shape: "
+            "auto (on for a CUDA device) | on | off"
+        },
+    )
+
+    def graph_mode(self) -> str:
+        """The model runner's `graphs` setting this placement asks for."""
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on or off, got {self.cuda_graphs!r}")
+        cuda = torch.device(self.device).type == "cuda"
+        if self.cuda_graphs == "on" and not cuda:
+            raise ValueError(f"cuda_graphs=on needs a CUDA device, not {self.device!r}")
+        return "cuda" if cuda and self.cuda_graphs != "off" else "off"
+
     def load(self, model: str):
         """Sets the process's torch threads (when asked), loads `model` here and, on CPU, chooses
         its linear layers' products."""

@@ -58,6 +58,8 @@ def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified
         return []
     ks = [len(r.draft.token_ids) if r.draft else 0 for r in requests]
     assert logits.shape[0] == sum(ks) + len(ks), (logits.shape, ks)
+    if not any(ks) and all(r.params.greedy for r in requests):  # plain greedy decoding: the argmax is all
+        return [Verified([t], 0) for t in logits.argmax(dim=1).tolist()]
     dev, width = logits.device, max(ks)
     starts, row = [], 0
     for k in ks:

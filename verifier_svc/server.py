@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -96,7 +96,7 @@ class SpeculationConfig:
             draft = DraftConfig(
                 draft=name, kv_cache_tokens=2 * kv_cache_tokens, min_confidence=self.draft_min_confidence
             )
-            return LocalProposer(draft.make_backend(Placement(placement.dtype, placement.device)))
+            return LocalProposer(draft.make_backend(replace(placement, threads=0)))
         return ProposerClient(
             [a.strip() for a in self.proposer.split(",") if a.strip()], deadline_s=self.proposer_deadline_ms / 1e3
         )
@@ -126,7 +126,7 @@ class VerifierConfig:
         return serving.from_args(VerifierConfig, args)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(self.cache, self.scheduler, self.speculation.parsed_policy())
+        return EngineConfig(self.cache, self.scheduler, self.speculation.parsed_policy(), self.placement.graph_mode())
 
 
 class Verifier:

@@ -156,3 +156,20 @@ def test_stop_string_completed_by_a_multi_byte_character(stop):
     deltas, matched = run([9, 4, 5, 1], stops=(stop,))
     assert matched == stop
     assert "中" not in "".join(deltas)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_incremental_decoding_of_a_real_tokenizer_equals_decoding_everything(smollm2_tokenizer, chunk):
+    """SmolLM2's byte-level BPE: spaces merged into tokens, characters split over several tokens,
+    special tokens skipped; tokens arrive `chunk` at a time as speculation emits them."""
+    tok = smollm2_tokenizer
+    text = "Hello wörld, 中文 and 🙂🙂 in a row.\n  Indented\ttabs; naïve café. " * 3
+    ids = tok(text).input_ids + [tok.eos_token_id] + tok(" tail 日本").input_ids
+    ts = TextStream(tok, ())
+    deltas = []
+    for n in range(chunk, len(ids) + chunk, chunk):
+        ts.update(ids[:n])
+        deltas.append(ts.delta(final=False))
+    deltas.append(ts.delta(final=True))
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True)
+    assert ts.read == len(ids)  # every token decoded once in a short window, none left pending

@@ -209,3 +209,17 @@ def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
     assert isinstance(make_proposer(proposer="ngram").backend, NgramBackend)
     with pytest.raises(ValueError, match="proposer: 'draft:' needs a model"):
         make_proposer(proposer="draft:")
+
+
+def test_greedy_through_compiled_graphs_with_drafts_equals_target_greedy(small_vocab, smollm2_tokenizer):
+    """The bucketed, compiled forward (`graphs="compile"`, what CUDA graphs capture) in the engine:
+    decode and verification steps padded to buckets, prefill eager, output unchanged."""
+    model, reference, tok = small_vocab
+    prompts = [[2, 3, 4, 5, 2, 3, 4, 5, 2, 3], [6, 7, 8, 6, 7, 8, 6]]
+    cfg = EngineConfig(CacheConfig(block_size=64, kv_cache_tokens=1024), policy=Policy.fixed(3), graphs="compile")
+    engine = Engine(model, tok, cfg, LocalProposer(NgramBackend()))
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    out = run(engine, prompts, params)
+    assert engine.runner.graphs.steps >= 10  # decode and verification went through the compiled graphs
+    for i, ids in enumerate(prompts):
+        assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 16, ignore_eos=True))

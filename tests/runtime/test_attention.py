@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runtime.attention import LAYOUT_KWARG, StepItem, StepLayout, paged_attention
+from runtime.attention import LAYOUT_KWARG, ForwardItem, PackedStep, StepLayout, keep_rows, paged_attention
 from runtime.kv_cache import KVCache
 
 H, H_KV, D = 4, 2, 8
@@ -47,7 +47,7 @@ def allocate(spec, gen):
 def run_step(kv, reqs, chunks, scale, batched_max_q=16):
     """chunks: [(request index, ctx, q)]; one paged_attention call per layer over the
     flattened batch; returns per-layer [1, N, H, D] outputs."""
-    items = [StepItem(ctx, q, reqs[r].table) for r, ctx, q in chunks]
+    items = [ForwardItem([0] * q, ctx, reqs[r].table, 0) for r, ctx, q in chunks]
     layout = StepLayout.build(items, kv, "cpu", batched_max_q)
     outs = []
     for layer in range(LAYERS):
@@ -148,24 +148,43 @@ def test_rolled_back_positions_are_overwritten():
 
 def test_layout_slots_follow_the_block_tables():
     kv = KVCache(1, 16, BS, H_KV, D, torch.float32, "cpu")
-    items = [StepItem(ctx=3, q=3, block_table=[9, 2]), StepItem(ctx=0, q=2, block_table=[5])]
+    items = [ForwardItem([11, 12, 13], 3, [9, 2], 1), ForwardItem([14, 15], 0, [5], 2)]
     layout = StepLayout.build(items, kv, "cpu")
     # request 0: positions 3, 4, 5 -> block 9 offset 3, block 2 offsets 0, 1
     assert layout.slots.tolist() == [9 * 4 + 3, 2 * 4 + 0, 2 * 4 + 1, 5 * 4 + 0, 5 * 4 + 1]
     g = layout.batched
-    assert g.q_index.tolist() == [[0, 1, 2], [3, 4, 0]]
-    assert g.blocks.tolist() == [[9, 2], [5, 0]]
-    assert g.valid.tolist() == [0, 1, 2, 3, 4]
-    assert g.token_index.tolist() == [0, 1, 2, 3, 4]
+    assert layout.input_ids.tolist() == [[11, 12, 13, 14, 15]]
+    assert layout.positions.tolist() == [[3, 4, 5, 0, 1]]
+    assert layout.keep.tolist() == [2, 3, 4]
+    assert g.q_index.tolist() == [[0, 1, 2], [3, 4, 4]]  # the padding query repeats the last real one
+    assert g.blocks.tolist() == [[9, 2], [5, kv.scratch_block]]
+    assert g.out_index.tolist() == [0, 1, 2, 3, 4]
+    assert g.token_index is None  # every token is in the group: outputs come out in order
     assert g.mask.shape == (2, 1, 3, 8)
     assert g.mask[0, 0, 0].tolist() == [True] * 4 + [False] * 4
     assert g.mask[1, 0, 1].tolist() == [True, True] + [False] * 6
-    assert g.mask[1, 0, 2].tolist() == [True] + [False] * 7  # padding query sees key 0 only
+    assert g.mask[1, 0, 2].tolist() == [True, True] + [False] * 6  # padding: as the last real query
+
+
+def test_padded_widths_send_padding_to_the_scratch_block():
+    """The padded grid of the compiled path: each request 3 tokens wide, a dummy request added."""
+    kv = KVCache(1, 16, BS, H_KV, D, torch.float32, "cpu")
+    items = [ForwardItem([11], 5, [7, 8], 1), ForwardItem([12, 13], 2, [4], 2), ForwardItem([], 0, [], 0)]
+    layout = StepLayout.build(items, kv, "cpu", widths=[3, 3, 3])
+    step = PackedStep.build(items, BS, kv.scratch_block, widths=[3, 3, 3], blocks=4)
+    assert step.shape.logits is None and layout.keep is None  # every row comes back: a fixed shape
+    assert keep_rows(step.host, step.shape, 3).tolist() == [0, 3, 4]
+    scratch = kv.scratch_block * BS
+    assert layout.input_ids.tolist() == [[11, 0, 0, 12, 13, 0, 0, 0, 0]]
+    assert layout.slots.tolist() == [8 * BS + 1, scratch, scratch, 4 * BS + 2, 4 * BS + 3] + [scratch] * 4
+    g = layout.batched
+    assert g.q_index.shape == (3, 3) and g.out_index.tolist() == list(range(9))
+    assert g.mask[2, 0].any(dim=1).all()  # the dummy request's queries see the scratch key: no NaN
 
 
 def test_spans_read_runs_of_consecutive_blocks():
     kv = KVCache(1, 16, BS, H_KV, D, torch.float32, "cpu")
-    items = [StepItem(ctx=9, q=2, block_table=[3, 4, 5, 9]), StepItem(ctx=5, q=1, block_table=[7, 8])]
+    items = [ForwardItem([1, 2], 9, [3, 4, 5, 9], 1), ForwardItem([3], 5, [7, 8], 1)]
     layout = StepLayout.build(items, kv, "cpu", batched_max_q=0)
     assert [s.runs for s in layout.spans] == [[(3, 3)], [(7, 2)]]  # block 9 holds no token yet
     assert layout.spans[0].mask.shape == (2, 11) and layout.spans[1].mask is None

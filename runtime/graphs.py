@@ -1,0 +1,121 @@
+"""Decode and verification steps run as compiled or captured graphs, one per padded shape.
+
+A step whose requests all feed few tokens (decode, verification) is padded to a
+bucket: requests up to the next of BATCH_BUCKETS (dummy requests with no
+tokens), tokens per request up to the next of QUERY_BUCKETS, block tables up
+to the next power of two. Every tensor shape of the forward then depends on the
+bucket alone, so:
+
+- `compile`: `torch.compile(fullgraph=True)` of layout derivation plus model,
+  per bucket. On a CPU this is the proof that nothing in the forward breaks the
+  graph (a host synchronisation or a tensor built from Python data would);
+- `cuda`: each bucket is captured once as a CUDA graph on first use and
+  replayed: a step costs one host-to-device copy of the packed integers, one
+  replay and the row selection, instead of one launch per operation.
+
+Steps past the largest bucket (long prefill chunks, very large batches) run
+eagerly. The whole padded grid's logits come back; the rows the items asked
+for are selected on the device.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+
+from runtime.attention import LAYOUT_KWARG, ForwardItem, PackedStep, StepLayout, StepShape, keep_rows
+from runtime.cpu_linear import CpuLinear
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUERY_BUCKETS = (1, 2, 4, 8, 16)
+MODES = ("off", "compile", "cuda")
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    packed: torch.Tensor  # the static input the graph reads
+    logits: torch.Tensor  # the static output it writes
+
+
+class GraphRunner:
+    def __init__(self, model, kv, mode: str, max_q: int):
+        if mode not in MODES[1:]:
+            raise ValueError(f"graph mode must be one of {MODES[1:]}, got {mode!r}")
+        if mode == "cuda" and kv.k[0].device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.model, self.kv, self.mode = model, kv, mode
+        self.max_q = min(max_q, QUERY_BUCKETS[-1])
+        self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
+        self._compiled = {}
+        self._captured: dict[StepShape, _Captured] = {}
+        self._pool = None
+        self.steps = 0  # steps run through a graph (the rest ran eagerly)
+        if mode == "compile":
+            # One specialisation per bucket; the default limit would fall back to eager at 8.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            # Inductor chooses and packs the products of the linear layers itself; oneDNN's
+            # opaque packed weights (runtime.cpu_linear) do not trace.
+            for m in model.modules():
+                if isinstance(m, CpuLinear):
+                    m.plan = ("linear",) * len(m.plan)
+
+    def bucket(self, items: list[ForwardItem]) -> tuple[int, int, int] | None:
+        """(requests, tokens per request, table blocks) of the padded step, or None: run eagerly."""
+        b = bisect.bisect_left(BATCH_BUCKETS, len(items))
+        q = bisect.bisect_left(QUERY_BUCKETS, max(len(it.token_ids) for it in items))
+        if b == len(BATCH_BUCKETS) or q == len(QUERY_BUCKETS) or QUERY_BUCKETS[q] > self.max_q:
+            return None
+        need = max(-(-(it.ctx + len(it.token_ids)) // self.kv.block_size) for it in items)
+        blocks = 1 << max(need - 1, 0).bit_length()
+        return BATCH_BUCKETS[b], QUERY_BUCKETS[q], min(blocks, self.max_blocks)
+
+    def forward(self, items: list[ForwardItem], bucket: tuple[int, int, int]) -> torch.Tensor:
+        """[sum(num_logits), vocab] logits of the items, through the bucket's graph."""
+        batch, q, blocks = bucket
+        self.steps += 1
+        padded = items + [ForwardItem([], 0, [], 0)] * (batch - len(items))
+        step = PackedStep.build(padded, self.kv.block_size, self.kv.scratch_block, q, [q] * batch, blocks)
+        if self.mode == "compile":
+            packed = step.to(self.kv.k[0].device)
+            logits = self._compiled_fn()(packed, step.shape)
+        else:
+            captured = self._captured.get(step.shape) or self._capture(step)
+            captured.packed.copy_(step.host.pin_memory(), non_blocking=True)
+            captured.graph.replay()
+            packed, logits = captured.packed, captured.logits
+        return logits[keep_rows(packed, step.shape, sum(it.num_logits for it in items))]
+
+    def _padded_forward(self, packed: torch.Tensor, shape: StepShape) -> torch.Tensor:
+        layout = StepLayout.derive(packed, shape, self.kv)
+        out = self.model(
+            input_ids=layout.input_ids,
+            position_ids=layout.positions,
+            use_cache=False,
+            logits_to_keep=0,
+            **{LAYOUT_KWARG: layout},
+        )
+        return out.logits[0]
+
+    def _compiled_fn(self):
+        if "fn" not in self._compiled:
+            self._compiled["fn"] = torch.compile(self._padded_forward, fullgraph=True, dynamic=False)
+        return self._compiled["fn"]
+
+    def _capture(self, step: PackedStep) -> _Captured:
+        """Warms the shape up on a side stream (lazy initialisation stays out of the graph), then
+        captures it; all graphs share one memory pool, as only one replays at a time."""
+        packed = step.to(self.kv.k[0].device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._padded_forward(packed, step.shape)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._padded_forward(packed, step.shape)
+        self._pool = graph.pool()
+        self._captured[step.shape] = captured = _Captured(graph, packed, logits)
+        return captured

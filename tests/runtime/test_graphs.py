@@ -1,0 +1,129 @@
+"""The bucketed forward compiles whole (`torch.compile(fullgraph=True)`) and matches the eager one.
+
+fullgraph=True turns any graph break into an error: a host synchronisation (`.item()`,
+`.tolist()`, a data-dependent branch) or a tensor built from Python lists inside the forward
+would fail these tests, so they are what keeps the forward capturable as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.attention import ForwardItem
+from runtime.graphs import BATCH_BUCKETS, QUERY_BUCKETS, GraphRunner
+from runtime.model_runner import ModelRunner
+
+BS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def prefill(runner: ModelRunner, tables: list[list[int]], lengths: list[int]) -> None:
+    gen = torch.Generator().manual_seed(1)
+    items = [ForwardItem(torch.randint(256, (n,), generator=gen).tolist(), 0, t, 0) for t, n in zip(tables, lengths)]
+    runner._eager(items)
+
+
+def runners(model):
+    eager = ModelRunner(model, num_blocks=64, block_size=BS)
+    compiled = ModelRunner(model, num_blocks=64, block_size=BS, graphs="compile")
+    return eager, compiled
+
+
+@pytest.mark.parametrize(
+    "qs, ctxs",
+    [
+        ([1], [5]),  # batch-1 decode
+        ([3, 1, 2], [9, 4, 14]),  # verification of different k, padded to 4 tokens a request
+        ([1] * 5, [3, 7, 1, 12, 6]),  # decode, padded to 8 requests
+    ],
+    ids=["decode-1", "verify-3", "decode-5"],
+)
+def test_compiled_buckets_match_eager_logits(tiny_model, qs, ctxs):
+    eager, compiled = runners(tiny_model)
+    tables = [list(range(i * 8, i * 8 + 8)) for i in range(len(qs))]
+    for r in (eager, compiled):
+        prefill(r, tables, ctxs)
+    gen = torch.Generator().manual_seed(2)
+    items = [
+        ForwardItem(torch.randint(256, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
+    ]
+    bucket = compiled.graphs.bucket(items)
+    assert bucket is not None and bucket[0] in BATCH_BUCKETS and bucket[1] in QUERY_BUCKETS
+    want = eager.forward(items)
+    got = compiled.forward(items)
+    assert got.shape == want.shape == (sum(qs), 256)
+    rel = (got - want).abs().max() / want.abs().max()
+    assert rel <= 1e-4, rel
+    # The KV the compiled step wrote is what the eager one wrote (padding went to the scratch block).
+    for layer in range(2):
+        assert torch.allclose(compiled.kv.k[layer][:64], eager.kv.k[layer][:64], atol=1e-5)
+
+
+def test_steps_past_the_largest_bucket_run_eagerly(tiny_model):
+    _, compiled = runners(tiny_model)
+    long = [ForwardItem([1] * (QUERY_BUCKETS[-1] + 1), 0, list(range(8)), 1)]
+    assert compiled.graphs.bucket(long) is None
+    assert compiled.graphs.bucket([ForwardItem([1], 0, [0], 1)] * (BATCH_BUCKETS[-1] + 1)) is None
+    assert compiled.forward(long).shape == (1, 256)
+
+
+def test_a_host_synchronisation_in_the_forward_breaks_the_compiled_graph(tiny_model, monkeypatch):
+    """The check has teeth: a `.item()` slipped into the attention layout fails the compile."""
+    import runtime.attention as attention
+
+    real = attention._ragged
+
+    def syncing(lengths, total):
+        assert int(lengths.sum().item()) >= 0  # a device-to-host read, as a careless change might add
+        return real(lengths, total)
+
+    _, compiled = runners(tiny_model)
+    monkeypatch.setattr(attention, "_ragged", syncing)
+    with pytest.raises(Exception, match="(?i)graph break|item|unsupported"):
+        compiled.forward([ForwardItem([1], 3, [0, 1], 1)])
+
+
+def test_cuda_graphs_need_a_cuda_model(tiny_model):
+    eager, _ = runners(tiny_model)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphRunner(tiny_model, eager.kv, "cuda", 16)
+    with pytest.raises(ValueError, match="graph mode"):
+        GraphRunner(tiny_model, eager.kv, "sometimes", 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; none on the CI machine")
+def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_model):
+    """Needs a GPU: the captured graphs replay the bucket's forward with new inputs each step."""
+    model = tiny_model.to("cuda")
+    eager = ModelRunner(model, num_blocks=64, block_size=BS)
+    graphs = ModelRunner(model, num_blocks=64, block_size=BS, graphs="cuda")
+    tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
+    for r in (eager, graphs):
+        prefill(r, tables, [5, 9, 2])
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):  # the same bucket replayed with different tokens and contexts
+        items = [
+            ForwardItem(torch.randint(256, (q,), generator=gen).tolist(), c + step, t, q)
+            for q, c, t in zip([1, 2, 1], [5, 9, 2], tables)
+        ]
+        want, got = eager.forward(items), graphs.forward(items)
+        assert ((got - want).abs().max() / want.abs().max()) <= 1e-4
+    assert graphs.graphs.steps == 3 and len(graphs.graphs._captured) >= 1
