@@ -16,6 +16,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from runtime import model_thread  # noqa: E402
 from runtime.cpu_linear_select import cpu_model  # noqa: E402
 
 
@@ -43,7 +44,9 @@ def hf_generate(model, tok, prompts: list[str], n: int) -> dict:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
     start = time.perf_counter()
-    out = model.generate(**enc, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)
+    out = model_thread.call(  # where the engine runs its forwards: one OpenMP team per process
+        model.generate, **enc, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id
+    )
     elapsed = time.perf_counter() - start
     tokens = (out.shape[1] - enc.input_ids.shape[1]) * len(prompts)
     assert tokens == n * len(prompts), f"HF made {tokens} tokens, expected {n * len(prompts)}"
@@ -58,6 +61,11 @@ def synchronize(model) -> None:
 
 
 def hf_assisted(target, tok, draft, prompts: list[str], new_tokens: int, k: int, ngram: bool) -> float | None:
+    """HF assisted generation's TPOT (ms, mean over prompts), run on the model thread."""
+    return model_thread.call(_hf_assisted, target, tok, draft, prompts, new_tokens, k, ngram)
+
+
+def _hf_assisted(target, tok, draft, prompts: list[str], new_tokens: int, k: int, ngram: bool) -> float | None:
     if target is None:
         return None
     tpots = []

@@ -9,10 +9,10 @@ so the new tokens are its tail).
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from drafting.state import DraftCall, StateStore
+from runtime import model_thread
 from runtime.draft import Draft, DraftRequest, Proposal
 
 
@@ -23,8 +23,9 @@ class LocalProposer:
         self.store = StateStore(backend.new_state, max_requests, on_evict=backend.release)
 
     async def propose(self, requests: list[DraftRequest]) -> Proposal:
-        # On a worker thread: a draft model's forwards must not stall the event loop.
-        return await asyncio.to_thread(self._draft, requests)
+        # On the model thread: a draft model's forwards must not stall the event loop, and
+        # they share the process's one OpenMP team with the target's (runtime.model_thread).
+        return await model_thread.run(self._draft, requests)
 
     def _draft(self, requests: list[DraftRequest]) -> Proposal:
         start = time.perf_counter()

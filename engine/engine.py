@@ -2,10 +2,10 @@
 
 `step()` is the one step loop: the verifier's serving loop awaits it, and so do
 the tests and benchmarks. The proposal is an injected phase (any `Proposer`);
-the forward pass and sampling run on a worker thread, where torch releases the
-GIL, so an event loop keeps streaming while the model computes. Scheduler state
-is touched on the caller's thread only; aborts that arrive during a step are
-applied right after it.
+the forward pass and sampling run on the process's model thread
+(`runtime.model_thread`), where torch releases the GIL, so an event loop keeps
+streaming while the model computes. Scheduler state is touched on the caller's
+thread only; aborts that arrive during a step are applied right after it.
 
 A speculating request feeds its pending token plus k draft tokens; the target's
 k + 1 rows of logits go through the rejection sampler, the request emits the
@@ -26,6 +26,7 @@ from engine.config import EngineConfig
 from engine.output import FinishReason, RequestOutput, TextStream, emit
 from engine.planner import SpecPlanner
 from engine.scheduler import Scheduler, SchedulerOutput, Sequence
+from runtime import model_thread
 from runtime.draft import Draft, DraftRequest, Proposal, Proposer
 from runtime.kv_cache import BlockAllocator
 from runtime.model_runner import ForwardItem, ModelRunner
@@ -122,7 +123,7 @@ class Engine:
         try:
             proposal, propose_ms = await self._propose(sched)
             forward_start = time.perf_counter()
-            results, sample_ms = await asyncio.to_thread(self._execute, sched)
+            results, sample_ms = await model_thread.run(self._execute, sched)
             verify_ms = (time.perf_counter() - forward_start) * 1e3
         except Exception as exc:  # a bug or device error must not take the server down
             log.exception("engine step failed; dropping its %d requests", len(sched.items))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from runtime import model_thread
 from runtime.attention import ATTN_IMPLEMENTATION, LAYOUT_KWARG, ForwardItem, StepLayout
 from runtime.cpu_linear_select import use_cpu_linear
 from runtime.graphs import GraphRunner
@@ -22,6 +23,9 @@ class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, batched_max_q: int = 16, graphs: str = "off"):
         """`graphs`: "off" (eager), "compile" or "cuda": decode and verification steps through
         `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly."""
+        model_thread.call(self._init, model, num_blocks, block_size, batched_max_q, graphs)
+
+    def _init(self, model, num_blocks: int, block_size: int, batched_max_q: int, graphs: str) -> None:
         self.model = model
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = next(model.parameters()).device
@@ -34,9 +38,12 @@ class ModelRunner:
         self.batched_max_q = batched_max_q
         self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q)
 
-    @torch.inference_mode()
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
-        """Returns [sum(num_logits), vocab] float32 logits, items in order."""
+        """Returns [sum(num_logits), vocab] float32 logits, items in order (run on the model thread)."""
+        return model_thread.call(self._forward, items)
+
+    @torch.inference_mode()
+    def _forward(self, items: list[ForwardItem]) -> torch.Tensor:
         if not any(it.token_ids for it in items):
             return torch.empty(0, self.model.config.vocab_size)
         bucket = self.graphs.bucket(items) if self.graphs is not None else None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from runtime import model_thread
 from runtime.cpu_linear_select import use_cpu_linear
 
 DEFAULT_MODEL = "smollm2"
@@ -52,8 +53,11 @@ class Placement:
     def load(self, model: str):
         """Sets the process's torch threads (when asked), loads `model` here and, on CPU, chooses
         its linear layers' products."""
+        return model_thread.call(self._load, model)
+
+    def _load(self, model: str):
         if self.threads:
-            torch.set_num_threads(self.threads)
+            torch.set_num_threads(self.threads)  # OpenMP's thread count is per thread: set where the work runs
         loaded = load_model(model, self.dtype, self.device)
         if torch.device(self.device).type == "cpu":
             use_cpu_linear(loaded, self.cpu_linear)
@@ -105,7 +109,11 @@ def load_tokenizer(model: str):
 
 
 def load_model(model: str, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None):
-    """Loads a decoder-only causal LM in eval mode on `device`."""
+    """Loads a decoder-only causal LM in eval mode on `device` (on the model thread)."""
+    return model_thread.call(_load_model, model, dtype, device, attn_implementation)
+
+
+def _load_model(model: str, dtype: str, device: str, attn_implementation: str | None):
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:

@@ -213,14 +213,16 @@ def test_sampling_with_a_noisy_draft_follows_the_target(
 
 
 def test_a_draft_proposer_runs_on_the_threads_it_is_given(small_vocab_dir):
+    """The thread count is set where the model work runs: the process's model thread."""
     from drafting.config import DraftConfig
+    from runtime import model_thread
     from runtime.models import Placement
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    before = model_thread.call(torch.get_num_threads)
+    model_thread.call(torch.set_num_threads, 2)
     try:
         backend = DraftConfig(draft=small_vocab_dir).make_backend(Placement(threads=1))
         assert isinstance(backend, DraftModelBackend)
-        assert torch.get_num_threads() == 1
+        assert model_thread.call(torch.get_num_threads) == 1
     finally:
-        torch.set_num_threads(before)
+        model_thread.call(torch.set_num_threads, before)

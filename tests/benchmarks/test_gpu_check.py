@@ -1,0 +1,46 @@
+"""`benchmarks/gpu_check.py` is the one script a GPU session runs; here it runs on a CPU with tiny
+shapes, so the code is known to work before device time is spent on it. The GPU numbers
+themselves need a GPU: none is on the CI machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from controller.profile import load_profile
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_check.py"),
+        "--tiny",
+        "--device", "cpu",
+        "--dtype", "float32",
+        "--modes", "off",
+        "--batch", "1,2",
+        "--q", "1,5",
+        "--ctx", "20",
+        "--reps", "2",
+        "--new-tokens", "6",
+        "--target", "smollm2",
+        "--ks", "0,1",
+        "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["ceilings"]["copy_tb_s"] > 0
+    assert set(results["models"]) == {"tiny-a", "tiny-b"}
+    for model in results["models"].values():
+        assert model["floor_ms"] > 0 and model["mode"] == "off"
+        assert {(r["B"], r["q"]) for r in model["rows"]} == {(1, 1), (1, 5), (2, 1), (2, 5)}
+        assert all(r["ms"] > 0 and r["ctx"] == 20 for r in model["rows"])
+    steps = load_profile(f"{tmp_path / 'results.json'}#tiny-a")  # what the cost model and simulator read
+    assert len(steps) == 4 and steps[0].verify_ms > 0
+    assert results["tpot"]["off"] > 0
+    assert set(results["pair"]) == {"0", "1"} and all(v > 0 for v in results["pair"].values())
+    assert results["bars"]["pair_best_k_over_off"]["value"] > 0
