@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402
 
+from runtime import model_thread  # noqa: E402
 from runtime.cpu_linear import MAX_ROWS, CpuLinear, describe, kernels_for  # noqa: E402
 from runtime.cpu_linear_select import use_cpu_linear  # noqa: E402
 from runtime.model_runner import ForwardItem, ModelRunner  # noqa: E402
@@ -176,4 +177,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(model_thread.call(main))  # every layer and forward timed on the one thread that runs them

@@ -29,6 +29,7 @@ import torch
 
 from drafting.head_vocab import restrict_head
 from drafting.state import DraftCall
+from runtime import model_thread
 from runtime.draft import Draft
 from runtime.kv_cache import BlockAllocator, OutOfBlocks
 from runtime.model_runner import ForwardItem, ModelRunner
@@ -82,7 +83,11 @@ class DraftModelBackend:
         self.allocator.free(state.block_table)
 
     def propose(self, calls: list[DraftCall]) -> list[Draft]:
-        """A draft per call, at most k ids, with sparse distributions for sampled requests."""
+        """A draft per call, at most k ids, with sparse distributions for sampled requests
+        (computed on the model thread, with the forwards: runtime.model_thread)."""
+        return model_thread.call(self._propose, calls)
+
+    def _propose(self, calls: list[DraftCall]) -> list[Draft]:
         drafts: list[list[int]] = [[] for _ in calls]
         probs: list[list | None] = [None if c.params.greedy else [] for c in calls]
         stopped = [False] * len(calls)

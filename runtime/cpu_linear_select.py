@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runtime import model_thread
 from runtime.cpu_linear import CHOICES, MAX_ROWS, CpuLinear, describe, kernels_for, pack, product
 
 log = logging.getLogger(__name__)
@@ -258,10 +259,15 @@ def default_selector() -> KernelSelector:
 def use_cpu_linear(model: nn.Module, choice: str = "auto", selector=None) -> int:
     """Switches every plain CPU nn.Linear of `model` to CpuLinear in place (weights and ties kept),
     each with the product `choice` names for every row count, or for "auto" the fastest the
-    selector measured for its shape (the machine's cached decision when there is one).
+    selector measured for its shape (the machine's cached decision when there is one). Timed
+    on the model thread, where the forwards will run (runtime.model_thread).
 
     Returns how many were switched; layers already switched keep their plan.
     """
+    return model_thread.call(_use_cpu_linear, model, choice, selector)
+
+
+def _use_cpu_linear(model: nn.Module, choice: str, selector) -> int:
     if choice not in CHOICES:
         raise ValueError(f"cpu_linear must be one of {', '.join(CHOICES)}, got {choice!r}")
     layers = [m for m in model.modules() if type(m) is nn.Linear and m.weight.device.type == "cpu"]
