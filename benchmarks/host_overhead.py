@@ -86,13 +86,13 @@ def measure(engine: Engine, runner: asyncio.Runner, batch: int, steps: int) -> d
         )
     while any(s.num_computed < PROMPT_LEN for s in engine._seqs.values()):  # prefill, untimed
         runner.run(engine.step())
-    model, layout_and_model, sample = engine.runner.model, engine.runner.forward, engine._sample
+    model, layout_and_model, sample = engine.runner.model, engine.runner.forward, engine.executor.sample
     timers = {
         "model": Timed(model.forward, engine.runner.device),
         "forward": Timed(layout_and_model, engine.runner.device),
     }
     timers["sample"] = Timed(sample, engine.runner.device)
-    model.forward, engine.runner.forward, engine._sample = timers["model"], timers["forward"], timers["sample"]
+    model.forward, engine.runner.forward, engine.executor.sample = timers["model"], timers["forward"], timers["sample"]
     try:
         start = time.perf_counter()
         for _ in range(steps):
@@ -100,7 +100,7 @@ def measure(engine: Engine, runner: asyncio.Runner, batch: int, steps: int) -> d
             assert len(outs) == batch
         step_ms = (time.perf_counter() - start) * 1e3 / steps
     finally:
-        del model.forward, engine.runner.forward, engine._sample
+        del model.forward, engine.runner.forward, engine.executor.sample
     for rid in list(engine._seqs):
         engine.abort(rid)
     model_ms = timers["model"].total_ms / steps

@@ -23,14 +23,14 @@ import time
 from controller.policy import MAX_K, Policy
 from controller.step import StepRecord
 from engine.config import EngineConfig
+from engine.execute import ModelExecutor
 from engine.output import FinishReason, RequestOutput, TextStream, emit
 from engine.planner import SpecPlanner
 from engine.scheduler import Scheduler, SchedulerOutput, Sequence
 from runtime import model_thread
 from runtime.draft import Draft, DraftRequest, Proposal, Proposer
 from runtime.kv_cache import BlockAllocator
-from runtime.model_runner import ForwardItem, ModelRunner
-from runtime.rejection import SampleRequest, Verified, verify
+from runtime.rejection import Verified
 from runtime.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -44,25 +44,31 @@ class Engine:
         config: EngineConfig = EngineConfig(),
         proposer: Proposer | None = None,
         planner: SpecPlanner | None = None,
+        *,
+        executor=None,
+        clock=None,
     ):
         """Without a proposer nothing speculates. `planner` chooses k per request per step
-        (default: one following `config.policy`)."""
+        (default: one following `config.policy`). `executor` runs the model phase (default:
+        `ModelExecutor` over `model`); `clock` replaces the wall clock for timestamps and
+        durations (seconds; the simulator's virtual one). No tokenizer: outputs carry no text."""
         self.config = config
         self.proposer = proposer
         self.planner = planner or SpecPlanner(config.policy)
         self.tokenizer = tokenizer
+        self.executor = executor if executor is not None else ModelExecutor(model, tokenizer, config)
+        self.runner = self.executor.runner
+        self._now = clock or time.monotonic  # timestamps: arrivals, first tokens
+        self._timer = clock or time.perf_counter  # durations: the step's phases
         cache = config.cache
-        self.runner = ModelRunner(model, cache.num_blocks, cache.block_size, graphs=config.graphs)
         self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.allocator)
-        model_len = getattr(model.config, "max_position_embeddings", None) or cache.kv_cache_tokens
+        self.scheduler = Scheduler(config.scheduler, self.allocator, clock=self._now)
+        model_len = self.executor.max_len
         self.max_model_len = min(
             config.scheduler.max_model_len or model_len, model_len, cache.num_blocks * cache.block_size
         )
-        self.vocab_size = model.config.vocab_size
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.vocab_size = self.executor.vocab_size
+        self.eos_token_ids = self.executor.eos_token_ids
         self._seqs: dict[str, Sequence] = {}
         self._streams: dict[str, TextStream] = {}
         self._stepping = False
@@ -80,10 +86,11 @@ class Engine:
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seq = Sequence(request_id, list(prompt_ids), params, seed=seed, policy=policy)
+        seq = Sequence(request_id, list(prompt_ids), params, self._now(), seed=seed, policy=policy)
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
-        self._streams[request_id] = TextStream(self.tokenizer, params.stop)
+        if self.tokenizer is not None:
+            self._streams[request_id] = TextStream(self.tokenizer, params.stop)
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -116,15 +123,15 @@ class Engine:
     async def step(self) -> list[RequestOutput]:
         """One step over the scheduled batch; its record is `last_step` afterwards (None when it
         failed). A failing forward pass ends the batch's requests with FinishReason.ERROR, not the caller."""
-        start = time.perf_counter()
+        start = self._timer()
         self.last_step = None
         sched = self._schedule()
         self._stepping = True
         try:
             proposal, propose_ms = await self._propose(sched)
-            forward_start = time.perf_counter()
-            results, sample_ms = await model_thread.run(self._execute, sched)
-            verify_ms = (time.perf_counter() - forward_start) * 1e3
+            forward_start = self._timer()
+            results, sample_ms = await model_thread.run(self.executor.execute, sched)
+            verify_ms = (self._timer() - forward_start) * 1e3
         except Exception as exc:  # a bug or device error must not take the server down
             log.exception("engine step failed; dropping its %d requests", len(sched.items))
             return self._fail(sched, exc)
@@ -155,7 +162,7 @@ class Engine:
                 if it.draft
             ),
             emitted_tokens=sum(len(o.token_ids) for o in outputs),
-            step_ms=(time.perf_counter() - start) * 1e3,
+            step_ms=(self._timer() - start) * 1e3,
         )
         if self.proposer is not None:  # without one there is nothing to plan
             self.planner.observe(record)
@@ -187,14 +194,14 @@ class Engine:
         ]
         if not requests:
             return Proposal(), 0.0
-        start = time.perf_counter()
+        start = self._timer()
         try:
             proposal = await self.proposer.propose(requests)
             self._attach(sched, proposal.drafts)
         except Exception:
             log.exception("proposer failed; this step runs without drafts")
             proposal = Proposal(failures=1)
-        return proposal, (time.perf_counter() - start) * 1e3
+        return proposal, (self._timer() - start) * 1e3
 
     def _attach(self, sched: SchedulerOutput, drafts: list[Draft | None]) -> None:
         """Drafts in the order of the speculating items; None means k = 0 this step."""
@@ -219,32 +226,9 @@ class Engine:
             len(ids) == len(ps) and all(0 <= i < self.vocab_size for i in ids) for ids, ps in draft.probs
         )
 
-    def _execute(self, sched: SchedulerOutput) -> tuple[list[Verified | None], float]:
-        """Forward pass, then per item that samples its emitted tokens (None for a prefill chunk);
-        and the sampling time (ms). Runs on a worker thread: touches no scheduler state."""
-        fwd = []
-        for it in sched.items:
-            seq = it.seq
-            ids = seq.token_slice(seq.num_computed, seq.num_computed + it.num_new)
-            drafted = it.draft.token_ids if it.draft else []
-            fwd.append(
-                ForwardItem(ids + drafted, seq.num_computed, seq.block_table, 1 + len(drafted) if it.sample else 0)
-            )
-        logits = self.runner.forward(fwd)
-        start = time.perf_counter()
-        results = self._sample(sched, logits)
-        return results, (time.perf_counter() - start) * 1e3
-
-    def _sample(self, sched: SchedulerOutput, logits) -> list[Verified | None]:
-        """Plain decoding and speculating items alike, through one batched rejection sampler."""
-        sampling = [it for it in sched.items if it.sample]
-        requests = [SampleRequest(it.seq.params, it.draft, it.seq.seed, len(it.seq.output_ids)) for it in sampling]
-        verified = iter(verify(logits, requests))
-        return [next(verified) if it.sample else None for it in sched.items]
-
     def _postprocess(self, sched: SchedulerOutput, results: list[Verified | None]) -> list[RequestOutput]:
         outputs = []
-        now = time.monotonic()
+        now = self._now()
         for it, res in zip(sched.items, results):
             self.scheduler.advance(it)
             seq = it.seq
@@ -265,7 +249,7 @@ class Engine:
         return outputs
 
     def _emit(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
-        out = emit(seq, new_tokens, self._streams[seq.request_id], self.eos_token_ids)
+        out = emit(seq, new_tokens, self._streams.get(seq.request_id), self.eos_token_ids)
         if out.finish_reason is not None:
             self._finish(seq)
         return out

@@ -78,26 +78,33 @@ class RequestOutput:
     error: str = ""  # what went wrong, for FinishReason.ERROR
 
 
-def emit(seq: Sequence, new_tokens: list[int], stream: TextStream, eos_token_ids: frozenset[int]) -> RequestOutput:
+def emit(
+    seq: Sequence, new_tokens: list[int], stream: TextStream | None, eos_token_ids: frozenset[int]
+) -> RequestOutput:
     """Applies stop tokens, max_new_tokens and stop strings to the tokens just appended to
-    `seq.output_ids` (truncating them), and returns what to send."""
+    `seq.output_ids` (truncating them), and returns what to send (no text without a stream)."""
     params = seq.params
     base = len(seq.output_ids) - len(new_tokens)
     reason, matched = None, ""
     for j, token in enumerate(new_tokens):
         if token in params.stop_token_ids or (not params.ignore_eos and token in eos_token_ids):
             del seq.output_ids[base + j + 1 :]
-            reason, matched = FinishReason.STOP, stream.tokenizer.decode([token])
+            reason, matched = FinishReason.STOP, stream.tokenizer.decode([token]) if stream else str(token)
             break
     limit = params.max_new_tokens
     if len(seq.output_ids) > limit or (len(seq.output_ids) == limit and reason is None):
         del seq.output_ids[limit:]
         reason, matched = FinishReason.LENGTH, ""
-    hit = stream.update(seq.output_ids)
+    hit = stream.update(seq.output_ids) if stream else None
     if hit is not None:
         reason, matched = FinishReason.STOP, hit
     return RequestOutput(
-        seq.request_id, seq.output_ids[base:], stream.delta(final=reason is not None), reason, matched, seq
+        seq.request_id,
+        seq.output_ids[base:],
+        stream.delta(final=reason is not None) if stream else "",
+        reason,
+        matched,
+        seq,
     )
 
 

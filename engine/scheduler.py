@@ -98,9 +98,10 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator):
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator, clock=time.monotonic):
         self.config = config
         self.allocator = allocator
+        self.clock = clock  # timestamps (a simulation passes its virtual clock)
         # Admission leaves this many blocks free so running requests can grow a
         # little before anyone must be preempted.
         self.watermark = int(allocator.num_blocks * config.kv_watermark)
@@ -144,7 +145,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = time.monotonic()
+                seq.first_scheduled_time = self.clock()
             items.append(self._take(seq, n))
             budget -= n
         return SchedulerOutput(items, preempted)

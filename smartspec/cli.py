@@ -10,7 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from controller_svc.server import ControllerConfig
     from proposer_svc.server import ProposerConfig
-    from smartspec import bench, client, ctl, up
+    from smartspec import bench, client, ctl, simulate, up
     from verifier_svc.server import VerifierConfig
 
     parser = argparse.ArgumentParser(prog="smartspec", description="LLM serving with goodput-driven speculation.")
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_arguments(sub.add_parser("bench", help="load-test a running server"))
     up.add_arguments(
         sub.add_parser("up", help="start the local stack: proposer replicas, the controller and a verifier")
+    )
+    simulate.add_arguments(
+        sub.add_parser("simulate", help="a rate x policy sweep on a virtual clock, from a measured cost profile")
     )
     return parser
 
@@ -53,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "up":
         from smartspec.up import run
+
+        return run(args)
+    if args.command == "simulate":
+        from smartspec.simulate import run
 
         return run(args)
     if args.rates or args.policies:

@@ -1,0 +1,116 @@
+"""`smartspec simulate`: the rate x policy sweep of `smartspec bench --rates/--policies`, on a
+virtual clock, with the engine's own step loop and a measured cost profile in place of the
+models (`simulator`). Same points, same table, same figures as the live sweep, so the two
+overlay; what is simulated is the model's time (the profile) and the acceptance of drafts
+(a per-request random process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from controller.cost_model import CostModelFitter
+from controller.policy import Policy
+from controller.profile import load_profile
+from simulator.acceptance import AcceptanceModel
+from simulator.model import DraftCost
+from simulator.run import Workload, simulate
+from smartspec.bench import positive_float
+from smartspec.sweep import markdown_table, plot
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, help="cost profile: rows {B, q, ctx, ms} (PATH or PATH#model)")
+    p.add_argument("--rates", default="1,2,4", help="request rates (requests/s), comma-separated")
+    p.add_argument("--policies", default="off,fixed:1,fixed:3,smartspec", help="policies, comma-separated")
+    p.add_argument("--seeds", type=int, default=3, help="repetitions, each with its own seed")
+    p.add_argument("--num-requests", type=int, default=200)
+    p.add_argument("--prompt-len", default="64:512", help="prompt tokens, uniform MIN:MAX")
+    p.add_argument("--output-len", default="64:256", help="output tokens, uniform MIN:MAX")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps (1 = Poisson)")
+    p.add_argument("--acceptance", type=float, default=0.7, help="mean per-request acceptance rate")
+    p.add_argument("--acceptance-concentration", type=float, default=20.0, help="how alike requests are")
+    p.add_argument("--draft-step-ms", type=float, default=1.0, help="draft time per lockstep step")
+    p.add_argument("--draft-per-token-ms", type=float, default=0.0, help="draft time per drafted token")
+    p.add_argument("--hop-ms", type=float, default=0.5, help="network hop per proposal (both ways)")
+    p.add_argument("--output", default="simulate.json", help="JSON of every point; figures beside it")
+
+
+def length_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 0 < lo_i <= hi_i:
+        raise ValueError(f"length range must be MIN:MAX with 0 < MIN <= MAX, got {text!r}")
+    return lo_i, hi_i
+
+
+def point(requests, totals: dict, rate: float, policy: str, seed: int, wall_s: float) -> dict:
+    """A sweep point as `smartspec bench --rates` writes one, plus what the simulation counted."""
+    done = [r for r in requests if r.finish_s is not None]
+    e2e = [1e3 * (r.finish_s - r.arrival_s) for r in done]
+    tpot = [1e3 * (r.finish_s - r.first_token_s) / (r.output_tokens - 1) for r in done if r.output_tokens > 1]
+    proposed, accepted = sum(r.proposed for r in done), sum(r.accepted for r in done)
+    span = max(r.finish_s for r in done) - min(r.arrival_s for r in requests) if done else 0.0
+    return {
+        "rate": rate,
+        "policy": policy,
+        "repeat": seed,
+        "mean_e2e_ms": float(np.mean(e2e)) if e2e else None,
+        "p99_e2e_ms": float(np.percentile(e2e, 99)) if e2e else None,
+        "mean_tpot_ms": float(np.mean(tpot)) if tpot else None,
+        "acceptance": accepted / proposed if proposed else None,
+        "proposed_tokens": proposed,
+        "output_throughput": sum(r.output_tokens for r in done) / span if span > 0 else None,
+        "errors": len(requests) - len(done),
+        **totals,
+        "wall_s": wall_s,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        rates = [positive_float(r) for r in args.rates.split(",")]
+        policies = args.policies.split(",")
+        parsed = {p: Policy.parse(p) for p in policies}
+        prompt_len, output_len = length_range(args.prompt_len), length_range(args.output_len)
+        acceptance = AcceptanceModel(args.acceptance, args.acceptance_concentration)
+        fitter = CostModelFitter()
+        fitter.seed(load_profile(args.profile))  # interpolated as the planner's cost model does
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"smartspec simulate: {e}") from None
+    draft = DraftCost(args.draft_step_ms, args.draft_per_token_ms, args.hop_ms)
+    points = []
+    for seed in range(args.seeds):
+        for rate in rates:
+            workload = Workload(rate, args.num_requests, prompt_len, output_len, args.burstiness)
+            for policy in policies:
+                start = time.perf_counter()
+                requests, totals = simulate(fitter.params, workload, parsed[policy], acceptance, draft, seed)
+                points.append(point(requests, totals, rate, policy, seed, time.perf_counter() - start))
+                p = points[-1]
+                print(
+                    f"rate {rate}/s {policy:<18} seed {seed}: mean {p['mean_e2e_ms'] / 1e3:.2f} s,"
+                    f" {p['simulated_s'] / max(p['wall_s'], 1e-9):.0f}x real time",
+                    flush=True,
+                )
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    assumptions = {
+        "profile": args.profile,
+        "acceptance": {"mean": acceptance.mean, "concentration": acceptance.concentration},
+        "draft": {"step_ms": draft.step_ms, "per_token_ms": draft.per_token_ms, "hop_ms": draft.hop_ms},
+        "prompt_len": prompt_len,
+        "output_len": output_len,
+        "burstiness": args.burstiness,
+    }
+    record = {"rates": rates, "policies": policies, "repeats": args.seeds, "num_requests": args.num_requests}
+    output.write_text(json.dumps({**record, "simulated": assumptions, "points": points}, indent=1) + "\n")
+    print(markdown_table(points, rates, policies))
+    pngs = plot(points, rates, policies, output.parent)
+    print(f"wrote {output}, " + ", ".join(str(p) for p in pngs))
+    return 0 if all(p["errors"] == 0 for p in points) else 1
