@@ -177,7 +177,7 @@ class Engine:
         sched = self.scheduler.schedule()
         if (
             self.proposer is None
-            or not self.planner.policy.speculates
+            or not self.planner.speculates
             and not any(it.seq.policy is not None and it.seq.policy.speculates for it in sched.items)
         ):
             return sched

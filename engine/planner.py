@@ -24,6 +24,14 @@ from controller.policy import Mode, Policy
 from controller.step import StepRecord
 
 
+def draft_room(item) -> int:
+    """How many drafts a scheduled item could use: 0 unless it is decoding (one pending token
+    fed, a token sampled), and never more than its request can still emit."""
+    if not item.sample or item.num_new != 1:
+        return 0
+    return max(0, item.seq.params.max_new_tokens - len(item.seq.output_ids) - 1)
+
+
 class SpecPlanner:
     # A pushed cost model replaces the local fit (which starts from a calibration)
     # only once it has seen this many live steps.
@@ -34,6 +42,11 @@ class SpecPlanner:
         self.acceptance = AcceptanceEstimator()
         self.fitter = CostModelFitter(prior=cost_prior or linear_prior(20.0, 40.0))
         self.pushed_cost: CostParams | None = None
+
+    @property
+    def speculates(self) -> bool:
+        """Whether the server's policy drafts at all (requests may still ask for their own)."""
+        return self.policy.speculates
 
     @property
     def cost(self) -> CostParams:
@@ -53,9 +66,9 @@ class SpecPlanner:
         auto, other_tokens, forced = [], 0.0, 0
         for i, item in enumerate(items):
             seq = item.seq
-            room = seq.params.max_new_tokens - len(seq.output_ids) - 1
+            room = draft_room(item)
             own = seq.policy or policy
-            if not item.sample or item.num_new != 1 or own.mode == Mode.OFF or room <= 0:
+            if own.mode == Mode.OFF or room <= 0:
                 other_tokens += 1 if item.sample else 0
             elif own.mode == Mode.FIXED:
                 ks[i] = min(own.k, room)

@@ -18,12 +18,12 @@ from controller.cost_model import CostParams
 from controller.policy import Policy
 from engine.config import CacheConfig, EngineConfig
 from engine.engine import Engine
-from engine.planner import SpecPlanner
 from engine.scheduler import SchedulerConfig
 from runtime.sampler import SamplingParams
 from simulator.acceptance import AcceptanceModel
 from simulator.clock import VirtualClock
 from simulator.model import DraftCost, SimExecutor, SimProposer
+from simulator.peers import make_planner
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,21 @@ class SimRequest:
 def simulate(
     cost: CostParams,
     workload: Workload,
-    policy: Policy,
+    policy: str | Policy,
     acceptance: AcceptanceModel = AcceptanceModel(),
     draft: DraftCost = DraftCost(),
     seed: int = 0,
     cache: CacheConfig = CacheConfig(kv_cache_tokens=1 << 20),
     scheduler: SchedulerConfig = SchedulerConfig(max_waiting=1 << 20),
 ) -> tuple[list[SimRequest], dict]:
-    """The requests with their simulated times, and the engine's totals (steps, mean k)."""
+    """The requests with their simulated times, and the engine's totals (steps, mean k).
+    `policy`: one of SmartSpec's (a `Policy` or its text) or a peer's (`simulator.peers.PEERS`)."""
     rng = np.random.default_rng(seed)
     clock = VirtualClock()
     executor = SimExecutor(cost, clock, acceptance, rng)
-    # The planner starts from the profile, as a verifier started with --cost-profile does.
-    planner = SpecPlanner(policy, cost_prior=cost)
-    config = EngineConfig(cache, scheduler, policy)
+    ctx = (sum(workload.prompt_len) + sum(workload.output_len) // 2) // 2  # a request's typical context
+    planner = make_planner(policy, cost, acceptance.mean, draft, ctx)
+    config = EngineConfig(cache, scheduler, getattr(planner, "policy", Policy()))
     engine = Engine(None, None, config, SimProposer(draft, clock), planner, executor=executor, clock=clock)
     pending = [SimRequest(t, p, o) for t, p, o in workload.arrivals(rng)]
     by_id: dict[str, SimRequest] = {}

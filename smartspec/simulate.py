@@ -19,6 +19,7 @@ from controller.policy import Policy
 from controller.profile import load_profile
 from simulator.acceptance import AcceptanceModel
 from simulator.model import DraftCost
+from simulator.peers import PEERS
 from simulator.run import Workload, simulate
 from smartspec.bench import positive_float
 from smartspec.sweep import markdown_table, plot
@@ -27,7 +28,12 @@ from smartspec.sweep import markdown_table, plot
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", required=True, help="cost profile: rows {B, q, ctx, ms} (PATH or PATH#model)")
     p.add_argument("--rates", default="1,2,4", help="request rates (requests/s), comma-separated")
-    p.add_argument("--policies", default="off,fixed:1,fixed:3,smartspec", help="policies, comma-separated")
+    p.add_argument(
+        "--policies",
+        default="off,fixed:1,fixed:3,smartspec",
+        help="comma-separated: off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX], or a peer's: "
+        "hf-heuristic | paper (more in simulator/peers.py)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="repetitions, each with its own seed")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--prompt-len", default="64:512", help="prompt tokens, uniform MIN:MAX")
@@ -76,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         rates = [positive_float(r) for r in args.rates.split(",")]
         policies = args.policies.split(",")
-        parsed = {p: Policy.parse(p) for p in policies}
+        for p in policies:
+            if p not in PEERS:
+                Policy.parse(p)  # ValueError names what is wrong
         prompt_len, output_len = length_range(args.prompt_len), length_range(args.output_len)
         acceptance = AcceptanceModel(args.acceptance, args.acceptance_concentration)
         fitter = CostModelFitter()
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             workload = Workload(rate, args.num_requests, prompt_len, output_len, args.burstiness)
             for policy in policies:
                 start = time.perf_counter()
-                requests, totals = simulate(fitter.params, workload, parsed[policy], acceptance, draft, seed)
+                requests, totals = simulate(fitter.params, workload, policy, acceptance, draft, seed)
                 points.append(point(requests, totals, rate, policy, seed, time.perf_counter() - start))
                 p = points[-1]
                 print(
