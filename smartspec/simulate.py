@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--policies",
         default="off,fixed:1,fixed:3,smartspec",
         help="comma-separated: off | fixed:K | smartspec[:KMAX] | smartspec-uniform[:KMAX], or a peer's: "
-        "hf-heuristic | paper (more in simulator/peers.py)",
+        + " | ".join(PEERS),
     )
     p.add_argument("--seeds", type=int, default=3, help="repetitions, each with its own seed")
     p.add_argument("--num-requests", type=int, default=200)
