@@ -17,27 +17,19 @@ from runtime.model_runner import ModelRunner
 BS = 4
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+V = 12  # the vocabulary of conftest's small-vocab Llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval()
+
+@pytest.fixture(scope="module")
+def tiny_model(small_vocab_dir):
+    from runtime.models import load_model
+
+    return load_model(small_vocab_dir)
 
 
 def prefill(runner: ModelRunner, tables: list[list[int]], lengths: list[int]) -> None:
     gen = torch.Generator().manual_seed(1)
-    items = [ForwardItem(torch.randint(256, (n,), generator=gen).tolist(), 0, t, 0) for t, n in zip(tables, lengths)]
+    items = [ForwardItem(torch.randint(V, (n,), generator=gen).tolist(), 0, t, 0) for t, n in zip(tables, lengths)]
     runner._eager(items)
 
 
@@ -63,13 +55,13 @@ def test_compiled_buckets_match_eager_logits(tiny_model, qs, ctxs):
         prefill(r, tables, ctxs)
     gen = torch.Generator().manual_seed(2)
     items = [
-        ForwardItem(torch.randint(256, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
+        ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
     ]
     bucket = compiled.graphs.bucket(items)
     assert bucket is not None and bucket[0] in BATCH_BUCKETS and bucket[1] in QUERY_BUCKETS
     want = eager.forward(items)
     got = compiled.forward(items)
-    assert got.shape == want.shape == (sum(qs), 256)
+    assert got.shape == want.shape == (sum(qs), V)
     rel = (got - want).abs().max() / want.abs().max()
     assert rel <= 1e-4, rel
     # The KV the compiled step wrote is what the eager one wrote (padding went to the scratch block).
@@ -82,7 +74,7 @@ def test_steps_past_the_largest_bucket_run_eagerly(tiny_model):
     long = [ForwardItem([1] * (QUERY_BUCKETS[-1] + 1), 0, list(range(8)), 1)]
     assert compiled.graphs.bucket(long) is None
     assert compiled.graphs.bucket([ForwardItem([1], 0, [0], 1)] * (BATCH_BUCKETS[-1] + 1)) is None
-    assert compiled.forward(long).shape == (1, 256)
+    assert compiled.forward(long).shape == (1, V)
 
 
 def test_a_host_synchronisation_in_the_forward_breaks_the_compiled_graph(tiny_model, monkeypatch):
@@ -121,7 +113,7 @@ def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_model):
     gen = torch.Generator().manual_seed(3)
     for step in range(3):  # the same bucket replayed with different tokens and contexts
         items = [
-            ForwardItem(torch.randint(256, (q,), generator=gen).tolist(), c + step, t, q)
+            ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c + step, t, q)
             for q, c, t in zip([1, 2, 1], [5, 9, 2], tables)
         ]
         want, got = eager.forward(items), graphs.forward(items)
