@@ -9,7 +9,6 @@ arrival. A request's latencies are measured on the same clock from its arrival.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +23,18 @@ from simulator.acceptance import AcceptanceModel
 from simulator.clock import VirtualClock
 from simulator.model import DraftCost, SimExecutor, SimProposer
 from simulator.peers import make_planner
+
+
+def run_now(coro):
+    """Runs a step coroutine to its end without an event loop: in a simulation nothing it awaits
+    waits for anything (the proposer and executor answer at once), so it ends on its first
+    resumption, and an event loop would only add its own overhead to every step."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("a simulated step waited for something: only the virtual clock may pass")
 
 
 @dataclass(frozen=True)
@@ -75,35 +86,31 @@ def simulate(
     pending = [SimRequest(t, p, o) for t, p, o in workload.arrivals(rng)]
     by_id: dict[str, SimRequest] = {}
     steps = drafting = planned = 0
-    runner = asyncio.Runner()
     next_arrival = 0
-    try:
-        while next_arrival < len(pending) or engine.has_work():
-            while next_arrival < len(pending) and pending[next_arrival].arrival_s <= clock.now:
-                req = pending[next_arrival]
-                params = SamplingParams(max_new_tokens=req.output_tokens, ignore_eos=True)
-                seq = engine.add_request(str(next_arrival), [1] * req.prompt_tokens, params)
-                seq.arrival_time = req.arrival_s
-                by_id[str(next_arrival)] = req
-                next_arrival += 1
-            if not engine.has_work():
-                clock.advance_to(pending[next_arrival].arrival_s)
-                continue
-            for out in runner.run(engine.step()):
-                req = by_id[out.request_id]
-                if req.first_token_s is None and out.token_ids:
-                    req.first_token_s = clock.now
-                if out.finish_reason is not None:
-                    req.finish_s = clock.now
-                    req.proposed, req.accepted = out.seq.num_proposed, out.seq.num_accepted
-                    executor.forget(out.request_id)
-            record = engine.last_step
-            steps += 1
-            if record is not None:
-                drafting += sum(1 for k in record.planned_k if k)
-                planned += sum(record.planned_k)
-    finally:
-        runner.close()
+    while next_arrival < len(pending) or engine.has_work():
+        while next_arrival < len(pending) and pending[next_arrival].arrival_s <= clock.now:
+            req = pending[next_arrival]
+            params = SamplingParams(max_new_tokens=req.output_tokens, ignore_eos=True)
+            seq = engine.add_request(str(next_arrival), [1] * req.prompt_tokens, params)
+            seq.arrival_time = req.arrival_s
+            by_id[str(next_arrival)] = req
+            next_arrival += 1
+        if not engine.has_work():
+            clock.advance_to(pending[next_arrival].arrival_s)
+            continue
+        for out in run_now(engine.step()):
+            req = by_id[out.request_id]
+            if req.first_token_s is None and out.token_ids:
+                req.first_token_s = clock.now
+            if out.finish_reason is not None:
+                req.finish_s = clock.now
+                req.proposed, req.accepted = out.seq.num_proposed, out.seq.num_accepted
+                executor.forget(out.request_id)
+        record = engine.last_step
+        steps += 1
+        if record is not None:
+            drafting += sum(1 for k in record.planned_k if k)
+            planned += sum(record.planned_k)
     totals = {
         "steps": steps,
         "simulated_s": clock.now,
