@@ -54,9 +54,7 @@ def test_compiled_buckets_match_eager_logits(tiny_model, qs, ctxs):
     for r in (eager, compiled):
         prefill(r, tables, ctxs)
     gen = torch.Generator().manual_seed(2)
-    items = [
-        ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
-    ]
+    items = [ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)]
     bucket = compiled.graphs.bucket(items)
     assert bucket is not None and bucket[0] in BATCH_BUCKETS and bucket[1] in QUERY_BUCKETS
     want = eager.forward(items)
