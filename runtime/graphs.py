@@ -49,7 +49,7 @@ class GraphRunner:
         self.model, self.kv, self.mode = model, kv, mode
         self.max_q = min(max_q, QUERY_BUCKETS[-1])
         self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
-        self._compiled = {}
+        self._compiled = None  # torch.compile of _padded_forward, made on first use
         self._captured: dict[StepShape, _Captured] = {}
         self._pool = None
         self.steps = 0  # steps run through a graph (the rest ran eagerly)
@@ -80,7 +80,9 @@ class GraphRunner:
         step = PackedStep.build(padded, self.kv.block_size, self.kv.scratch_block, q, [q] * batch, blocks)
         if self.mode == "compile":
             packed = step.to(self.kv.k[0].device)
-            logits = self._compiled_fn()(packed, step.shape)
+            if self._compiled is None:
+                self._compiled = torch.compile(self._padded_forward, fullgraph=True, dynamic=False)
+            logits = self._compiled(packed, step.shape)
         else:
             captured = self._captured.get(step.shape) or self._capture(step)
             captured.packed.copy_(step.host.pin_memory(), non_blocking=True)
@@ -98,11 +100,6 @@ class GraphRunner:
             **{LAYOUT_KWARG: layout},
         )
         return out.logits[0]
-
-    def _compiled_fn(self):
-        if "fn" not in self._compiled:
-            self._compiled["fn"] = torch.compile(self._padded_forward, fullgraph=True, dynamic=False)
-        return self._compiled["fn"]
 
     def _capture(self, step: PackedStep) -> _Captured:
         """Warms the shape up on a side stream (lazy initialisation stays out of the graph), then

@@ -117,13 +117,10 @@ def _draft_support(requests: list[SampleRequest], width: int, dev) -> tuple[torc
     size = max((len(ids) for row in rows_ids for ids in row), default=1)
     ids = [[d + [0] * (size - len(d)) for d in row] + [[0] * size] * (width - len(row)) for row in rows_ids]
     p = [[d + [0.0] * (size - len(d)) for d in row] + [[0.0] * size] * (width - len(row)) for row in rows_p]
-    if width == 0:
-        return torch.zeros(len(requests), 0, 1, dtype=torch.long, device=dev), torch.zeros(
-            len(requests), 0, 1, device=dev
-        )
+    shape = (len(requests), width, size)  # explicit: with no drafts the nested lists have no depth
     return (
-        torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-        torch.tensor(p, dtype=torch.float32).to(dev, non_blocking=True),
+        torch.tensor(ids, dtype=torch.long).view(shape).to(dev, non_blocking=True),
+        torch.tensor(p, dtype=torch.float32).view(shape).to(dev, non_blocking=True),
     )
 
 

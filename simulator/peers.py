@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from controller.acceptance import num_tested
 from controller.cost_model import CostModelFitter, CostParams
 from controller.goodput import expected_tokens
 from controller.policy import MAX_K, Policy
@@ -107,12 +108,9 @@ class PaperController(PeerPlanner):
     def observe(self, step: StepRecord) -> None:
         self.steps += 1
         self.fitter.observe(step)
-        proposed = sum(p for _, p, _ in step.drafts)
-        if proposed:
-            accepted = sum(a for _, _, a in step.drafts)
-            # Per-token acceptance from the kept prefix: accepted / (accepted + rejections).
-            rejections = sum(1 for _, p, a in step.drafts if a < p)
-            observed = accepted / max(accepted + rejections, 1)
+        tested = sum(num_tested(p, a) for _, p, a in step.drafts)
+        if tested:  # per-token acceptance of the tokens whose fate was decided
+            observed = sum(a for _, _, a in step.drafts) / tested
             self.rate = (1.0 - self.ema) * self.rate + self.ema * observed
 
 
