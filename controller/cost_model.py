@@ -59,6 +59,7 @@ TOKEN_KNOTS = (
     8192,
 )
 CURVATURE_PENALTY = 1.0  # weight of the straight-line prior between knots, relative to one step at an unseen knot
+MIN_STEP_MS = 0.01  # the least a predicted step may cost
 PRIOR_WEIGHT = 0.05  # pull of each knot toward the prior, decisive only where no step says otherwise
 WINDOW_STEPS = 1024  # steps kept for fitting
 HUBER_RELATIVE = 0.05  # steps off the fit by more than this fraction weigh less (Huber)
@@ -82,7 +83,10 @@ class CostParams:
     def verify_ms(self, batch_size: int, tokens, kv_tokens) -> np.ndarray:
         """Predicted target step time; `tokens` and `kv_tokens` broadcast (arrays allowed)."""
         f = np.interp(tokens, TOKEN_KNOTS, self.verify_ms_at_knots)
-        return f + self.verify_ms_per_request * batch_size + self.verify_ms_per_kv_token * np.asarray(kv_tokens)
+        ms = f + self.verify_ms_per_request * batch_size + self.verify_ms_per_kv_token * np.asarray(kv_tokens)
+        # A young fit from a few steps at one shape can reach zero elsewhere; no step is free,
+        # and tokens per millisecond must stay finite.
+        return np.maximum(ms, MIN_STEP_MS)
 
     def propose_ms(self, max_k, sum_k) -> np.ndarray:
         """Proposal time for drafts of depth max_k and sum_k tokens in all (0 when nothing is drafted)."""
