@@ -4,11 +4,17 @@ A profile is JSON with rows `{"B": batch, "q": new tokens per request, "ctx": KV
 per request before the step, "ms": forward time}`, either at the top level
 (`{"rows": [...]}`, what `smartspec verifier` calibration writes) or per model
 (`{"models": {name: {"rows": [...]}}}`, as in the GPU profiles measured offline).
+
+A step log (`.jsonl`, what `smartspec verifier --step-log` writes) is a profile too: a
+first line `{"config": ...}` with the engine's cache and scheduler settings, then one
+`StepRecord` per line with `at`, the monotonic time (s) the step ended. Its steps are
+what the verifier really did under load, host work and sampling included.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from controller.step import StepRecord
@@ -26,9 +32,38 @@ def steps_from_rows(rows: list[dict]) -> list[StepRecord]:
     ]
 
 
+def step_line(record: StepRecord, at: float) -> str:
+    return json.dumps({**asdict(record), "at": round(at, 6)}, separators=(",", ":"))
+
+
+@dataclass
+class StepLog:
+    config: dict  # the engine's {"cache": ..., "scheduler": ...} settings
+    steps: list[StepRecord]
+    ends: list[float]  # when each step ended (s, monotonic)
+
+
+def read_step_log(path: str) -> StepLog:
+    config, steps, ends = {}, [], []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "config" in row:
+            config = row["config"]
+            continue
+        ends.append(float(row.pop("at")))
+        row["planned_k"] = tuple(row["planned_k"])
+        row["drafts"] = tuple(tuple(d) for d in row["drafts"])
+        steps.append(StepRecord(**row))
+    return StepLog(config, steps, ends)
+
+
 def load_profile(path: str) -> list[StepRecord]:
-    """`path` or `path#model` for a file with several models."""
+    """`path` or `path#model` for a file with several models; a `.jsonl` step log gives its steps."""
     file, _, model = path.partition("#")
+    if file.endswith(".jsonl"):
+        return read_step_log(file).steps
     data = json.loads(Path(file).read_text())
     if "rows" in data:
         return steps_from_rows(data["rows"])

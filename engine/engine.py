@@ -79,14 +79,20 @@ class Engine:
     # -- requests -----------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, policy: Policy | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        policy: Policy | None = None,
+        trace: bool = False,
     ) -> Sequence:
-        """Queues a validated request (`policy`: its own speculation, None = the server's);
-        raises QueueFull or ValueError (duplicate id)."""
+        """Queues a validated request (`policy`: its own speculation, None = the server's; `trace`:
+        keep its speculative rounds in `Sequence.rounds`); raises QueueFull or ValueError (duplicate id)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already in flight")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(request_id, list(prompt_ids), params, self._now(), seed=seed, policy=policy)
+        seq.rounds = [] if trace else None
         self.scheduler.add(seq)
         self._seqs[request_id] = seq
         if self.tokenizer is not None:
@@ -243,6 +249,9 @@ class Engine:
                     seq.num_proposed += len(it.draft.token_ids)
                     seq.num_accepted += res.num_accepted
                     seq.num_spec_steps += 1
+                if seq.rounds is not None:
+                    drafted = len(it.draft.token_ids) if it.draft else 0
+                    seq.rounds.append((it.k, drafted, res.num_accepted if it.draft else 0))
             if res is None or seq.request_id in self._deferred_aborts:  # prefill chunk, or aborted meanwhile
                 continue
             seq.output_ids.extend(res.token_ids)

@@ -46,6 +46,8 @@ class Sequence:
     num_accepted: int = 0
     num_spec_steps: int = 0
     draft_cap: int = MAX_K  # most drafts the proposer offered lately (MAX_K until it offers fewer)
+    # (k asked, drafts proposed, drafts accepted) per step with k > 0; None: not traced.
+    rounds: list[tuple[int, int, int]] | None = None
 
     @property
     def num_tokens(self) -> int:

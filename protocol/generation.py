@@ -41,6 +41,7 @@ class ValidRequest:
     prompt_ids: list[int]
     params: SamplingParams
     policy: Policy | None  # the request's own speculation; None follows the server's
+    trace: bool = False  # return its speculative rounds with the last chunk
 
 
 def validate(req: pb.GenerateRequest, tokenize, limits: Limits) -> ValidRequest:
@@ -64,7 +65,7 @@ def validate(req: pb.GenerateRequest, tokenize, limits: Limits) -> ValidRequest:
         ignore_eos=req.ignore_eos,
         **_sampling(req.sampling),
     )
-    return ValidRequest(request_id, prompt_ids, params, _speculation(req.speculation, limits))
+    return ValidRequest(request_id, prompt_ids, params, _speculation(req.speculation, limits), req.trace_speculation)
 
 
 def _prompt(req: pb.GenerateRequest, tokenize, limits: Limits) -> list[int]:
@@ -156,6 +157,8 @@ def response_to_pb(out: RequestOutput, prompt_tokens: int) -> pb.GenerateRespons
     msg.speculation.speculative_steps = seq.num_spec_steps
     if seq.num_spec_steps:
         msg.speculation.mean_accepted_length = (seq.num_accepted + seq.num_spec_steps) / seq.num_spec_steps
+    for k, proposed, accepted in seq.rounds or ():
+        msg.speculation.rounds.add(k=k, proposed=proposed, accepted=accepted)
     started = seq.first_scheduled_time or now
     msg.timings.queue_ms = (started - seq.arrival_time) * 1e3
     msg.timings.time_to_first_token_ms = ((seq.first_token_time or now) - seq.arrival_time) * 1e3

@@ -137,6 +137,7 @@ def build_request(
         sampling=pb.SamplingParams(temperature=temperature, seed=seed),
         max_new_tokens=max_new_tokens,
         speculation=speculation,
+        trace_speculation=True,  # the acceptance trace a simulation can replay
     )
 
 
@@ -171,7 +172,9 @@ async def _send(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, recor
 
 def _record_last_chunk(record: RequestRecord, chunk: pb.GenerateResponse) -> None:
     record.finish_reason = pb.FinishReason.Name(chunk.finish_reason)
+    record.prompt_tokens = chunk.usage.prompt_tokens
     record.completion_tokens = chunk.usage.completion_tokens
+    record.rounds = [(r.k, r.proposed, r.accepted) for r in chunk.speculation.rounds]
     record.proposed_tokens = chunk.speculation.proposed_tokens
     record.accepted_tokens = chunk.speculation.accepted_tokens
     record.server_timings = {

@@ -27,10 +27,12 @@ class RequestRecord:
     tpot_ms: float | None = None
     e2e_ms: float | None = None
     itl_ms: list[float] = field(default_factory=list)
+    prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
     proposed_tokens: int = 0
     accepted_tokens: int = 0
+    rounds: list[tuple[int, int, int]] = field(default_factory=list)  # (k, proposed, accepted) per round
     server_timings: dict[str, float] | None = None
     error: str | None = None
 

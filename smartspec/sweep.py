@@ -85,6 +85,7 @@ async def run_sweep(
                     "proposed_tokens": s["proposed_tokens"],
                     "output_throughput": s["output_throughput"],
                     "errors": s["errors"],
+                    "requests": [_trace(r) for r in result["requests"]],
                 }
                 points.append(point)
                 log(
@@ -92,6 +93,12 @@ async def run_sweep(
                     f"p99 {_s(point['p99_e2e_ms'])} s, acceptance {_fmt(s['acceptance'])}, errors {s['errors']}"
                 )
     return points
+
+
+def _trace(record: dict) -> dict:
+    """What a simulation needs to replay a request: when it was sent, its lengths, its rounds."""
+    keys = ("send_s", "prompt_tokens", "completion_tokens", "e2e_ms", "ttft_ms", "rounds", "error")
+    return {k: record[k] for k in keys}
 
 
 def medians(points: list[dict], key: str) -> dict[tuple[float, str], float | None]:

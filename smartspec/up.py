@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="passed to draft proposers as --min-confidence (`smartspec proposer --help`)",
     )
+    parser.add_argument("--step-log", default=None, help="the verifier's --step-log: every engine step as a JSON line")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
@@ -93,6 +94,7 @@ def commands(args: argparse.Namespace) -> list[tuple[list[str], int]]:
             policy=args.policy, proposer=proposers, controller=f"127.0.0.1:{args.controller_port}"
         ),
         server=ServerConfig(port=args.port, metrics_port=args.metrics_port),
+        step_log=args.step_log,
     )
     procs.append((base + ["verifier", *serving.to_argv(verifier)], args.port))
     return procs

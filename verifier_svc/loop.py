@@ -12,6 +12,7 @@ import time
 from collections import deque
 
 from controller.policy import Policy
+from controller.profile import step_line
 from controller.step import StepRecord
 from engine.engine import Engine
 from engine.output import FinishReason, RequestOutput
@@ -20,9 +21,10 @@ from verifier_svc.metrics import Metrics
 
 
 class ServingLoop:
-    def __init__(self, engine: Engine, metrics: Metrics | None = None, keep_steps: int = 4096):
+    def __init__(self, engine: Engine, metrics: Metrics | None = None, keep_steps: int = 4096, step_log=None):
         self.engine = engine
         self.metrics = metrics or Metrics()
+        self.step_log = step_log  # a text file: one line per step (controller.profile.step_line)
         self.steps: deque[StepRecord] = deque(maxlen=keep_steps)  # drained by the controller client
         self._queues: dict[str, asyncio.Queue] = {}
         self._last_emit: dict[str, float] = {}
@@ -38,10 +40,15 @@ class ServingLoop:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def submit(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, policy: Policy | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        policy: Policy | None = None,
+        trace: bool = False,
     ) -> asyncio.Queue:
         """Queues a request; its RequestOutputs arrive on the returned queue."""
-        self.engine.add_request(request_id, prompt_ids, params, policy)
+        self.engine.add_request(request_id, prompt_ids, params, policy, trace)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -80,6 +87,8 @@ class ServingLoop:
             if record is not None:  # None after a failed step
                 self.steps.append(record)
                 self._observe(record)
+                if self.step_log is not None:
+                    self.step_log.write(step_line(record, time.monotonic()) + "\n")
 
     def _deliver(self, out: RequestOutput) -> None:
         queue = self._queues.get(out.request_id)

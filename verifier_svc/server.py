@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 
@@ -116,6 +117,10 @@ class VerifierConfig:
     speculation: SpeculationConfig = SpeculationConfig()
     server: ServerConfig = ServerConfig(port=50051, metrics_port=9400)
     grace_seconds: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"})
+    step_log: str | None = field(
+        default=None,
+        metadata={"help": "append every engine step to this file as a JSON line (a profile for `smartspec simulate`)"},
+    )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -161,7 +166,12 @@ class Verifier:
 
     async def start(self) -> None:
         config, spec = self.config.server, self.config.speculation
-        self.loop = ServingLoop(self.engine, self.metrics)
+        self.step_log = None
+        if self.config.step_log:
+            self.step_log = open(self.config.step_log, "a", buffering=1 << 16)  # noqa: SIM115 (closed in drain)
+            engine = {"cache": asdict(self.config.cache), "scheduler": asdict(self.config.scheduler)}
+            self.step_log.write(json.dumps({"config": engine}) + "\n")
+        self.loop = ServingLoop(self.engine, self.metrics, step_log=self.step_log)
         self.loop.start()
         self.controller = None
         if spec.controller:
@@ -197,6 +207,8 @@ class Verifier:
             await self.engine.proposer.close()
         if self.config.server.metrics_port:
             self.metrics_server.shutdown()
+        if self.step_log is not None:
+            self.step_log.close()
 
 
 async def serve(config: VerifierConfig) -> None:

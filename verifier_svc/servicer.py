@@ -39,7 +39,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         try:
             valid = validate(request, self.tokenize, self.limits)
-            queue = self.loop.submit(valid.request_id, valid.prompt_ids, valid.params, valid.policy)
+            queue = self.loop.submit(valid.request_id, valid.prompt_ids, valid.params, valid.policy, valid.trace)
         except InvalidRequest as exc:
             metrics.rejected.labels("INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -69,6 +69,7 @@ def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smol
                             prompt_token_ids=pb.TokenIds(ids=prompt_ids),
                             max_new_tokens=NEW_TOKENS,
                             speculation=pb.Speculation(mode=mode, k=k),
+                            trace_speculation=True,
                         ),
                         timeout=300,
                     )
@@ -83,6 +84,10 @@ def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smol
                         assert_same_greedy(reference, p, got, want)
                     assert sum(s.proposed_tokens for _, s in results) > 0
                     assert sum(s.accepted_tokens for _, s in results) > 0
+                    for _, s in results:  # the traced rounds, over the wire, add up to the totals
+                        assert all(r.accepted <= r.proposed <= r.k <= k for r in s.rounds)
+                        assert sum(r.proposed for r in s.rounds) == s.proposed_tokens
+                        assert sum(r.accepted for r in s.rounds) == s.accepted_tokens
                 # The goodput policy, set at run time; whatever k it picks, output is the target's.
                 subprocess.run(
                     [

@@ -76,8 +76,8 @@ def test_speculation_stats_and_per_request_override(small_vocab):
     engine = Engine(model, tok, config(4096, Policy.fixed(3)), LocalProposer(NgramBackend()))
     ids = [3, 4, 5, 3, 4, 5, 3, 4]
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
-    on = engine.add_request("on", ids, params)
-    off = engine.add_request("off", ids, params, Policy())
+    on = engine.add_request("on", ids, params, trace=True)
+    off = engine.add_request("off", ids, params, Policy(), trace=True)
     fixed = engine.add_request("fixed", ids, params, Policy(Mode.FIXED, 1))
     records = run_until_done(engine)[1]
     proposed_per_step = [p for r in records for _, p, _ in r.drafts]
@@ -86,6 +86,13 @@ def test_speculation_stats_and_per_request_override(small_vocab):
     assert on.output_ids == off.output_ids == fixed.output_ids  # greedy: speculation changes nothing
     assert 0 < on.num_accepted <= on.num_proposed
     assert len(on.output_ids) == 20
+    # The trace: one round per step that planned drafts, adding up to the request's totals.
+    assert off.rounds == [] and fixed.rounds is None
+    assert all(a <= p <= k <= 3 for k, p, a in on.rounds)
+    assert sum(p for _, p, _ in on.rounds) == on.num_proposed and sum(a for *_, a in on.rounds) == on.num_accepted
+    assert sum(1 for _, p, _ in on.rounds if p) == on.num_spec_steps
+    mine = [(p, a) for r in records for rid, p, a in r.drafts if rid == "on"]
+    assert mine == [(p, a) for _, p, a in on.rounds if p]
 
 
 def test_sampled_output_with_speculation_follows_the_target(small_vocab):

@@ -209,7 +209,11 @@ class FakeGeneration(pb_grpc.GenerationServicer):
             request_id=request_id,
             finish_reason=pb.FINISH_REASON_LENGTH,
             usage=pb.Usage(prompt_tokens=3, completion_tokens=4),
-            speculation=pb.SpeculationStats(proposed_tokens=4, accepted_tokens=3),
+            speculation=pb.SpeculationStats(
+                proposed_tokens=4,
+                accepted_tokens=3,
+                rounds=[pb.SpeculationRound(k=3, proposed=3, accepted=3), pb.SpeculationRound(k=3, proposed=1)],
+            ),
             timings=pb.Timings(queue_ms=1.0, time_to_first_token_ms=2.0, e2e_ms=3.0),
         )
 
@@ -269,10 +273,11 @@ def test_run_benchmark_records_requests_and_errors(server):
         assert r["tpot_ms"] == pytest.approx((r["e2e_ms"] - r["ttft_ms"]) / 3)
         assert r["e2e_ms"] > r["ttft_ms"]
         assert r["server_timings"] == {"queue_ms": 1.0, "ttft_ms": 2.0, "e2e_ms": 3.0}
+        assert r["prompt_tokens"] == 3 and r["rounds"] == [(3, 3, 3), (3, 1, 0)]
     assert summary["acceptance"] == pytest.approx(0.75)
     assert summary["output_tokens"] == 16
     sent = servicer.requests[0]
-    assert sent.chat and sent.max_new_tokens == 16
+    assert sent.chat and sent.max_new_tokens == 16 and sent.trace_speculation
     assert sent.sampling.temperature == pytest.approx(0.5)
     assert (sent.speculation.mode, sent.speculation.k) == (pb.SPECULATION_MODE_FIXED, 3)
 

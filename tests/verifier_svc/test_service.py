@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from service_threads import VerifierThread
 
+from controller.profile import read_step_log
 from protocol.v1 import generation_pb2 as pb
 from runtime.models import load_model
 
@@ -205,3 +206,24 @@ def test_drain_aborts_what_outlives_the_grace_period(make_server):
     assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT
     drained.result(30)
     assert server.verifier.engine.allocator.num_free == server.verifier.engine.allocator.num_blocks
+
+
+def test_step_log_and_traced_rounds(make_server, tmp_path):
+    """`--step-log` writes the engine's settings, then one record per step; a request that asks
+    for its speculative rounds gets them with its last chunk, adding up to its totals."""
+    log = tmp_path / "steps.jsonl"
+    server = make_server(step_log=str(log), proposer="ngram", policy="fixed:3")
+    prompt = pb.TokenIds(ids=[5, 6, 7, 5, 6, 7, 5, 6])  # repeats: prompt lookup finds drafts
+    traced = generate(server.stub, prompt_token_ids=prompt, max_new_tokens=12, trace_speculation=True)[-1]
+    plain = generate(server.stub, prompt_token_ids=prompt, max_new_tokens=12)[-1]
+    spec = traced.speculation
+    assert spec.rounds and all(r.accepted <= r.proposed <= r.k <= 3 for r in spec.rounds)
+    assert sum(r.proposed for r in spec.rounds) == spec.proposed_tokens > 0
+    assert sum(r.accepted for r in spec.rounds) == spec.accepted_tokens
+    assert not plain.speculation.rounds and plain.speculation.proposed_tokens == spec.proposed_tokens
+    server.close()  # drain closes the log
+    steps = read_step_log(str(log))
+    assert steps.config["cache"]["kv_cache_tokens"] == 4096 and "max_num_seqs" in steps.config["scheduler"]
+    assert len(steps.steps) >= 2 * (1 + len(spec.rounds)) and steps.ends == sorted(steps.ends)
+    assert all(s.verify_ms > 0 and s.step_ms >= s.verify_ms for s in steps.steps)
+    assert sum(p for s in steps.steps for _, p, _ in s.drafts) == 2 * spec.proposed_tokens
