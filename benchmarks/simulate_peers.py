@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402
 
-from controller.cost_model import CostModelFitter  # noqa: E402
 from controller.policy import MAX_K  # noqa: E402
 from controller.profile import load_profile  # noqa: E402
 from simulator.acceptance import AcceptanceModel  # noqa: E402
@@ -84,8 +83,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     acceptances = [float(a) for a in args.acceptances.split(",")]
     rates = [float(r) for r in args.rates.split(",")]
-    fitter = CostModelFitter()
-    fitter.seed(load_profile(args.profile))
+    profile = load_profile(args.profile)
     draft = DraftCost(args.draft_step_ms, 0.0, args.hop_ms)
     policies = STATIC + OURS + list(PEERS)
     rows, ratios = [], []
@@ -95,7 +93,7 @@ def main() -> int:
         for rate in rates:
             work = Workload(rate, args.num_requests)
             by_seed = [
-                {p: mean_e2e_s(simulate(fitter.params, work, p, model, draft, seed)[0]) for p in policies}
+                {p: mean_e2e_s(simulate(profile, work, p, model, draft, seed)[0]) for p in policies}
                 for seed in range(args.seeds)
             ]
             for p in policies:

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from machine import machine_info  # noqa: E402
 
-from controller.cost_model import CostModelFitter  # noqa: E402
 from controller.profile import load_profile  # noqa: E402
 from simulator.run import Workload, simulate  # noqa: E402
 
@@ -35,13 +34,12 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fitter = CostModelFitter()
-    fitter.seed(load_profile(args.profile))
+    profile = load_profile(args.profile)
     rows = []
     for n in (int(x) for x in args.requests.split(",")):
         for policy in args.policies.split(","):
             start = time.perf_counter()
-            _, totals = simulate(fitter.params, Workload(args.rate, n), policy, seed=0)
+            _, totals = simulate(profile, Workload(args.rate, n), policy, seed=0)
             wall = time.perf_counter() - start
             rows.append({"requests": n, "policy": policy, "wall_s": wall, "simulated_s": totals["simulated_s"],
                          "x_real_time": totals["simulated_s"] / wall, "steps": totals["steps"],

@@ -277,11 +277,16 @@ def _peers(cost: CostParams, rate: float, draft, ctx: int) -> dict:
 PEERS = ("vllm-dynamic", "vllm-v0", "trtllm", "sglang-adaptive", "hf-heuristic", "paper")
 
 
-def make_planner(policy, cost: CostParams, rate: float = 0.7, draft=None, ctx: int = 512):
-    """A planner for a policy: SmartSpec's own (`Policy` or its text), starting from the profile
-    as a verifier started with --cost-profile does, or a peer's by name (PEERS), its tables tuned
-    for acceptance `rate`, the draft's cost and a `ctx`-token context (`tuned_table`)."""
+def make_planner(policy, profile: list[StepRecord], rate: float = 0.7, draft=None, ctx: int = 512):
+    """A planner for a policy: SmartSpec's own (`Policy` or its text), its cost model seeded with
+    the profile's steps as a verifier started with --cost-profile seeds it, or a peer's by name
+    (PEERS), its tables tuned on the same profile for acceptance `rate`, the draft's cost and a
+    `ctx`-token context (`tuned_table`); the paper's controller fits its cost model from the
+    same steps."""
     if isinstance(policy, str) and policy in PEERS:
-        return _peers(cost, rate, draft or DraftCost(), ctx)[policy]()
-    parsed = Policy.parse(policy) if isinstance(policy, str) else policy
-    return SpecPlanner(parsed, cost_prior=cost)
+        planner = _peers(CostModelFitter().seed(profile), rate, draft or DraftCost(), ctx)[policy]()
+    else:
+        planner = SpecPlanner(Policy.parse(policy) if isinstance(policy, str) else policy)
+    if hasattr(planner, "fitter"):
+        planner.fitter.seed(profile)
+    return planner

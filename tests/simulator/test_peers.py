@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.cost_model import linear_prior
+from controller.cost_model import CostModelFitter, linear_prior
 from controller.step import StepRecord
 from engine.scheduler import ScheduledItem, Sequence
 from runtime.sampler import SamplingParams
@@ -121,10 +121,14 @@ def test_paper_controller_rechooses_one_k_every_interval_with_a_margin_for_off()
     assert peer.plan(items) == [0] * 4  # nothing kept: off
 
 
-def test_table_peers_are_tuned_on_the_profile():
+def test_table_peers_are_tuned_on_the_profile(profile):
     cheap = linear_prior(0.0, 10.0)  # flat: the best k is the largest at any batch size
     steep = linear_prior(5.0, 1.0)  # every token costs: drafting loses at a low acceptance
     assert set(tuned_table(cheap, 0.8, DraftCost(step_ms=0.0, hop_ms=0.0), 100).values()) == {8}
     assert set(tuned_table(steep, 0.2, DraftCost(), 100).values()) == {0}
-    assert isinstance(make_planner("trtllm", cheap), TRTLLMSchedule)
-    assert make_planner("fixed:2", cheap).policy.k == 2
+    assert isinstance(make_planner("trtllm", profile), TRTLLMSchedule)
+    ours = make_planner("fixed:2", profile)
+    assert ours.policy.k == 2
+    # Seeded as a verifier's --cost-profile seeds it: the profile's steps are in its fit.
+    fitted = CostModelFitter().seed(profile).verify_ms_at_knots
+    assert ours.cost.verify_ms_at_knots == pytest.approx(fitted, rel=1e-3)

@@ -8,9 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from controller.cost_model import CostModelFitter
 from controller.policy import Policy
-from controller.profile import load_profile
 from engine.engine import Engine
 from engine.planner import SpecPlanner
 from engine.scheduler import Scheduler
@@ -21,18 +19,11 @@ from simulator.run import Workload, simulate
 PROFILE = "profiles/h200_transformers_eager.json#llama-7b"
 
 
-@pytest.fixture(scope="module")
-def cost():
-    fitter = CostModelFitter()
-    fitter.seed(load_profile(PROFILE))
-    return fitter.params
-
-
 def small(rate: float = 4.0) -> Workload:
     return Workload(rate, num_requests=40, prompt_len=(16, 64), output_len=(16, 48))
 
 
-def test_the_engine_scheduler_and_planner_are_the_real_ones(cost, monkeypatch):
+def test_the_engine_scheduler_and_planner_are_the_real_ones(profile, monkeypatch):
     """Counts calls into the engine's, scheduler's and planner's own methods: a simulator with
     a copy of any of them would leave these at zero."""
     calls = {"step": 0, "schedule": 0, "plan": 0}
@@ -44,26 +35,26 @@ def test_the_engine_scheduler_and_planner_are_the_real_ones(cost, monkeypatch):
             return _real(self, *a, **kw)
 
         monkeypatch.setattr(cls, name, counted)
-    requests, totals = simulate(cost, small(), Policy.fixed(2), seed=1)
+    requests, totals = simulate(profile, small(), Policy.fixed(2), seed=1)
     assert all(r.finish_s is not None for r in requests)
     assert calls["step"] == calls["schedule"] == totals["steps"] > 0
     assert calls["plan"] > 0
 
 
-def test_a_seed_reproduces_a_run_and_another_seed_does_not(cost):
+def test_a_seed_reproduces_a_run_and_another_seed_does_not(profile):
     def run(seed):
-        requests, totals = simulate(cost, small(), Policy.parse("smartspec"), seed=seed)
+        requests, totals = simulate(profile, small(), Policy.parse("smartspec"), seed=seed)
         return [(r.arrival_s, r.first_token_s, r.finish_s, r.accepted) for r in requests], totals
 
     assert run(3) == run(3)
     assert run(3)[0] != run(4)[0]
 
 
-def test_step_times_are_the_profiles_and_outputs_their_lengths(cost):
+def test_step_times_are_the_profiles_and_outputs_their_lengths(profile, cost):
     """One request alone, no speculation: prefill then one decode step per token, each taking
     what the fitted profile predicts for its shape."""
     work = Workload(1.0, num_requests=1, prompt_len=(32, 32), output_len=(5, 5))
-    requests, totals = simulate(cost, work, Policy(), seed=0)
+    requests, totals = simulate(profile, work, Policy(), seed=0)
     r = requests[0]
     prefill = float(cost.verify_ms(1, 32, 32))
     decodes = sum(float(cost.verify_ms(1, 1, 32 + i + 1)) for i in range(4))
@@ -72,12 +63,12 @@ def test_step_times_are_the_profiles_and_outputs_their_lengths(cost):
     assert r.finish_s - r.arrival_s == pytest.approx((prefill + decodes) / 1e3, rel=1e-9)
 
 
-def test_speculation_pays_when_drafts_are_kept_and_costs_when_they_are_not(cost):
+def test_speculation_pays_when_drafts_are_kept_and_costs_when_they_are_not(profile):
     """The 7B profile verifies a few tokens for about the price of one: with drafts that are
     nearly always kept fixed:3 beats off; with drafts never kept it loses to off."""
 
     def mean_e2e(policy, mean):
-        requests, _ = simulate(cost, small(1.0), Policy.parse(policy), AcceptanceModel(mean, 50.0), seed=2)
+        requests, _ = simulate(profile, small(1.0), Policy.parse(policy), AcceptanceModel(mean, 50.0), seed=2)
         return np.mean([r.finish_s - r.arrival_s for r in requests])
 
     assert mean_e2e("fixed:3", 0.95) < 0.7 * mean_e2e("off", 0.95)
@@ -113,10 +104,10 @@ def test_the_cli_writes_the_live_sweeps_points(tmp_path):
     assert (tmp_path / "latency_vs_rate.png").exists()
 
 
-def test_draft_costs_reach_the_clock(cost):
+def test_draft_costs_reach_the_clock(profile):
     work = Workload(1.0, num_requests=1, prompt_len=(32, 32), output_len=(9, 9))
-    slow = simulate(cost, work, Policy.fixed(2), AcceptanceModel(0.0), DraftCost(step_ms=50.0), seed=0)[0][0]
-    fast = simulate(cost, work, Policy.fixed(2), AcceptanceModel(0.0), DraftCost(step_ms=0.0), seed=0)[0][0]
+    slow = simulate(profile, work, Policy.fixed(2), AcceptanceModel(0.0), DraftCost(step_ms=50.0), seed=0)[0][0]
+    fast = simulate(profile, work, Policy.fixed(2), AcceptanceModel(0.0), DraftCost(step_ms=0.0), seed=0)[0][0]
     # Nothing is ever accepted: the same 8 decode steps, the first six drafting 2 tokens, the
     # seventh 1 (one token of room left), the last none; 50 ms per lockstep draft step.
     assert (slow.finish_s - fast.finish_s) == pytest.approx(0.05 * (6 * 2 + 1), rel=1e-6)

@@ -1,0 +1,290 @@
+"""Does the simulator predict the live stack? The same sweep, run live and simulated.
+
+    python benchmarks/simulate_validate.py [--workload draft-chat-code|ngram-grounded|both]
+        [--rates 0.5,2,4] [--repeats 3] [--num-requests 10] [--max-new-tokens 48] [--sim-seeds 3]
+        [--resimulate]   # only the simulated half, from the live data already in the output dir
+        [--fit-on all]   # a diagnostic: costs fitted on every step, the sweep's own included
+
+Live: `smartspec up` (proposer, controller, verifier with --step-log) on this machine.
+First a profiling load on other prompts and arrivals (seed 1000; off, fixed:2 and fixed:4,
+8 requests each at 0.5 and at 4 req/s: batches from one request to many); then
+`smartspec bench`'s sweep (every policy at every rate, repeated, set through the
+controller), each request's speculative rounds traced.
+
+Simulated: for every live point, `simulator.run.simulate` replays that point's requests
+(send times, prompt and output tokens) through the engine's own step loop, with
+- the target's step time, the proposer's cost and the host's work per step fitted on the
+  profiling load's steps only (`simulator.trace.fit_step_log`), and the verifier's cache
+  and scheduler settings from its log;
+- each request's acceptance per draft position from its traced rounds, pooled over the
+  sweep's points of that repetition (`simulator.trace.acceptance`): an input, like the
+  cost; what is predicted is queueing, batching, the planner's choices and latency.
+Each point is simulated with `--sim-seeds` seeds (the acceptance draws) and averaged.
+
+Reported per point: live and simulated mean end-to-end latency and their ratio; per rate,
+the ranking of policies by the median over repetitions, live and simulated. Writes
+live.json, steps.jsonl, results.json, table.md and validation.png per workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import machine_info  # noqa: E402
+
+from controller.profile import StepLog, read_step_log  # noqa: E402
+from simulator.run import simulate  # noqa: E402
+from simulator.trace import acceptance, fit_step_log, replays  # noqa: E402
+from smartspec import sweep  # noqa: E402
+from smartspec.prompts import load_prompts  # noqa: E402
+from smartspec.up import wait_serving  # noqa: E402
+
+WORKLOADS = {"draft-chat-code": (["--draft", "smollm2-draft"], "builtin"), "ngram-grounded": (["--ngram"], "grounded")}
+POLICIES = ["off", "fixed:1", "fixed:3", "smartspec"]
+PROFILE_POLICIES = ["off", "fixed:2", "fixed:4"]
+PROFILE_RATES = [0.5, 4.0]
+PROFILE_REQUESTS = 8
+PROFILE_SEED = 1000  # other prompts and arrivals than the sweep's
+TOLERANCE = 0.15
+# Live medians closer than this are a tie for the ranking: one point's repetitions spread wider.
+TIE = 0.05
+PROPOSER_DEADLINE_MS = 100.0  # the verifier's default --proposer-deadline-ms
+
+
+def run_live(name: str, args, out: Path) -> None:
+    up_args, prompts = WORKLOADS[name]
+    port, log = args.port, out / "steps.jsonl"
+    log.unlink(missing_ok=True)
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "smartspec.cli", "up", *up_args, "--port", str(port), "--proposer-port",
+         str(port + 1), "--controller-port", str(port + 2), "--metrics-port", "0", "--step-log", str(log)]
+    )  # fmt: skip
+    controller = f"127.0.0.1:{port + 2}"
+    common = dict(num_requests=args.num_requests, max_new_tokens=args.max_new_tokens, chat=True, controller=controller)
+    try:
+        wait_serving(port, stack, 600)
+        target = f"127.0.0.1:{port}"
+        profiling = {**common, "num_requests": PROFILE_REQUESTS}
+        asyncio.run(
+            sweep.run_sweep(
+                target, load_prompts(prompts), PROFILE_RATES, PROFILE_POLICIES, 1, seed=PROFILE_SEED, **profiling
+            )
+        )
+        sweep_start = time.monotonic()
+        rates = [float(r) for r in args.rates.split(",")]
+        points = asyncio.run(sweep.run_sweep(target, load_prompts(prompts), rates, POLICIES, args.repeats, **common))
+    finally:
+        stack.send_signal(signal.SIGTERM)
+        stack.wait(timeout=180)
+    record = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "machine": machine_info(),
+        "workload": name,
+        "rates": rates,
+        "policies": POLICIES,
+        "repeats": args.repeats,
+        "num_requests": args.num_requests,
+        "max_new_tokens": args.max_new_tokens,
+        "sweep_start": sweep_start,
+        "points": points,
+    }
+    (out / "live.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def profiling_steps(log: StepLog, before: float) -> StepLog:
+    keep = [i for i, end in enumerate(log.ends) if end < before]
+    return StepLog(log.config, [log.steps[i] for i in keep], [log.ends[i] for i in keep])
+
+
+def run_simulated(live: dict, log: StepLog, seeds: int, fit_on: str = "profiling") -> tuple[list[dict], dict]:
+    fit = fit_step_log(
+        profiling_steps(log, live["sweep_start"]) if fit_on == "profiling" else log, PROPOSER_DEADLINE_MS
+    )
+    workloads = replays(live)
+    points = []
+    for p in live["points"]:
+        means = []
+        for seed in range(seeds):
+            requests, _ = simulate(
+                fit.profile, workloads[(p["rate"], p["policy"], p["repeat"])], p["policy"],
+                acceptance(live, p["repeat"]), fit.draft, seed, fit.cache, fit.scheduler, fit.host_ms,
+            )  # fmt: skip
+            means.append(np.mean([1e3 * (r.finish_s - r.arrival_s) for r in requests]))
+        points.append({**{k: p[k] for k in ("rate", "policy", "repeat")}, "mean_e2e_ms": float(np.mean(means))})
+    fitted = {
+        "verify_ms_at_knots": list(fit.cost.verify_ms_at_knots),
+        "verify_ms_per_request": fit.cost.verify_ms_per_request,
+        "verify_ms_per_kv_token": fit.cost.verify_ms_per_kv_token,
+        "draft": {"step_ms": fit.draft.step_ms, "per_token_ms": fit.draft.per_token_ms, "hop_ms": fit.draft.hop_ms},
+        "host_ms": fit.host_ms,
+        "profiling_steps": len(fit.profile),
+        "fit_on": fit_on,
+    }
+    return points, fitted
+
+
+def compare(live: dict, simulated: list[dict]) -> dict:
+    sim = {(p["rate"], p["policy"], p["repeat"]): p["mean_e2e_ms"] for p in simulated}
+    per_point = [
+        {
+            "rate": p["rate"],
+            "policy": p["policy"],
+            "repeat": p["repeat"],
+            "live_ms": p["mean_e2e_ms"],
+            "sim_ms": sim[(p["rate"], p["policy"], p["repeat"])],
+            "sim_over_live": sim[(p["rate"], p["policy"], p["repeat"])] / p["mean_e2e_ms"],
+        }
+        for p in live["points"]
+    ]
+    live_med = sweep.medians(live["points"], "mean_e2e_ms")
+    sim_med = sweep.medians(simulated, "mean_e2e_ms")
+    per_rate = []
+    for r in live["rates"]:
+        live_rank = sorted(live["policies"], key=lambda p: live_med[(r, p)])
+        sim_rank = sorted(live["policies"], key=lambda p: sim_med[(r, p)])
+        ratios = {p: sim_med[(r, p)] / live_med[(r, p)] for p in live["policies"]}
+        # Pairs the live run separates by more than a tie: does the simulation order them alike?
+        pairs = [(a, b) for i, a in enumerate(live_rank) for b in live_rank[i + 1 :]]
+        separated = [(a, b) for a, b in pairs if live_med[(r, b)] > (1 + TIE) * live_med[(r, a)]]
+        agree = [(a, b) for a, b in separated if sim_med[(r, a)] < sim_med[(r, b)]]
+        per_rate.append(
+            {
+                "rate": r,
+                "live_rank": live_rank,
+                "sim_rank": sim_rank,
+                "median_ratio": ratios,
+                "separated_pairs": len(separated),
+                "separated_pairs_same_order": len(agree),
+            }
+        )
+    within = [abs(x["sim_over_live"] - 1) <= TOLERANCE for x in per_point]
+    medians_within = [abs(v - 1) <= TOLERANCE for row in per_rate for v in row["median_ratio"].values()]
+    return {
+        "per_point": per_point,
+        "per_rate": per_rate,
+        "points_within": f"{sum(within)}/{len(within)}",
+        "medians_within": f"{sum(medians_within)}/{len(medians_within)}",
+        "same_ranking": [row["live_rank"] == row["sim_rank"] for row in per_rate],
+        "separated_pairs_same_order": f"{sum(r['separated_pairs_same_order'] for r in per_rate)}"
+        f"/{sum(r['separated_pairs'] for r in per_rate)}",
+    }
+
+
+def write_table(out: Path, res: dict, name: str = "table.md") -> None:
+    c, fit = res["comparison"], res["fitted"]
+    lines = [
+        f"### {res['workload']}",
+        "",
+        f"Fitted on {fit['profiling_steps']} steps ({fit['fit_on']}): host {fit['host_ms']:.2f} ms/step, "
+        f"draft step {fit['draft']['step_ms']:.2f} ms + {fit['draft']['per_token_ms']:.2f} ms/token, "
+        f"hop {fit['draft']['hop_ms']:.2f} ms.",
+        "",
+        "| rate | policy | live mean (s), per repetition | simulated | simulated / live |",
+        "|---|---|---|---|---|",
+    ]
+    rows: dict[tuple, list] = {}
+    for x in c["per_point"]:
+        rows.setdefault((x["rate"], x["policy"]), []).append(x)
+    for (rate, policy), xs in rows.items():
+        live_s = ", ".join(f"{x['live_ms'] / 1e3:.2f}" for x in xs)
+        sim_s = ", ".join(f"{x['sim_ms'] / 1e3:.2f}" for x in xs)
+        ratio = ", ".join(f"{x['sim_over_live']:.2f}" for x in xs)
+        lines.append(f"| {rate} | {policy} | {live_s} | {sim_s} | {ratio} |")
+    lines += [
+        "",
+        "| rate | live ranking (median) | simulated ranking | simulated / live, medians | pairs apart |",
+        "|---|---|---|---|---|",
+    ]
+    for row in c["per_rate"]:
+        ratios = ", ".join(f"{p} {v:.2f}" for p, v in row["median_ratio"].items())
+        ranks = f"{' < '.join(row['live_rank'])} | {' < '.join(row['sim_rank'])}"
+        apart = f"{row['separated_pairs_same_order']}/{row['separated_pairs']}"
+        lines.append(f"| {row['rate']} | {ranks} | {ratios} | {apart} |")
+    lines += [
+        "",
+        f"Points within {TOLERANCE:.0%}: {c['points_within']}; medians within: {c['medians_within']}; "
+        f"same ranking per rate: {c['same_ranking']}; pairs of policies whose live medians differ by more "
+        f"than {TIE:.0%}, ordered alike by the simulation: {c['separated_pairs_same_order']}.",
+    ]
+    (out / name).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(out: Path, live: dict, simulated: list[dict], name: str = "validation.png") -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    live_med, sim_med = sweep.medians(live["points"], "mean_e2e_ms"), sweep.medians(simulated, "mean_e2e_ms")
+    rates = live["rates"]
+    for i, policy in enumerate(live["policies"]):
+        color = f"C{i}"
+        ax.plot(rates, [live_med[(r, policy)] / 1e3 for r in rates], "o-", color=color, label=f"{policy} live")
+        ax.plot(rates, [sim_med[(r, policy)] / 1e3 for r in rates], "s--", color=color, label=f"{policy} simulated")
+    ax.set_xlabel("request rate (requests/s)")
+    ax.set_ylabel("mean end-to-end latency (s)")
+    ax.set_title(f"live vs simulated: {live['workload']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(out / name, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", default="both", choices=[*WORKLOADS, "both"])
+    parser.add_argument("--rates", default="0.5,2,4")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--num-requests", type=int, default=10)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--sim-seeds", type=int, default=3)
+    parser.add_argument("--port", type=int, default=52051)
+    parser.add_argument("--resimulate", action="store_true", help="reuse live.json and steps.jsonl")
+    parser.add_argument(
+        "--fit-on", default="profiling", choices=["profiling", "all"], help="steps the costs are fitted on"
+    )
+    parser.add_argument("--output-dir", default="benchmarks/results")
+    args = parser.parse_args()
+    for name in WORKLOADS if args.workload == "both" else [args.workload]:
+        out = Path(args.output_dir) / f"simulate_validate_{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resimulate:
+            run_live(name, args, out)
+        live = json.loads((out / "live.json").read_text())
+        start = time.perf_counter()
+        simulated, fitted = run_simulated(live, read_step_log(str(out / "steps.jsonl")), args.sim_seeds, args.fit_on)
+        res = {
+            "workload": name,
+            "live_date": live["date"],
+            "simulated_date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": live["machine"],
+            "fitted": fitted,
+            "simulated_points": simulated,
+            "simulate_wall_s": time.perf_counter() - start,
+            "comparison": compare(live, simulated),
+        }
+        suffix = "" if args.fit_on == "profiling" else "_fit_on_all"
+        (out / f"results{suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
+        write_table(out, res, f"table{suffix}.md")
+        plot(out, live, simulated, f"validation{suffix}.png")
+        error = statistics.median(abs(x["sim_over_live"] - 1) for x in res["comparison"]["per_point"])
+        print(f"median |simulated / live - 1|: {error:.3f}")
+
+
+if __name__ == "__main__":
+    main()
