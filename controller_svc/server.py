@@ -11,6 +11,7 @@ from controller.policy import Policy
 from controller.state import ControllerState
 from controller_svc.servicer import ControllerMetrics, ControllerServicer
 from protocol import serving
+from protocol.security import token_auth
 from protocol.serving import ServerConfig
 from protocol.v1 import controller_pb2, controller_pb2_grpc
 
@@ -30,6 +31,13 @@ class ControllerConfig:
         metadata={"help": "proposer endpoints (host:port,...) pushed to every verifier; unset: verifiers keep theirs"},
     )
     push_interval_s: float = field(default=1.0, metadata={"help": "how often the refitted cost model is pushed"})
+    admin_tokens_file: str | None = field(
+        default=None,
+        metadata={"help": "tokens (one per line) that may set and read the policy (unset: SetPolicy is open)"},
+    )
+    verifier_tokens_file: str | None = field(
+        default=None, metadata={"help": "tokens (one per line) a verifier must present to Connect (unset: open)"}
+    )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +59,19 @@ class Controller:
 
     async def start(self) -> None:
         server = self.config.server
-        self.server, self.health, self.port = await serving.start_server(
-            controller_pb2_grpc.add_ControllerServicer_to_server, self.servicer, SERVICE_NAME, server.host, server.port
+        auth = token_auth(
+            {
+                f"/{SERVICE_NAME}/SetPolicy": ("admin",),
+                f"/{SERVICE_NAME}/GetPolicy": ("admin", "verifier"),
+                f"/{SERVICE_NAME}/Connect": ("verifier",),
+            },
+            admin=self.config.admin_tokens_file,
+            verifier=self.config.verifier_tokens_file,
         )
+        self.serving = await serving.start_server(
+            controller_pb2_grpc.add_ControllerServicer_to_server, self.servicer, SERVICE_NAME, server, auth
+        )
+        self.health, self.port = self.serving.health, self.serving.port
         if server.metrics_port:
             from prometheus_client import start_http_server
 
@@ -72,7 +90,7 @@ class Controller:
     async def stop(self) -> None:
         self._pusher.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace=1.0)
+        await self.serving.stop(grace=1.0)
         if self.config.server.metrics_port:
             self.metrics_server.shutdown()
 

@@ -7,12 +7,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-import grpc
-
 from controller.policy import MAX_K
 from drafting.config import DraftConfig
 from proposer_svc.servicer import ProposerServicer
 from protocol import serving
+from protocol.security import token_auth
 from protocol.serving import ServerConfig
 from protocol.v1 import proposer_pb2, proposer_pb2_grpc
 from runtime.models import Placement
@@ -29,6 +28,9 @@ class ProposerConfig:
     max_k: int = field(default=MAX_K, metadata={"help": "the most draft tokens one request may ask for"})
     max_requests: int = field(
         default=4096, metadata={"help": "request states kept; the least recently used are evicted"}
+    )
+    verifier_tokens_file: str | None = field(
+        default=None, metadata={"help": "tokens (one per line) a verifier must present to draft here (unset: open)"}
     )
 
     @staticmethod
@@ -50,21 +52,21 @@ class ProposerServer:
         self.config = config
         backend = backend if backend is not None else config.drafting.make_backend(config.placement)
         self.servicer = ProposerServicer(backend, config.max_k, config.max_requests)
-        self.server: grpc.aio.Server | None = None
         self.port = 0
 
     async def start(self) -> None:
-        self.server, self.health, self.port = await serving.start_server(
+        self.serving = await serving.start_server(
             proposer_pb2_grpc.add_ProposerServicer_to_server,
             self.servicer,
             SERVICE_NAME,
-            self.config.server.host,
-            self.config.server.port,
+            self.config.server,
+            token_auth({SERVICE_NAME: ("verifier",)}, verifier=self.config.verifier_tokens_file),
         )
+        self.health, self.port = self.serving.health, self.serving.port
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.serving.stop(grace)
 
 
 async def serve(config: ProposerConfig) -> None:

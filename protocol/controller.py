@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from controller.cost_model import TOKEN_KNOTS, CostParams
-from controller.policy import Mode, Policy
+from controller.policy import MAX_K, Mode, Policy
 from controller.state import Snapshot
 from controller.step import StepRecord
 from protocol.v1 import controller_pb2 as pb
@@ -32,8 +34,13 @@ def cost_to_pb(cost: CostParams) -> pb.CostModel:
 
 
 def cost_from_pb(msg: pb.CostModel) -> CostParams | None:
-    """None when the controller has not fitted anything, or fitted over other knots."""
+    """None when the controller has not fitted anything, fitted over other knots, or sent
+    a value no step could cost (negative, NaN, infinite)."""
     if not msg.num_steps or tuple(msg.verify_token_knots) != TOKEN_KNOTS:
+        return None
+    costs = [*msg.verify_ms_at_knots, msg.draft_step_ms, msg.draft_ms_per_token, msg.proposer_rtt_ms]
+    slopes = [msg.verify_ms_per_request, msg.verify_ms_per_kv_token]  # fitted: may lean either way
+    if not all(math.isfinite(v) and v >= 0 for v in costs) or not all(math.isfinite(v) for v in slopes):
         return None
     return CostParams(
         tuple(msg.verify_ms_at_knots),
@@ -60,7 +67,17 @@ def policy_to_pb(snap: Snapshot) -> pb.Policy:
 
 
 def policy_from_pb(msg: pb.Policy) -> tuple[Policy, CostParams | None, float]:
-    mode = MODE_FROM_PB.get(msg.mode, Mode.OFF)
+    """Raises ValueError naming the field when a pushed value is out of bounds: a verifier
+    applies nothing it would not accept from its own command line."""
+    mode = MODE_FROM_PB.get(msg.mode)
+    if mode is None:
+        raise ValueError(f"mode: unknown value {msg.mode}")
+    if mode == Mode.FIXED and not 1 <= msg.k <= MAX_K:
+        raise ValueError(f"k: must be in [1, {MAX_K}] for fixed mode, got {msg.k}")
+    if not 0 <= msg.k_max <= MAX_K or (mode in (Mode.SMARTSPEC, Mode.UNIFORM) and msg.k_max < 1):
+        raise ValueError(f"k_max: must be in [1, {MAX_K}], got {msg.k_max}")
+    if not (math.isfinite(msg.acceptance_prior) and 0 <= msg.acceptance_prior <= 1):
+        raise ValueError(f"acceptance_prior: must be in [0, 1], got {msg.acceptance_prior}")
     return (
         Policy(mode, msg.k if mode == Mode.FIXED else 0, msg.k_max),
         cost_from_pb(msg.cost_model),

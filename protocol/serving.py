@@ -1,5 +1,6 @@
-"""What every SmartSpec server has: grpc.health.v1, server reflection, a listening address,
-and command-line flags generated from its config dataclasses.
+"""What every SmartSpec server has: grpc.health.v1, server reflection, a listening address
+(plaintext or TLS, `protocol.security`), and command-line flags generated from its config
+dataclasses.
 
 A config is a dataclass whose fields are settings or nested dataclasses (one per
 concern: model placement, cache, scheduler, speculation, server). Each nested
@@ -20,6 +21,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
+from protocol.security import ServerTLS, TokenAuth
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -46,23 +49,59 @@ async def until_signalled() -> None:
     await stop.wait()
 
 
-async def start_server(add_servicer, servicer, service_name: str, host: str, port: int):
-    """A started grpc.aio server with the servicer, health (SERVING) and reflection;
-    returns (server, health, bound port)."""
-    server = grpc.aio.server()
-    add_servicer(servicer, server)
-    health = add_health_and_reflection(server, [service_name])
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    await set_serving(health, [service_name])
-    return server, health, bound
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=50051, metadata={"help": "gRPC port"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0 = off)"})
+    health_port: int = field(
+        default=0,
+        metadata={
+            "help": "a plaintext port serving grpc.health.v1 only (0 = off): for kubelet gRPC probes, "
+            "which cannot speak TLS, when the main port does"
+        },
+    )
+    tls: ServerTLS = ServerTLS()
+
+
+@dataclass
+class Serving:
+    """A started server; its health answers on the main port and on the probe port, if any."""
+
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+    probe_server: grpc.aio.Server | None = None
+    probe_port: int = 0
+
+    async def stop(self, grace: float | None) -> None:
+        """Stops both; in-flight calls get `grace` seconds (GOAWAY first, so clients move on)."""
+        stops = [self.server.stop(grace)]
+        if self.probe_server is not None:
+            stops.append(self.probe_server.stop(grace))
+        await asyncio.gather(*stops)
+
+
+async def start_server(
+    add_servicer, servicer, service_name: str, config: ServerConfig, auth: TokenAuth | None = None
+) -> Serving:
+    """A started grpc.aio server with the servicer, health (SERVING) and reflection, on TLS when
+    the config has a certificate, with `auth` guarding its methods."""
+    credentials = config.tls.credentials()  # ValueError before anything listens
+    server = grpc.aio.server(interceptors=[auth] if auth is not None else None)
+    add_servicer(servicer, server)
+    health = add_health_and_reflection(server, [service_name])
+    address = f"{config.host}:{config.port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    await server.start()
+    serving = Serving(server, health, bound)
+    if config.health_port:
+        serving.probe_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health, serving.probe_server)
+        serving.probe_port = serving.probe_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        await serving.probe_server.start()
+    await set_serving(health, [service_name])
+    return serving
 
 
 def _leaves(config_type, default) -> typing.Iterator[tuple[dataclasses.Field, type, object, tuple[str, ...]]]:

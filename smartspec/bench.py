@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
-from smartspec import plots
+from smartspec import dial, plots
+from smartspec.dial import Dial
 from smartspec.prompts import load_prompts
 from smartspec.report import RequestRecord, format_table, summarize
 
@@ -65,7 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="host:port of the controller that sets each policy (needed for smartspec policies)",
     )
+    sweep.add_argument(
+        "--controller-token-file", default=None, help="file holding an admin token of the controller, to set policies"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    dial.add_arguments(parser, "file holding the API key the server asks for")
 
 
 def positive_float(text: str) -> float:
@@ -141,13 +146,15 @@ def build_request(
     )
 
 
-async def _send(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, record: RequestRecord, start: float) -> None:
+async def _send(
+    stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, record: RequestRecord, start: float, metadata=()
+) -> None:
     sent = time.perf_counter()
     record.send_s = sent - start
     last_token_at = None
     tokens = 0
     try:
-        async for chunk in stub.Generate(request):
+        async for chunk in stub.Generate(request, metadata=metadata):
             now = time.perf_counter()
             record.request_id = record.request_id or chunk.request_id
             n = len(chunk.token_ids)
@@ -196,6 +203,7 @@ async def run_benchmark(
     seed: int = 0,
     burstiness: float = 1.0,
     progress: bool = True,
+    how: Dial = Dial(),
 ) -> dict:
     spec = parse_speculation(speculation)
     offsets = arrival_times(num_requests, rate, burstiness, seed)
@@ -206,10 +214,10 @@ async def run_benchmark(
     async def one(i: int) -> None:
         sampling_seed = (seed * num_requests + i) % 2**64  # reproducible sampling, distinct per request
         request = build_request(chosen[i], max_new_tokens, temperature, chat, spec, sampling_seed)
-        await _send(stub, request, records[i], start)
+        await _send(stub, request, records[i], start, how.metadata)
         bar.update(1)
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with how.aio_channel(target) as channel:
         stub = pb_grpc.GenerationStub(channel)
         start = time.perf_counter()
         tasks = []
@@ -254,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             burstiness=args.burstiness,
             progress=not args.no_progress,
+            how=dial.from_args(args),
         )
     )
     print(format_table(result["summary"]))

@@ -10,6 +10,7 @@ import grpc
 
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
+from smartspec import dial
 from smartspec.bench import parse_speculation
 
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--speculation", default="auto", help="off | auto | fixed:K")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    dial.add_arguments(parser, "file holding the API key the server asks for")
 
 
 def build_request(args: argparse.Namespace) -> pb.GenerateRequest:
@@ -47,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first = None
     last: pb.GenerateResponse | None = None
-    with grpc.insecure_channel(args.target) as channel:
+    how = dial.from_args(args)
+    with how.channel(args.target) as channel:
         stub = pb_grpc.GenerationStub(channel)
         try:
-            for chunk in stub.Generate(build_request(args), timeout=args.timeout):
+            for chunk in stub.Generate(build_request(args), timeout=args.timeout, metadata=how.metadata):
                 if first is None and chunk.token_ids:
                     first = time.perf_counter()
                 sys.stdout.write(chunk.text)

@@ -12,10 +12,12 @@ from controller.policy import Mode, Policy
 from protocol.controller import MODE_FROM_PB, MODE_TO_PB
 from protocol.v1 import controller_pb2 as pb
 from protocol.v1 import controller_pb2_grpc as pb_grpc
+from smartspec import dial
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controller", default="127.0.0.1:50071", help="host:port of the controller")
+    dial.add_arguments(parser, "file holding an admin token of the controller (--admin-tokens-file)")
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("get", help="print the policy in force")
     setter = sub.add_parser("set", help="change the policy")
@@ -57,12 +59,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"smartspec ctl: {e}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.controller) as channel:
+    how = dial.from_args(args)
+    with how.channel(args.controller) as channel:
         stub = pb_grpc.ControllerStub(channel)
         try:
-            reply = (
-                stub.SetPolicy(request, timeout=10) if request else stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
-            )
+            if request:
+                reply = stub.SetPolicy(request, timeout=10, metadata=how.metadata)
+            else:
+                reply = stub.GetPolicy(pb.GetPolicyRequest(), timeout=10, metadata=how.metadata)
         except grpc.RpcError as e:
             print(f"smartspec ctl: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1

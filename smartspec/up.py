@@ -8,8 +8,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,9 +22,11 @@ from drafting.config import DraftConfig
 from engine.config import CacheConfig
 from proposer_svc.server import ProposerConfig
 from protocol import serving
+from protocol.security import ClientTLS, ServerTLS
 from protocol.serving import ServerConfig
 from runtime import models
 from runtime.models import Placement
+from smartspec.certs import local_ca
 from verifier_svc.server import SpeculationConfig, VerifierConfig
 
 
@@ -64,12 +68,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="passed to draft proposers as --min-confidence (`smartspec proposer --help`)",
     )
     parser.add_argument("--step-log", default=None, help="the verifier's --step-log: every engine step as a JSON line")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS on every hop, with a throwaway CA and certificates written to --tls-dir",
+    )
+    parser.add_argument(
+        "--tls-dir", default=None, help="where --tls writes its CA and certificates (default: a temp dir)"
+    )
     parser.add_argument("--startup-timeout", type=float, default=300.0)
 
 
-def commands(args: argparse.Namespace) -> list[tuple[list[str], int]]:
+def commands(args: argparse.Namespace, certs: dict | None = None) -> list[tuple[list[str], int]]:
     """(command, gRPC port) per process to start: proposers first, the controller, then the
-    verifier that drafts from them."""
+    verifier that drafts from them. `certs` (`smartspec.certs.local_ca`): mTLS on every hop."""
+    tls, client = ServerTLS(), ClientTLS()
+    if certs is not None:
+        ca = str(certs["ca"])
+        cert, key = (str(p) for p in certs["smartspec"])
+        tls, client = ServerTLS(cert, key, ca), ClientTLS(ca, cert, key)
     if args.ngram and args.draft_min_confidence:
         raise ValueError("--draft-min-confidence needs a draft model, not --ngram")
     base = [sys.executable, "-m", "smartspec.cli"]
@@ -81,9 +98,13 @@ def commands(args: argparse.Namespace) -> list[tuple[list[str], int]]:
     proposers = ",".join(f"127.0.0.1:{p}" for p in ports)
     procs = []
     for port in ports:
-        config = ProposerConfig(drafting, replace(placement, threads=args.proposer_threads), ServerConfig(port=port))
+        config = ProposerConfig(
+            drafting, replace(placement, threads=args.proposer_threads), ServerConfig(port=port, tls=tls)
+        )
         procs.append((base + ["proposer", *(["--ngram"] if args.ngram else []), *serving.to_argv(config)], port))
-    metrics = ServerConfig(port=args.controller_port, metrics_port=args.metrics_port + 1 if args.metrics_port else 0)
+    metrics = ServerConfig(
+        port=args.controller_port, metrics_port=args.metrics_port + 1 if args.metrics_port else 0, tls=tls
+    )
     controller = ControllerConfig(metrics, policy=args.policy, proposers=proposers)
     procs.append((base + ["controller", *serving.to_argv(controller)], args.controller_port))
     verifier = VerifierConfig(
@@ -93,16 +114,17 @@ def commands(args: argparse.Namespace) -> list[tuple[list[str], int]]:
         speculation=SpeculationConfig(
             policy=args.policy, proposer=proposers, controller=f"127.0.0.1:{args.controller_port}"
         ),
-        server=ServerConfig(port=args.port, metrics_port=args.metrics_port),
+        server=ServerConfig(port=args.port, metrics_port=args.metrics_port, tls=tls),
         step_log=args.step_log,
+        client=client,
     )
     procs.append((base + ["verifier", *serving.to_argv(verifier)], args.port))
     return procs
 
 
-def wait_serving(port: int, proc: subprocess.Popen, timeout: float) -> None:
+def wait_serving(port: int, proc: subprocess.Popen, timeout: float, tls: ClientTLS = ClientTLS()) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with tls.channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -120,16 +142,28 @@ def run(args: argparse.Namespace) -> int:
     procs: list[subprocess.Popen] = []
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    certs, client = None, ClientTLS()
+    if args.tls:
+        directory = Path(args.tls_dir or tempfile.mkdtemp(prefix="smartspec-tls-"))
+        certs = {"ca": directory / "ca.pem", **local_ca(directory, ["smartspec", "client"])}
+        cert, key = certs["client"]
+        client = ClientTLS(str(certs["ca"]), str(cert), str(key))
     try:
-        for cmd, port in commands(args):
+        for cmd, port in commands(args, certs):
             procs.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-            wait_serving(port, procs[-1], args.startup_timeout)
+            wait_serving(port, procs[-1], args.startup_timeout, client)
         print(
             f"smartspec stack up: verifier on 127.0.0.1:{args.port}, controller on "
             f"127.0.0.1:{args.controller_port} ({args.replicas} proposer{'s' if args.replicas > 1 else ''}); "
             "Ctrl-C stops it",
             flush=True,
         )
+        if certs is not None:
+            print(
+                f"mTLS on every hop; clients connect with --tls-ca {client.tls_ca} "
+                f"--tls-client-cert {client.tls_client_cert} --tls-client-key {client.tls_client_key}",
+                flush=True,
+            )
         while not stop["now"] and all(p.poll() is None for p in procs):
             time.sleep(0.2)
     except KeyboardInterrupt:

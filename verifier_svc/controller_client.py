@@ -16,6 +16,7 @@ import grpc
 
 from engine.planner import SpecPlanner
 from protocol.controller import policy_from_pb, step_to_pb
+from protocol.security import ClientTLS, bearer
 from protocol.v1 import controller_pb2 as pb
 from protocol.v1 import controller_pb2_grpc as pb_grpc
 from verifier_svc.loop import ServingLoop
@@ -32,6 +33,8 @@ class ControllerClient:
         on_endpoints: Callable[[list[str]], Awaitable[None]] | None = None,
         report_every_s: float = 0.25,
         backoff_s: tuple[float, float] = (0.2, 5.0),
+        tls: ClientTLS = ClientTLS(),
+        token: str | None = None,
     ):
         """`on_endpoints`: applies a pushed proposer endpoint set (None: the verifier's
         proposer has no endpoints, and pushed ones are ignored)."""
@@ -42,6 +45,7 @@ class ControllerClient:
         self.on_endpoints = on_endpoints
         self.report_every_s = report_every_s
         self.backoff_s = backoff_s
+        self.tls, self.token = tls, token
         self.connected = asyncio.Event()
         self.policy_version = 0
         self._task: asyncio.Task | None = None
@@ -58,8 +62,8 @@ class ControllerClient:
         delay = self.backoff_s[0]
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.address) as channel:
-                    call = pb_grpc.ControllerStub(channel).Connect(self._reports())
+                async with self.tls.aio_channel(self.address) as channel:
+                    call = pb_grpc.ControllerStub(channel).Connect(self._reports(), metadata=bearer(self.token))
                     async for update in call:
                         if not self.connected.is_set():
                             log.info("connected to controller %s", self.address)
@@ -88,9 +92,13 @@ class ControllerClient:
 
     async def _apply(self, update: pb.ControllerUpdate) -> None:
         if update.HasField("policy"):
-            policy, cost, prior = policy_from_pb(update.policy)
-            self.planner.apply(policy, cost, prior)
-            self.policy_version = update.policy.version
+            try:
+                policy, cost, prior = policy_from_pb(update.policy)
+            except ValueError as exc:
+                log.warning("ignoring a pushed policy out of bounds: %s", exc)
+            else:
+                self.planner.apply(policy, cost, prior)
+                self.policy_version = update.policy.version
         if update.HasField("endpoints") and update.endpoints.addresses and self.on_endpoints is not None:
             await self.on_endpoints(list(update.endpoints.addresses))
 

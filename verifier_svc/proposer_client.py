@@ -22,6 +22,7 @@ import time
 import grpc
 
 from protocol.proposer import draft_from_pb, item_to_pb
+from protocol.security import ClientTLS, bearer
 from protocol.v1 import proposer_pb2 as pb
 from protocol.v1 import proposer_pb2_grpc as pb_grpc
 from runtime.draft import Draft, DraftRequest, Proposal
@@ -38,8 +39,10 @@ def rendezvous(request_id: str, endpoints: list[str]) -> str:
 class Replica:
     """One endpoint: a bidi stream used for one exchange at a time."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(
+        self, address: str, tls: ClientTLS = ClientTLS(), token: str | None = None, server_name: str | None = None
+    ):
+        self.address, self.tls, self.token, self.server_name = address, tls, token, server_name
         self.known: dict[str, int] = {}  # request id -> context length the replica holds
         self.released: list[str] = []
         self.down_until = 0.0
@@ -51,8 +54,8 @@ class Replica:
 
     async def exchange(self, request: pb.ProposeRequest, timeout: float) -> pb.ProposeResponse:
         if self._call is None:
-            self._channel = grpc.aio.insecure_channel(self.address)
-            self._call = pb_grpc.ProposerStub(self._channel).Propose()
+            self._channel = self.tls.aio_channel(self.address, self.server_name)
+            self._call = pb_grpc.ProposerStub(self._channel).Propose(metadata=bearer(self.token))
         async with asyncio.timeout(timeout):  # one deadline for the round trip, no extra tasks
             await self._call.write(request)
             response = await self._call.read()
@@ -80,11 +83,18 @@ class ProposerClient:
     re-resolved every `resolve_every_s` (a headless Kubernetes Service, say)."""
 
     def __init__(
-        self, endpoints: list[str], deadline_s: float = 0.1, backoff_s: float = 1.0, resolve_every_s: float = 10.0
+        self,
+        endpoints: list[str],
+        deadline_s: float = 0.1,
+        backoff_s: float = 1.0,
+        resolve_every_s: float = 10.0,
+        tls: ClientTLS = ClientTLS(),
+        token: str | None = None,
     ):
         if not endpoints:
             raise ValueError("at least one proposer endpoint is needed")
         self.deadline_s = deadline_s
+        self.tls, self.token = tls, token
         self.backoff_s = backoff_s
         self.dns: tuple[str, int] | None = None
         self.resolve_every_s = resolve_every_s
@@ -94,7 +104,7 @@ class ProposerClient:
             host, _, port = endpoints[0].removeprefix("dns:").rpartition(":")
             self.dns = (host, int(port))
         else:
-            self.replicas = {address: Replica(address) for address in endpoints}
+            self.replicas = {address: self._replica(address) for address in endpoints}
         self._steps = itertools.count()
 
     async def set_endpoints(self, endpoints: list[str]) -> None:
@@ -102,7 +112,12 @@ class ProposerClient:
         for address in set(self.replicas) - set(endpoints):
             await self.replicas.pop(address).close()
         for address in endpoints:
-            self.replicas.setdefault(address, Replica(address))
+            if address not in self.replicas:
+                self.replicas[address] = self._replica(address)
+
+    def _replica(self, address: str) -> Replica:
+        # Replicas found by DNS are dialled by pod IP; their certificate names the DNS name.
+        return Replica(address, self.tls, self.token, self.dns[0] if self.dns else None)
 
     async def _resolve(self) -> None:
         host, port = self.dns

@@ -10,8 +10,6 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-import grpc
-
 from controller.policy import Policy
 from controller.profile import load_profile, steps_from_rows
 from drafting.builtin import BUILTIN_DRAFT
@@ -23,6 +21,7 @@ from engine.engine import Engine
 from engine.scheduler import SchedulerConfig
 from protocol import serving
 from protocol.generation import Limits
+from protocol.security import ClientTLS, read_token, token_auth
 from protocol.serving import ServerConfig
 from protocol.v1 import generation_pb2, generation_pb2_grpc
 from runtime import models
@@ -79,7 +78,7 @@ class SpeculationConfig:
             raise ValueError(f"policy {self.policy!r} needs --proposer")
         return policy
 
-    def make_proposer(self, placement: Placement, kv_cache_tokens: int):
+    def make_proposer(self, placement: Placement, kv_cache_tokens: int, tls: ClientTLS = ClientTLS(), token=None):
         if self.draft_min_confidence and not (self.proposer or "").startswith("draft:"):
             raise ValueError(
                 "draft_min_confidence needs --proposer draft:MODEL (remote proposers take --min-confidence themselves)"
@@ -98,9 +97,8 @@ class SpeculationConfig:
                 draft=name, kv_cache_tokens=2 * kv_cache_tokens, min_confidence=self.draft_min_confidence
             )
             return LocalProposer(draft.make_backend(replace(placement, threads=0)))
-        return ProposerClient(
-            [a.strip() for a in self.proposer.split(",") if a.strip()], deadline_s=self.proposer_deadline_ms / 1e3
-        )
+        endpoints = [a.strip() for a in self.proposer.split(",") if a.strip()]
+        return ProposerClient(endpoints, deadline_s=self.proposer_deadline_ms / 1e3, tls=tls, token=token)
 
 
 @dataclass(frozen=True)
@@ -117,6 +115,14 @@ class VerifierConfig:
     speculation: SpeculationConfig = SpeculationConfig()
     server: ServerConfig = ServerConfig(port=50051, metrics_port=9400)
     grace_seconds: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"})
+    api_keys_file: str | None = field(
+        default=None, metadata={"help": "API keys (one per line) callers of Generation must present (unset: open)"}
+    )
+    # Toward the proposers and the controller.
+    client: ClientTLS = ClientTLS()
+    service_token_file: str | None = field(
+        default=None, metadata={"help": "token this verifier presents to the proposers and the controller"}
+    )
     step_log: str | None = field(
         default=None,
         metadata={"help": "append every engine step to this file as a JSON line (a profile for `smartspec simulate`)"},
@@ -142,14 +148,16 @@ class Verifier:
         self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(config.model)
         if model is None:
             model = config.placement.load(config.model)
-        proposer = config.speculation.make_proposer(config.placement, config.cache.kv_cache_tokens)
+        self.token = read_token(config.service_token_file)
+        proposer = config.speculation.make_proposer(
+            config.placement, config.cache.kv_cache_tokens, config.client, self.token
+        )
         self.engine = Engine(model, self.tokenizer, config.engine_config(), proposer)
         if proposer is not None:
             self._seed_cost_model()
         self.metrics = Metrics()
         for shape, rows, kernel in describe(model):
             self.metrics.cpu_linear.labels(shape, rows, kernel).set(1)
-        self.server: grpc.aio.Server | None = None
         self.port = 0
 
     def _seed_cost_model(self) -> None:
@@ -178,15 +186,19 @@ class Verifier:
             verifier_id = spec.verifier_id or f"{socket.gethostname()}:{config.port}"
             proposer = self.engine.proposer
             on_endpoints = proposer.set_endpoints if isinstance(proposer, ProposerClient) else None
-            self.controller = ControllerClient(spec.controller, verifier_id, self.loop, on_endpoints)
+            self.controller = ControllerClient(
+                spec.controller, verifier_id, self.loop, on_endpoints, tls=self.config.client, token=self.token
+            )
             self.controller.start()
         limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
         self.servicer = GenerationServicer(self.loop, self.tokenizer, limits)
         if config.metrics_port:
             self.metrics_server, _ = self.metrics.serve(config.metrics_port, config.host)
-        self.server, self.health, self.port = await serving.start_server(
-            generation_pb2_grpc.add_GenerationServicer_to_server, self.servicer, SERVICE_NAME, config.host, config.port
+        auth = token_auth({SERVICE_NAME: ("client",)}, client=self.config.api_keys_file)
+        self.serving = await serving.start_server(
+            generation_pb2_grpc.add_GenerationServicer_to_server, self.servicer, SERVICE_NAME, config, auth
         )
+        self.health, self.port = self.serving.health, self.serving.port
         log.info("verifier serving on %s:%d", config.host, self.port)
 
     async def drain(self) -> None:
@@ -199,7 +211,7 @@ class Verifier:
         if self.loop.num_requests:
             log.warning("grace period over: aborting %d requests", self.loop.num_requests)
             self.loop.abort_all()
-        await self.server.stop(grace=1.0)
+        await self.serving.stop(grace=1.0)
         if self.controller is not None:
             await self.controller.stop()
         await self.loop.stop()

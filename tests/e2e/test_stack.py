@@ -1,6 +1,7 @@
 """`smartspec up` as real processes: SmolLM2 verifying drafts from a proposer process (the
 built-in draft model, or n-gram lookup), lossless for fixed k in {1, 3, 5} with 8 concurrent requests,
-and under the goodput policy set through the controller."""
+and under the goodput policy set through the controller. The n-gram stack runs with `--tls`:
+mTLS on every hop, the test's own calls included."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from greedy_reference import assert_same_greedy, hf_greedy
 
+from protocol.security import ClientTLS
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
 from smartspec.up import wait_serving
@@ -32,9 +34,16 @@ NEW_TOKENS = 24
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("proposer", [["--ngram"], ["--draft", "smollm2-draft"]], ids=["ngram", "builtin-draft"])
-def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smollm2_pair):
+@pytest.mark.parametrize(
+    "proposer, mtls", [(["--ngram"], True), (["--draft", "smollm2-draft"], False)], ids=["ngram-mtls", "builtin-draft"]
+)
+def test_up_stack_is_lossless(proposer, mtls, unused_tcp_port, smollm2_tokenizer, smollm2_pair, tmp_path):
     port, proposer_port, controller_port = unused_tcp_port, unused_tcp_port + 1, unused_tcp_port + 2
+    tls = ClientTLS()
+    if mtls:
+        proposer = [*proposer, "--tls", "--tls-dir", str(tmp_path)]
+        tls = ClientTLS(str(tmp_path / "ca.pem"), str(tmp_path / "client.pem"), str(tmp_path / "client.key"))
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in vars(tls).items() if value]
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -56,8 +65,21 @@ def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smol
     )
     reference = smollm2_pair[1]
     try:
-        wait_serving(port, proc, 180)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_serving(port, proc, 180, tls)
+        if mtls:  # plaintext and certificate-less calls are refused
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as plain, pytest.raises(grpc.RpcError):
+                list(
+                    pb_grpc.GenerationStub(plain).Generate(
+                        pb.GenerateRequest(prompt_text="x", max_new_tokens=1), timeout=10
+                    )
+                )
+            with ClientTLS(tls.tls_ca).channel(f"127.0.0.1:{port}") as anonymous, pytest.raises(grpc.RpcError):
+                list(
+                    pb_grpc.GenerationStub(anonymous).Generate(
+                        pb.GenerateRequest(prompt_text="x", max_new_tokens=1), timeout=10
+                    )
+                )
+        with tls.channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GenerationStub(channel)
             ids = [smollm2_tokenizer(p).input_ids for p in PROMPTS]
 
@@ -97,6 +119,7 @@ def test_up_stack_is_lossless(proposer, unused_tcp_port, smollm2_tokenizer, smol
                         "ctl",
                         "--controller",
                         f"127.0.0.1:{controller_port}",
+                        *flags,
                         "set",
                         "smartspec",
                     ],

@@ -22,7 +22,7 @@ from kubernetes_validate.utils import all_versions
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-KUSTOMIZATIONS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu"}
+KUSTOMIZATIONS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "mtls": K8S / "overlays" / "mtls"}
 
 # Native gRPC probes are GA since 1.27; 1.32 matches the kubectl used here.
 KUBERNETES_VERSION = "1.32.0"
@@ -88,7 +88,16 @@ def verifier_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controller", required=True)
     parser.add_argument("--verifier-id", required=True)
     parser.add_argument("--cost-profile", default="calibrate")
+    add_server_tls(parser)
+    for flag in ("--tls-ca", "--tls-client-cert", "--tls-client-key", "--tls-server-name"):
+        parser.add_argument(flag)
     return parser
+
+
+def add_server_tls(parser: argparse.ArgumentParser) -> None:
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
+        parser.add_argument(flag)
+    parser.add_argument("--health-port", type=int, default=0)
 
 
 def proposer_arg_parser() -> argparse.ArgumentParser:
@@ -101,6 +110,7 @@ def proposer_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    add_server_tls(parser)
     return parser
 
 
@@ -113,6 +123,7 @@ def controller_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", type=policy, required=True)
     parser.add_argument("--proposers", default=None)
     parser.add_argument("--push-interval-s", type=float, default=1.0)
+    add_server_tls(parser)
     return parser
 
 
@@ -334,9 +345,15 @@ def test_base_runs_on_cpu(component):
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_probes_use_native_grpc_on_the_grpc_port(name, component):
+    """On the gRPC port, or, where that port speaks TLS (which kubelet probes cannot), on the
+    plaintext health port the server opens for them."""
     container = component_container(rendered(name), component)
-    port = container_port(container, "grpc")
-    assert port == GRPC_PORTS[component]
+    assert container_port(container, "grpc") == GRPC_PORTS[component]
+    args = parse_args(component, container["args"])
+    port = GRPC_PORTS[component]
+    if args.tls_cert:
+        port = container_port(container, "health")
+        assert args.health_port == port and port != GRPC_PORTS[component]
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container.get(probe_name)
         assert probe, f"{probe_name} missing"
@@ -803,3 +820,42 @@ def test_real_policy_parser_accepts_the_deployed_policies():
     )
     assert result.returncode == 0, f"a deployed policy is rejected:\n{result.stderr[-2000:]}"
     assert "off" not in json.loads(result.stdout), "deployed with speculation off"
+
+
+# --- mTLS (k8s/components/mtls) -------------------------------------------------
+
+TLS_DIR = "/etc/smartspec/tls"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_mtls_serves_from_the_mounted_secret_and_requires_client_certificates(component):
+    objects = rendered("mtls")
+    container = component_container(objects, component)
+    args = parse_args(component, container["args"])
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (
+        f"{TLS_DIR}/tls.crt",
+        f"{TLS_DIR}/tls.key",
+        f"{TLS_DIR}/ca.crt",
+    )
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["tls"]["mountPath"] == TLS_DIR and mounts["tls"]["readOnly"]
+    pod = find(objects, "Deployment", COMPONENTS[component])["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "smartspec-tls"
+    assert {"tmp"} <= set(volumes) and {"tmp"} <= set(mounts), "the base's own volumes stay"
+    # Readable by the pod's group (fsGroup), by no one else.
+    assert volumes["tls"]["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"]
+    if component == "verifier":  # it dials the proposers and the controller with the same certificate
+        assert (args.tls_ca, args.tls_client_cert, args.tls_client_key) == (
+            f"{TLS_DIR}/ca.crt",
+            f"{TLS_DIR}/tls.crt",
+            f"{TLS_DIR}/tls.key",
+        )
+
+
+@needs_kubectl
+def test_mtls_leaves_the_base_alone():
+    for component in COMPONENTS:
+        args = parse_args(component, component_container(rendered("base"), component)["args"])
+        assert args.tls_cert is None and args.health_port == 0

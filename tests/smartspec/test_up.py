@@ -42,3 +42,19 @@ def test_device_dtype_and_draft_confidence_reach_the_processes():
     assert "--min-confidence" not in up.commands(parse("--ngram"))[0][0]
     with pytest.raises(ValueError, match="needs a draft model"):
         up.commands(parse("--ngram", "--draft-min-confidence", "0.4"))
+
+
+def test_tls_gives_every_process_its_certificate_and_the_verifier_a_client_one(tmp_path):
+    from smartspec.certs import local_ca
+
+    certs = {"ca": tmp_path / "ca.pem", **local_ca(tmp_path, ["smartspec", "client"])}
+    procs = [cmd for cmd, _ in up.commands(parse("--ngram"), certs)]
+    cert, key = (str(p) for p in certs["smartspec"])
+    for cmd in procs:
+        assert cmd[cmd.index("--tls-cert") + 1] == cert and cmd[cmd.index("--tls-key") + 1] == key
+        assert cmd[cmd.index("--tls-client-ca") + 1] == str(certs["ca"])  # mTLS: every server asks
+    verifier = procs[-1]
+    assert verifier[verifier.index("--tls-ca") + 1] == str(certs["ca"])
+    assert verifier[verifier.index("--tls-client-cert") + 1] == cert
+    assert all("--tls-cert" not in cmd for cmd, _ in up.commands(parse("--ngram")))  # plaintext by default
+    assert (tmp_path / "client.key").stat().st_mode & 0o077 == 0  # keys readable by their owner only

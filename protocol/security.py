@@ -1,0 +1,264 @@
+"""Transport security and credentials for every SmartSpec hop.
+
+- Servers: TLS from `--tls-cert/--tls-key`; with `--tls-client-ca` a client must present a
+  certificate signed by that CA (mTLS). The files are re-read when they change, at the next
+  handshake, so a rotated Kubernetes Secret takes effect without a restart.
+- Clients: `--tls-ca` (the CA that signed the server) and optionally
+  `--tls-client-cert/--tls-client-key`; without `--tls-ca` a client speaks plaintext.
+- Bearer tokens: a server may require one per method (`TokenAuth`): tokens are read from
+  files, one per line, re-read when the file changes, and compared in constant time. A
+  call without a known token gets UNAUTHENTICATED; a known token without the method's role
+  gets PERMISSION_DENIED; neither says more. Health and reflection stay open: probes
+  carry no credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class WatchedFiles:
+    """Files read together, again only once one of them has changed (size, mtime or inode:
+    a Secret volume swaps a symlink, so the path's target changes)."""
+
+    def __init__(self, *paths: str):
+        self.paths = paths
+        self._stamp: tuple | None = None
+
+    def _current(self) -> tuple:
+        stats = [os.stat(p) for p in self.paths]
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def changed(self) -> bool:
+        try:
+            return self._current() != self._stamp
+        except OSError:  # mid-swap: keep what was loaded
+            return False
+
+    def read(self) -> list[bytes]:
+        stamp = self._current()
+        contents = [Path(p).read_bytes() for p in self.paths]
+        self._stamp = stamp
+        return contents
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate chain: serve TLS"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str | None = field(
+        default=None, metadata={"help": "PEM CA bundle: require client certificates signed by it (mTLS)"}
+    )
+
+    def check(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """Credentials that re-read the files whenever they change; None: plaintext."""
+        self.check()
+        if not self.tls_cert:
+            return None
+        paths = [self.tls_key, self.tls_cert] + ([self.tls_client_ca] if self.tls_client_ca else [])
+        files = WatchedFiles(*paths)
+
+        def configuration():
+            key, cert, *ca = files.read()
+            return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca[0] if ca else None)
+
+        def fetch():
+            if not files.changed():
+                return None
+            try:
+                config = configuration()
+            except (OSError, ValueError) as exc:
+                log.warning("TLS files changed but cannot be read (%s); keeping the loaded ones", exc)
+                return None
+            log.info("TLS certificate files changed: new connections use the new ones")
+            return config
+
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(), fetch, require_client_authentication=bool(self.tls_client_ca)
+        )
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    tls_ca: str | None = field(default=None, metadata={"help": "PEM CA bundle that signed the servers: use TLS"})
+    tls_client_cert: str | None = field(default=None, metadata={"help": "PEM client certificate (for mTLS)"})
+    tls_client_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-client-cert"})
+    tls_server_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "the name to check the server's certificate against (default: the host dialed; "
+            "proposers found by DNS are checked against that DNS name, not their pod IPs)"
+        },
+    )
+
+    def check(self) -> None:
+        if bool(self.tls_client_cert) != bool(self.tls_client_key):
+            raise ValueError("--tls-client-cert and --tls-client-key go together")
+        if self.tls_client_cert and not self.tls_ca:
+            raise ValueError("--tls-client-cert needs --tls-ca")
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Read now: a channel made later (a reconnection) reads the files again."""
+        self.check()
+        if not self.tls_ca:
+            return None
+        ca = Path(self.tls_ca).read_bytes()
+        if self.tls_client_cert:
+            key, cert = Path(self.tls_client_key).read_bytes(), Path(self.tls_client_cert).read_bytes()
+            return grpc.ssl_channel_credentials(ca, key, cert)
+        return grpc.ssl_channel_credentials(ca)
+
+    def _options(self, server_name: str | None) -> list[tuple[str, str]]:
+        name = self.tls_server_name or server_name
+        return [("grpc.ssl_target_name_override", name)] if name else []
+
+    def aio_channel(self, target: str, server_name: str | None = None) -> grpc.aio.Channel:
+        """`server_name`: what to check the certificate against when --tls-server-name is unset."""
+        credentials = self.credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(target, credentials, options=self._options(server_name))
+
+    def channel(self, target: str, server_name: str | None = None) -> grpc.Channel:
+        credentials = self.credentials()
+        if credentials is None:
+            return grpc.insecure_channel(target)
+        return grpc.secure_channel(target, credentials, options=self._options(server_name))
+
+
+def read_token(path: str | None) -> str | None:
+    """The first non-empty line of a token file (None: no file)."""
+    if not path:
+        return None
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            return line.strip()
+    raise ValueError(f"{path}: no token in the file")
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the token (none without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class TokenFile:
+    """The tokens of a file (one per line, `#` comments), re-read when it changes. Only their
+    digests are kept; a presented token is digested and compared with each in constant time."""
+
+    def __init__(self, path: str):
+        self.files = WatchedFiles(path)
+        self.digests: list[bytes] = []
+        self._reload()
+        if not self.digests:
+            raise ValueError(f"{path}: no tokens in the file")
+
+    def _reload(self) -> None:
+        (text,) = self.files.read()
+        lines = (line.strip() for line in text.decode().splitlines())
+        self.digests = [_digest(t) for t in lines if t and not t.startswith("#")]
+
+    def accepts(self, token: str) -> bool:
+        if self.files.changed():
+            try:
+                self._reload()
+            except OSError:
+                pass
+        presented = _digest(token)
+        found = False
+        for d in self.digests:  # no early exit: the time does not say which token matched
+            found |= hmac.compare_digest(presented, d)
+        return found
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Methods guarded by bearer tokens: `rules` maps a method's full name (or a service's,
+    `/package.Service/`) to the roles allowed to call it; `roles` maps a role to its tokens.
+    Methods no rule names are open."""
+
+    def __init__(self, roles: dict[str, TokenFile], rules: dict[str, tuple[str, ...]]):
+        self.roles, self.rules = roles, rules
+
+    def required(self, method: str) -> tuple[str, ...] | None:
+        if method in self.rules:
+            return self.rules[method]
+        return self.rules.get(method[: method.rfind("/") + 1])
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        allowed = self.required(details.method)
+        if allowed is None:
+            return await continuation(details)
+        token = _presented(details.invocation_metadata or ())
+        held = {role for role, tokens in self.roles.items() if token is not None and tokens.accepts(token)}
+        if not held:
+            return _refusal(await continuation(details), grpc.StatusCode.UNAUTHENTICATED, "missing or unknown token")
+        if not held & set(allowed):
+            return _refusal(await continuation(details), grpc.StatusCode.PERMISSION_DENIED, "not allowed")
+        return await continuation(details)
+
+
+def token_auth(rules: dict[str, tuple[str, ...]], **files: str | None) -> TokenAuth | None:
+    """Guards for the roles that have a token file (`role=path`); a rule whose roles have none
+    stays open, and with no file at all there is nothing to guard (None). `rules` name a
+    service (`package.Service`, every method) or a method (`/package.Service/Method`)."""
+    roles = {role: TokenFile(path) for role, path in files.items() if path}
+    active = {}
+    for target, allowed in rules.items():
+        held = tuple(r for r in allowed if r in roles)
+        if held:
+            active[target if target.startswith("/") else f"/{target}/"] = held
+    return TokenAuth(roles, active) if active else None
+
+
+def _presented(metadata) -> str | None:
+    for key, value in metadata:
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer ") :].strip()
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str):
+    """A handler of the same shape as the method's that ends the call with `code`."""
+
+    async def unary(request_or_iterator, context):
+        await context.abort(code, message)
+
+    async def streaming(request_or_iterator, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler is None:
+        return None
+    make: Callable
+    if handler.request_streaming and handler.response_streaming:
+        make, behaviour = grpc.stream_stream_rpc_method_handler, streaming
+    elif handler.request_streaming:
+        make, behaviour = grpc.stream_unary_rpc_method_handler, unary
+    elif handler.response_streaming:
+        make, behaviour = grpc.unary_stream_rpc_method_handler, streaming
+    else:
+        make, behaviour = grpc.unary_unary_rpc_method_handler, unary
+    return make(
+        behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
