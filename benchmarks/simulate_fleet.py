@@ -15,7 +15,9 @@ output tokens per second over N + M GPUs.
 The demand: replica-seconds of drafting per second of the run (`proposer_demand`), read
 where proposers are plentiful (M = N); the replicas it implies at 70% target use are
 ceil(demand / 0.7), the number an autoscaler on that signal would hold. Then one replica
-of two goes down for a third of a run. Writes results.json, table.md and fleet.png.
+of two goes down for a third of a run; and drafting pinned per request (what the
+verifier's proposer client does) is set against a verifier's whole batch on one replica.
+Writes results.json, table.md and fleet.png.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ DRAFT = DraftCost(step_ms=3.3, per_token_ms=0.0, hop_ms=0.5, deadline_ms=100.0)
 TARGET_USE = 0.7
 
 
-def run_point(profile, rate, policy, seed, verifiers, proposers, args, outages=()) -> dict:
+def run_point(profile, rate, policy, seed, verifiers, proposers, args, outages=(), pin="request") -> dict:
     """`proposers` 0: no replicas at all (off drafts nothing; the fleet's one idle replica is not counted)."""
     workload = Workload(rate, args.requests_per_verifier * verifiers, (64, 512), (64, 256))
-    fleet = Fleet(verifiers, max(proposers, 1), outages)
+    fleet = Fleet(verifiers, max(proposers, 1), outages, pin=pin)
     start = time.perf_counter()
     requests, totals = simulate(profile, workload, policy, AcceptanceModel(args.acceptance), DRAFT, seed, fleet=fleet)
     wall = time.perf_counter() - start
@@ -57,6 +59,7 @@ def run_point(profile, rate, policy, seed, verifiers, proposers, args, outages=(
         "seed": seed,
         "verifiers": verifiers,
         "proposers": proposers,
+        "pin": pin,
         "mean_e2e_ms": 1e3 * statistics.fmean(r.finish_s - r.arrival_s for r in requests),
         "goodput_per_gpu": tokens / span / (verifiers + proposers * args.proposer_gpus),
         "proposer_demand": totals["proposer_demand"],
@@ -117,6 +120,13 @@ def main() -> None:
                 p = run_point(profile, rate, "smartspec", seed, n, 2, args, outages)
                 p["outage"] = bool(outages)
                 outage_points.append(p)
+    # Pinning: the proposer client's rendezvous per request against a verifier's whole batch on one replica.
+    pin_points = [
+        run_point(profile, rate, "smartspec", seed, n, max(replicas), args, pin=pin)
+        for seed in range(args.seeds)
+        for rate in rates
+        for pin in ("request", "verifier")
+    ]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -128,13 +138,14 @@ def main() -> None:
         "points": points,
         "implied_replicas": implied,
         "outage": outage_points,
+        "pinning": pin_points,
     }
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    write_table(out, points, implied, outage_points, rates, policies, replicas, n)
+    write_table(out, points, implied, outage_points, pin_points, rates, policies, replicas, n)
     plot(out, points, rates, policies, replicas)
 
 
-def write_table(out, points, implied, outage_points, rates, policies, replicas, n) -> None:
+def write_table(out, points, implied, outage_points, pin_points, rates, policies, replicas, n) -> None:
     lines = [
         f"Mean end-to-end latency (s) / goodput per GPU (tokens/s), {n} verifiers, M proposer replicas; medians:",
         "",
@@ -174,6 +185,20 @@ def write_table(out, points, implied, outage_points, rates, policies, replicas, 
         down = median_of(outage_points, "mean_e2e_ms", rate=rate, outage=True)
         failed = median_of(outage_points, "proposer_failures", rate=rate, outage=True)
         lines.append(f"| {rate} | {healthy / 1e3:.2f} | {down / 1e3:.2f} | {failed:.0f} |")
+    lines += [
+        "",
+        f"smartspec, M={max(replicas)}: drafting pinned per request (the proposer client) or per verifier (medians):",
+        "",
+        "| rate | per request: mean (s) / demand | per verifier: mean (s) / demand |",
+        "|---|---|---|",
+    ]
+    for rate in rates:
+        cells = [
+            f"{median_of(pin_points, 'mean_e2e_ms', rate=rate, pin=pin) / 1e3:.2f} / "
+            f"{median_of(pin_points, 'proposer_demand', rate=rate, pin=pin):.2f}"
+            for pin in ("request", "verifier")
+        ]
+        lines.append(f"| {rate} | " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

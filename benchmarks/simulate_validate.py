@@ -3,7 +3,7 @@
     python benchmarks/simulate_validate.py [--workload draft-chat-code|ngram-grounded|both]
         [--rates 0.5,2,4] [--repeats 3] [--num-requests 10] [--max-new-tokens 48] [--sim-seeds 3]
         [--resimulate]   # only the simulated half, from the live data already in the output dir
-        [--fit-on all]   # a diagnostic: costs fitted on every step, the sweep's own included
+        [--fit-on preceding|profiling|all]
 
 Live: `smartspec up` (proposer, controller, verifier with --step-log) on this machine.
 First a profiling load on other prompts and arrivals (seed 1000; off, fixed:2 and fixed:4,
@@ -13,9 +13,12 @@ controller), each request's speculative rounds traced.
 
 Simulated: for every live point, `simulator.run.simulate` replays that point's requests
 (send times, prompt and output tokens) through the engine's own step loop, with
-- the target's step time, the proposer's cost and the host's work per step fitted on the
-  profiling load's steps only (`simulator.trace.fit_step_log`), and the verifier's cache
-  and scheduler settings from its log;
+- the target's step time, the proposer's cost and the host's work per step fitted
+  (`simulator.trace.fit_step_log`) on the 600 steps the verifier logged just before the
+  point started, under other policies and rates, never on the point's own: on shared
+  cores the host's speed drifts by 10-30% within a sweep, and a profile from its start
+  would misjudge its end (`--fit-on profiling` does that; `--fit-on all` fits on every
+  step, a diagnostic); the verifier's cache and scheduler settings come from its log;
 - each request's acceptance per draft position from its traced rounds, pooled over the
   sweep's points of that repetition (`simulator.trace.acceptance`): an input, like the
   cost; what is predicted is queueing, batching, the planner's choices and latency.
@@ -23,7 +26,7 @@ Each point is simulated with `--sim-seeds` seeds (the acceptance draws) and aver
 
 Reported per point: live and simulated mean end-to-end latency and their ratio; per rate,
 the ranking of policies by the median over repetitions, live and simulated. Writes
-live.json, steps.jsonl, results.json, table.md and validation.png per workload.
+live.json, steps.jsonl.gz, results.json, table.md and validation.png per workload.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import gzip
 import json
 import signal
 import statistics
@@ -59,6 +63,7 @@ PROFILE_RATES = [0.5, 4.0]
 PROFILE_REQUESTS = 8
 PROFILE_SEED = 1000  # other prompts and arrivals than the sweep's
 TOLERANCE = 0.15
+PRECEDING_STEPS = 600  # steps before a point that its costs are fitted on (--fit-on preceding)
 # Live medians closer than this are a tie for the ranking: one point's repetitions spread wider.
 TIE = 0.05
 PROPOSER_DEADLINE_MS = 100.0  # the verifier's default --proposer-deadline-ms
@@ -89,6 +94,8 @@ def run_live(name: str, args, out: Path) -> None:
     finally:
         stack.send_signal(signal.SIGTERM)
         stack.wait(timeout=180)
+    (out / "steps.jsonl.gz").write_bytes(gzip.compress(log.read_bytes()))
+    log.unlink()
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -105,18 +112,29 @@ def run_live(name: str, args, out: Path) -> None:
     (out / "live.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def profiling_steps(log: StepLog, before: float) -> StepLog:
-    keep = [i for i, end in enumerate(log.ends) if end < before]
+def steps_before(log: StepLog, before: float, last: int | None = None) -> StepLog:
+    """The steps that ended before `before` (the last `last` of them)."""
+    keep = [i for i, end in enumerate(log.ends) if end < before][-last if last else None :]
     return StepLog(log.config, [log.steps[i] for i in keep], [log.ends[i] for i in keep])
 
 
-def run_simulated(live: dict, log: StepLog, seeds: int, fit_on: str = "profiling") -> tuple[list[dict], dict]:
-    fit = fit_step_log(
-        profiling_steps(log, live["sweep_start"]) if fit_on == "profiling" else log, PROPOSER_DEADLINE_MS
-    )
+def steps_for(point: dict, live: dict, log: StepLog, fit_on: str) -> StepLog:
+    """What a point's costs are fitted on: the profiling load; every step of the run (a
+    diagnostic, the point's own steps included); or the steps just before the point started,
+    under other policies and rates, which follow a shared host's speed as it drifts."""
+    if fit_on == "profiling":
+        return steps_before(log, live["sweep_start"])
+    if fit_on == "all":
+        return log
+    return steps_before(log, point["started_at"], PRECEDING_STEPS)
+
+
+def run_simulated(live: dict, log: StepLog, seeds: int, fit_on: str = "preceding") -> tuple[list[dict], dict]:
     workloads = replays(live)
-    points = []
+    points, fits = [], []
     for p in live["points"]:
+        fit = fit_step_log(steps_for(p, live, log, fit_on), PROPOSER_DEADLINE_MS)
+        fits.append(fit)
         means = []
         for seed in range(seeds):
             requests, _ = simulate(
@@ -124,15 +142,24 @@ def run_simulated(live: dict, log: StepLog, seeds: int, fit_on: str = "profiling
                 acceptance(live, p["repeat"]), fit.draft, seed, fit.cache, fit.scheduler, fit.host_ms,
             )  # fmt: skip
             means.append(np.mean([1e3 * (r.finish_s - r.arrival_s) for r in requests]))
-        points.append({**{k: p[k] for k in ("rate", "policy", "repeat")}, "mean_e2e_ms": float(np.mean(means))})
+        points.append(
+            {
+                **{k: p[k] for k in ("rate", "policy", "repeat")},
+                "mean_e2e_ms": float(np.mean(means)),
+                # The fitted batch-1 decode step: how fast the host was around this point.
+                "decode_ms": float(fit.cost.verify_ms(1, 1, 200)),
+            }
+        )
     fitted = {
-        "verify_ms_at_knots": list(fit.cost.verify_ms_at_knots),
-        "verify_ms_per_request": fit.cost.verify_ms_per_request,
-        "verify_ms_per_kv_token": fit.cost.verify_ms_per_kv_token,
-        "draft": {"step_ms": fit.draft.step_ms, "per_token_ms": fit.draft.per_token_ms, "hop_ms": fit.draft.hop_ms},
-        "host_ms": fit.host_ms,
-        "profiling_steps": len(fit.profile),
         "fit_on": fit_on,
+        "profiling_steps": int(np.median([len(f.profile) for f in fits])),
+        "host_ms": float(np.median([f.host_ms for f in fits])),
+        "draft": {
+            "step_ms": float(np.median([f.draft.step_ms for f in fits])),
+            "per_token_ms": float(np.median([f.draft.per_token_ms for f in fits])),
+            "hop_ms": float(np.median([f.draft.hop_ms for f in fits])),
+        },
+        "decode_ms_range": [min(p["decode_ms"] for p in points), max(p["decode_ms"] for p in points)],
     }
     return points, fitted
 
@@ -189,9 +216,10 @@ def write_table(out: Path, res: dict, name: str = "table.md") -> None:
     lines = [
         f"### {res['workload']}",
         "",
-        f"Fitted on {fit['profiling_steps']} steps ({fit['fit_on']}): host {fit['host_ms']:.2f} ms/step, "
-        f"draft step {fit['draft']['step_ms']:.2f} ms + {fit['draft']['per_token_ms']:.2f} ms/token, "
-        f"hop {fit['draft']['hop_ms']:.2f} ms.",
+        f"Costs fitted on {fit['fit_on']} steps ({fit['profiling_steps']} per point, median): host "
+        f"{fit['host_ms']:.2f} ms/step, draft step {fit['draft']['step_ms']:.2f} ms + "
+        f"{fit['draft']['per_token_ms']:.2f} ms/token, hop {fit['draft']['hop_ms']:.2f} ms; the batch-1 "
+        f"decode step {fit['decode_ms_range'][0]:.1f}-{fit['decode_ms_range'][1]:.1f} ms across the points.",
         "",
         "| rate | policy | live mean (s), per repetition | simulated | simulated / live |",
         "|---|---|---|---|---|",
@@ -256,7 +284,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=52051)
     parser.add_argument("--resimulate", action="store_true", help="reuse live.json and steps.jsonl")
     parser.add_argument(
-        "--fit-on", default="profiling", choices=["profiling", "all"], help="steps the costs are fitted on"
+        "--fit-on",
+        default="preceding",
+        choices=["preceding", "profiling", "all"],
+        help="steps each point's costs are fitted on: the 600 before it started, the profiling load, or all",
     )
     parser.add_argument("--output-dir", default="benchmarks/results")
     args = parser.parse_args()
@@ -267,7 +298,7 @@ def main() -> None:
             run_live(name, args, out)
         live = json.loads((out / "live.json").read_text())
         start = time.perf_counter()
-        simulated, fitted = run_simulated(live, read_step_log(str(out / "steps.jsonl")), args.sim_seeds, args.fit_on)
+        simulated, fitted = run_simulated(live, read_step_log(str(out / "steps.jsonl.gz")), args.sim_seeds, args.fit_on)
         res = {
             "workload": name,
             "live_date": live["date"],
@@ -278,7 +309,7 @@ def main() -> None:
             "simulate_wall_s": time.perf_counter() - start,
             "comparison": compare(live, simulated),
         }
-        suffix = "" if args.fit_on == "profiling" else "_fit_on_all"
+        suffix = "" if args.fit_on == "preceding" else f"_fit_on_{args.fit_on}"
         (out / f"results{suffix}.json").write_text(json.dumps(res, indent=1) + "\n")
         write_table(out, res, f"table{suffix}.md")
         plot(out, live, simulated, f"validation{suffix}.png")

@@ -5,7 +5,7 @@ per request before the step, "ms": forward time}`, either at the top level
 (`{"rows": [...]}`, what `smartspec verifier` calibration writes) or per model
 (`{"models": {name: {"rows": [...]}}}`, as in the GPU profiles measured offline).
 
-A step log (`.jsonl`, what `smartspec verifier --step-log` writes) is a profile too: a
+A step log (`.jsonl`, or `.jsonl.gz` compressed; what `smartspec verifier --step-log` writes) is a profile too: a
 first line `{"config": ...}` with the engine's cache and scheduler settings, then one
 `StepRecord` per line with `at`, the monotonic time (s) the step ended. Its steps are
 what the verifier really did under load, host work and sampling included.
@@ -13,6 +13,7 @@ what the verifier really did under load, host work and sampling included.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,8 +45,11 @@ class StepLog:
 
 
 def read_step_log(path: str) -> StepLog:
+    """A step log, plain or gzip-compressed (`.gz`)."""
     config, steps, ends = {}, [], []
-    for line in Path(path).read_text().splitlines():
+    raw = Path(path).read_bytes()
+    text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode()
+    for line in text.splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
@@ -62,7 +66,7 @@ def read_step_log(path: str) -> StepLog:
 def load_profile(path: str) -> list[StepRecord]:
     """`path` or `path#model` for a file with several models; a `.jsonl` step log gives its steps."""
     file, _, model = path.partition("#")
-    if file.endswith(".jsonl"):
+    if file.endswith((".jsonl", ".jsonl.gz")):
         return read_step_log(file).steps
     data = json.loads(Path(file).read_text())
     if "rows" in data:

@@ -13,14 +13,15 @@ import argparse
 import asyncio
 import json
 import statistics
+import time
 from pathlib import Path
-
-import grpc
 
 from controller.policy import Mode, Policy
 from protocol.v1 import controller_pb2_grpc
+from smartspec import dial
 from smartspec.bench import positive_float, run_benchmark
 from smartspec.ctl import set_request
+from smartspec.dial import Dial
 from smartspec.prompts import load_prompts
 
 POLICY_SETTLE_S = 0.5  # a pushed policy reaches verifiers in milliseconds; this is margin
@@ -33,9 +34,10 @@ def check_policies(policies: list[str], controller: str | None) -> None:
             raise ValueError(f"policy {text!r} is set through the controller: give --controller")
 
 
-async def set_policy(controller: str, policy: str) -> None:
-    async with grpc.aio.insecure_channel(controller) as channel:
-        await controller_pb2_grpc.ControllerStub(channel).SetPolicy(set_request(policy), timeout=10)
+async def set_policy(controller: str, policy: str, how: Dial = Dial()) -> None:
+    async with how.aio_channel(controller) as channel:
+        stub = controller_pb2_grpc.ControllerStub(channel)
+        await stub.SetPolicy(set_request(policy), timeout=10, metadata=how.metadata)
     await asyncio.sleep(POLICY_SETTLE_S)
 
 
@@ -52,7 +54,10 @@ async def run_sweep(
     temperature: float = 0.0,
     seed: int = 0,
     log=print,
+    how: Dial = Dial(),
+    admin: Dial = Dial(),
 ) -> list[dict]:
+    """`how`: how to reach the target; `admin`: how to reach the controller (an admin token)."""
     check_policies(policies, controller)
     points = []
     for rate in rates:
@@ -60,7 +65,8 @@ async def run_sweep(
             shift = rep % len(policies)
             for policy in policies[shift:] + policies[:shift]:
                 if controller:
-                    await set_policy(controller, policy)
+                    await set_policy(controller, policy, admin)
+                started = time.monotonic()
                 result = await run_benchmark(
                     target,
                     prompts,
@@ -72,6 +78,7 @@ async def run_sweep(
                     speculation="auto" if controller else policy,
                     seed=seed + rep,
                     progress=False,
+                    how=how,
                 )
                 s = result["summary"]
                 point = {
@@ -86,6 +93,9 @@ async def run_sweep(
                     "output_throughput": s["output_throughput"],
                     "errors": s["errors"],
                     "requests": [_trace(r) for r in result["requests"]],
+                    # Monotonic (system-wide) times: a verifier's step log lines up with them.
+                    "started_at": started,
+                    "ended_at": time.monotonic(),
                 }
                 points.append(point)
                 log(
@@ -175,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
                 controller=args.controller,
                 temperature=args.temperature,
                 seed=args.seed,
+                how=dial.from_args(args),
+                admin=dial.from_args(args, args.controller_token_file or ""),
             )
         )
     except ValueError as e:

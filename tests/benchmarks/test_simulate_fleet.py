@@ -22,4 +22,5 @@ def test_simulate_fleet_reports_goodput_per_gpu_demand_and_an_outage(tmp_path):
     assert set(res["implied_replicas"]) == {"8.0/fixed:3", "8.0/smartspec"}
     assert all(v["replicas"] >= 1 for v in res["implied_replicas"].values())
     assert [p["outage"] for p in res["outage"]] == [False, True]
+    assert [p["pin"] for p in res["pinning"]] == ["request", "verifier"]
     assert (tmp_path / "table.md").exists() and (tmp_path / "fleet.png").exists()

@@ -5,6 +5,7 @@ cost 20 ms + 1 ms a batched token, and a sweep whose latencies are what that cos
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def recorded_run(out: Path) -> None:
         )
         t += (record.step_ms + 0.2) / 1e3
         lines.append(step_line(record, t))
-    (out / "steps.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "steps.jsonl.gz").write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
     points = []
     for rate in (1.0, 4.0):
         for policy in POLICIES:
@@ -46,7 +47,9 @@ def recorded_run(out: Path) -> None:
                  "ttft_ms": 30.0, "rounds": rounds, "error": None}
                 for i in range(6)
             ]  # fmt: skip
-            points.append({"rate": rate, "policy": policy, "repeat": 0, "mean_e2e_ms": 600.0, "requests": requests})
+            started = t + 1.0 + len(points)  # after every logged step: each point fits on all 400
+            points.append({"rate": rate, "policy": policy, "repeat": 0, "mean_e2e_ms": 600.0, "requests": requests,
+                           "started_at": started, "ended_at": started + 0.5})  # fmt: skip
     live = {"date": "2026-12-01T00:00:00", "machine": {}, "workload": "draft-chat-code", "rates": [1.0, 4.0],
             "policies": POLICIES, "sweep_start": t + 1.0, "points": points}  # fmt: skip
     (out / "live.json").write_text(json.dumps(live))

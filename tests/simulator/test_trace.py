@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -110,6 +111,9 @@ def test_a_step_log_round_trips_and_is_a_profile(tmp_path):
     log = read_step_log(str(path))
     assert log.steps == steps and log.ends == [5.0, 6.0] and log.config == config
     assert load_profile(str(path)) == steps
+    packed = tmp_path / "steps.jsonl.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    assert read_step_log(str(packed)) == log
 
 
 def test_fit_takes_the_targets_cost_the_drafts_cost_and_the_hosts_work_from_the_log():
