@@ -84,8 +84,11 @@ class Controller:
     async def _push_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.config.push_interval_s)
-            if self.state.refresh():
-                self.servicer.broadcast_policy()
+            try:
+                if self.state.refresh():
+                    self.servicer.broadcast_policy()
+            except Exception:  # a bad refit skips one push; it must not end the pushes for good
+                log.exception("refitting or pushing the policy failed; trying again next interval")
 
     async def stop(self) -> None:
         self._pusher.cancel()

@@ -20,6 +20,8 @@ import logging
 import secrets
 import time
 
+import numpy as np
+
 from controller.policy import MAX_K, Policy
 from controller.step import StepRecord
 from engine.config import EngineConfig
@@ -34,6 +36,7 @@ from runtime.rejection import Verified
 from runtime.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
+PROB_SLACK = 1e-3  # float rounding in a draft distribution's sum that is still a distribution
 
 
 class Engine:
@@ -75,6 +78,7 @@ class Engine:
         self._deferred_aborts: set[str] = set()
         self._step_ids = itertools.count(1)
         self.last_step: StepRecord | None = None
+        self.consecutive_failures = 0  # steps in a row that failed (reset by one that completes)
 
     # -- requests -----------------------------------------------------------
 
@@ -128,10 +132,19 @@ class Engine:
 
     async def step(self) -> list[RequestOutput]:
         """One step over the scheduled batch; its record is `last_step` afterwards (None when it
-        failed). A failing forward pass ends the batch's requests with FinishReason.ERROR, not the caller."""
+        failed). Failures stay as small as they can be attributed: a request whose own work
+        fails (its logits, its output) ends alone with FinishReason.ERROR; a failing forward
+        pass or proposal bookkeeping ends the step's requests; a failing schedule ends nothing
+        (the step is skipped). None reaches the caller; `consecutive_failures` counts steps in
+        a row that failed, for the server to give up on an engine that cannot recover."""
         start = self._timer()
         self.last_step = None
-        sched = self._schedule()
+        try:
+            sched = self._schedule()
+        except Exception:
+            log.exception("scheduling failed; skipping this step")
+            self.consecutive_failures += 1
+            return []
         self._stepping = True
         try:
             proposal, propose_ms = await self._propose(sched)
@@ -143,6 +156,7 @@ class Engine:
             verify_ms = (self._timer() - forward_start) * 1e3
         except Exception as exc:  # a bug or device error must not take the server down
             log.exception("engine step failed; dropping its %d requests", len(sched.items))
+            self.consecutive_failures += 1
             return self._fail(sched, exc)
         except asyncio.CancelledError:  # the caller is stopping: what was aborted meanwhile goes now
             self._stepping = False
@@ -174,12 +188,16 @@ class Engine:
             step_ms=(self._timer() - start) * 1e3,
         )
         if self.proposer is not None:  # without one there is nothing to plan
-            self.planner.observe(record)
+            try:
+                self.planner.observe(record)
+            except Exception:  # the planner learns one step less; requests are not at stake
+                log.exception("the planner could not learn from step %d", record.step_id)
         # Released after observing, so a request finishing now leaves no acceptance entry behind.
         for out in outputs:
             if out.finish_reason is not None:
                 self.planner.release(out.request_id)
         self._apply_deferred_aborts()
+        self.consecutive_failures = 0
         return outputs
 
     def _schedule(self) -> SchedulerOutput:
@@ -226,39 +244,63 @@ class Engine:
                 item.draft = Draft(draft.token_ids[: item.k], draft.probs[: item.k] if draft.probs else None)
 
     def _well_formed(self, draft: Draft) -> bool:
-        """A proposer's bug must not reach the target: ids in the vocabulary, one distribution per id."""
+        """A proposer's bug (or a rogue proposer) must not reach the target or bias sampling: ids
+        in the vocabulary, one distribution per id, each a sub-probability vector (finite,
+        non-negative, summing to at most 1) in whose support its drafted token lies."""
         if not all(0 <= t < self.vocab_size for t in draft.token_ids):
             return False
         if draft.probs is None:
             return True
-        return len(draft.probs) == len(draft.token_ids) and all(
-            len(ids) == len(ps) and all(0 <= i < self.vocab_size for i in ids) for ids, ps in draft.probs
-        )
+        if len(draft.probs) != len(draft.token_ids):
+            return False
+        for token, (ids, ps) in zip(draft.token_ids, draft.probs):
+            if len(ids) != len(ps):
+                return False
+            ids, ps = np.asarray(ids, dtype=np.int64), np.asarray(ps, dtype=np.float64)  # supports run to 10^4
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                return False
+            if not np.isfinite(ps).all() or (ps < 0).any() or ps.sum() > 1.0 + PROB_SLACK:
+                return False
+            if not (ps[ids == token] > 0).any():
+                return False
+        return True
 
     def _postprocess(self, sched: SchedulerOutput, results: list[Verified | None]) -> list[RequestOutput]:
         outputs = []
         now = self._now()
         for it, res in zip(sched.items, results):
-            self.scheduler.advance(it)
-            seq = it.seq
-            if it.k:
-                # Drafts beyond the accepted ones wrote KV that is no longer valid.
-                seq.num_computed += res.num_accepted if it.draft else 0
-                self.scheduler.rollback(seq, seq.num_computed)
-                if it.draft:
-                    seq.num_proposed += len(it.draft.token_ids)
-                    seq.num_accepted += res.num_accepted
-                    seq.num_spec_steps += 1
-                if seq.rounds is not None:
-                    drafted = len(it.draft.token_ids) if it.draft else 0
-                    seq.rounds.append((it.k, drafted, res.num_accepted if it.draft else 0))
-            if res is None or seq.request_id in self._deferred_aborts:  # prefill chunk, or aborted meanwhile
-                continue
-            seq.output_ids.extend(res.token_ids)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            outputs.append(self._emit(seq, res.token_ids))
+            try:
+                out = self._advance(it, res, now)
+            except Exception as exc:  # this request's bookkeeping or output; the others go on
+                log.exception("request %s failed in its own step work; ending it alone", it.seq.request_id)
+                out = self._fail_one(it.seq, f"request failed: {exc}")
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _advance(self, it, res: Verified | None, now: float) -> RequestOutput | None:
+        """One item's step: KV bookkeeping, speculation stats, its emitted tokens."""
+        seq = it.seq
+        if res is not None and res.error:
+            return self._fail_one(seq, res.error)
+        self.scheduler.advance(it)
+        if it.k:
+            # Drafts beyond the accepted ones wrote KV that is no longer valid.
+            seq.num_computed += res.num_accepted if it.draft else 0
+            self.scheduler.rollback(seq, seq.num_computed)
+            if it.draft:
+                seq.num_proposed += len(it.draft.token_ids)
+                seq.num_accepted += res.num_accepted
+                seq.num_spec_steps += 1
+            if seq.rounds is not None:
+                drafted = len(it.draft.token_ids) if it.draft else 0
+                seq.rounds.append((it.k, drafted, res.num_accepted if it.draft else 0))
+        if res is None or seq.request_id in self._deferred_aborts:  # prefill chunk, or aborted meanwhile
+            return None
+        seq.output_ids.extend(res.token_ids)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        return self._emit(seq, res.token_ids)
 
     def _emit(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         out = emit(seq, new_tokens, self._streams.get(seq.request_id), self.eos_token_ids)
@@ -267,20 +309,20 @@ class Engine:
         return out
 
     def _fail(self, sched: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
-        outputs = []
-        for it in sched.items:
-            seq = it.seq
-            if seq.request_id in self._seqs:
-                self._finish(seq)
-                self.planner.release(seq.request_id)
-                if seq.request_id not in self._deferred_aborts:
-                    outputs.append(
-                        RequestOutput(
-                            seq.request_id, [], "", FinishReason.ERROR, seq=seq, error=f"engine step failed: {exc}"
-                        )
-                    )
+        outputs = [self._fail_one(it.seq, f"engine step failed: {exc}") for it in sched.items]
         self._apply_deferred_aborts()
-        return outputs
+        return [o for o in outputs if o is not None]
+
+    def _fail_one(self, seq: Sequence, error: str) -> RequestOutput | None:
+        """Ends one request with FinishReason.ERROR, freeing its KV; None when it is gone already
+        or was aborted meanwhile (nobody waits for its output)."""
+        if seq.request_id not in self._seqs:
+            return None
+        self._finish(seq)
+        self.planner.release(seq.request_id)
+        if seq.request_id in self._deferred_aborts:
+            return None
+        return RequestOutput(seq.request_id, [], "", FinishReason.ERROR, seq=seq, error=error)
 
     def _apply_deferred_aborts(self) -> None:
         for request_id in self._deferred_aborts:

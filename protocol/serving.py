@@ -40,13 +40,20 @@ async def set_serving(health: HealthServicer, service_names: list[str]) -> None:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def until_signalled() -> None:
-    """Returns on SIGTERM or SIGINT (what Kubernetes and Ctrl-C send)."""
+async def until_signalled(failure: asyncio.Event | None = None) -> bool:
+    """Returns on SIGTERM or SIGINT (what Kubernetes and Ctrl-C send): False; or when `failure`
+    is set first: True."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait())]
+    if failure is not None:
+        waits.append(asyncio.ensure_future(failure.wait()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    return failure is not None and failure.is_set() and not stop.is_set()
 
 
 @dataclass(frozen=True)

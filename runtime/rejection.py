@@ -50,16 +50,34 @@ class SampleRequest:
 class Verified:
     token_ids: list[int]  # accepted drafts + the recovered or bonus token
     num_accepted: int
+    error: str = ""  # set when this request's logits could not be used: it emits nothing
+
+
+NOT_FINITE = "the target's logits for this request are not finite (NaN or +inf)"
 
 
 def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified]:
-    """logits: [sum(k_b + 1), V], request b's rows in order -> what each request emits."""
+    """logits: [sum(k_b + 1), V], request b's rows in order -> what each request emits.
+
+    A request with a NaN or +inf in any of its rows gets `error` and no tokens; the rest of the
+    batch is decided as if it were not there."""
     if not requests:
         return []
     ks = [len(r.draft.token_ids) if r.draft else 0 for r in requests]
     assert logits.shape[0] == sum(ks) + len(ks), (logits.shape, ks)
+    bad_row = ~(logits < float("inf")).all(dim=1)  # NaN compares False too; -inf is a masked token
+    owner = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks) + 1).to(logits.device)
+    bad = (
+        torch.zeros(len(ks), dtype=torch.long, device=logits.device).index_add_(0, owner, bad_row.long()).clamp_(max=1)
+    )
     if not any(ks) and all(r.params.greedy for r in requests):  # plain greedy decoding: the argmax is all
-        return [Verified([t], 0) for t in logits.argmax(dim=1).tolist()]
+        host = torch.stack([logits.argmax(dim=1), bad]).tolist()
+        return [Verified([], 0, NOT_FINITE) if b else Verified([t], 0) for t, b in zip(*host)]
+    # Softmax, sorting and the inverse CDF are per row, but a NaN row can index out of range
+    # and fail the batch: such rows become zeros. Checking costs one synchronisation; the copy
+    # is made only when one is there.
+    if bool(bad_row.any()):
+        logits = logits.masked_fill(bad_row.unsqueeze(1), 0.0)
     dev, width = logits.device, max(ks)
     starts, row = [], 0
     for k in ks:
@@ -96,8 +114,8 @@ def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified
         final = torch.where(is_sampled.bool(), _draw(probs[last], accepted, k, support, seed, position), final)
     out = torch.nn.functional.pad(drafts, (0, 1))
     out.scatter_(1, accepted.unsqueeze(1), final.unsqueeze(1))
-    host = torch.cat([out, accepted.unsqueeze(1)], dim=1).tolist()  # the step's one copy back
-    return [Verified(h[: h[-1] + 1], h[-1]) for h in host]
+    host = torch.cat([out, accepted.unsqueeze(1), bad.unsqueeze(1)], dim=1).tolist()  # the step's one copy back
+    return [Verified([], 0, NOT_FINITE) if h[-1] else Verified(h[: h[-2] + 1], h[-2]) for h in host]
 
 
 def _draft_support(requests: list[SampleRequest], width: int, dev) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
+# Below this a temperature decodes greedily: dividing logits by 1e-40 overflows float32, and
+# at 1e-5 the softmax is already one-hot to float32 precision for any realistic logit gap.
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # below MIN_TEMPERATURE (0 included): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no truncation
     seed: int | None = None
@@ -24,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -34,7 +38,7 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     """
     logits = logits.float()
     dev = logits.device
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev).unsqueeze(1)
+    temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev).unsqueeze(1)
     logits = logits / temps
     vocab = logits.shape[1]
     top_ks = [p.top_k for p in params]

@@ -8,6 +8,7 @@ itself, so streams keep flowing while the model computes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 
@@ -19,11 +20,28 @@ from engine.output import FinishReason, RequestOutput
 from runtime.sampler import SamplingParams
 from verifier_svc.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
+
+class EngineFailed(RuntimeError):
+    """The engine failed step after step: the process should go, for its supervisor to restart it."""
+
 
 class ServingLoop:
-    def __init__(self, engine: Engine, metrics: Metrics | None = None, keep_steps: int = 4096, step_log=None):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics | None = None,
+        keep_steps: int = 4096,
+        step_log=None,
+        max_failed_steps: int = 8,
+    ):
         self.engine = engine
         self.metrics = metrics or Metrics()
+        # Steps in a row that may fail before the engine is declared dead (one bad step is a
+        # bad batch; a run of them is a broken device or state).
+        self.max_failed_steps = max_failed_steps
+        self.failed = asyncio.Event()  # set when the loop ended by an error: nothing serves any more
         self.step_log = step_log  # a text file: one line per step (controller.profile.step_line)
         self.steps: deque[StepRecord] = deque(maxlen=keep_steps)  # drained by the controller client
         self._queues: dict[str, asyncio.Queue] = {}
@@ -33,6 +51,12 @@ class ServingLoop:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the serving loop died: %r", task.exception())
+            self.failed.set()
 
     async def stop(self) -> None:
         if self._task:
@@ -80,9 +104,18 @@ class ServingLoop:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            outputs = await self.engine.step()
-            for out in outputs:
+            try:
+                outputs = await self.engine.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug outside the step's own guards: count it like a failed step
+                log.exception("engine step raised")
+                self.engine.consecutive_failures += 1
+                outputs = []
+            for out in outputs:  # failed requests hear so before the loop gives up
                 self._deliver(out)
+            if self.engine.consecutive_failures >= self.max_failed_steps:
+                raise EngineFailed(f"{self.engine.consecutive_failures} engine steps in a row failed")
             record = self.engine.last_step
             if record is not None:  # None after a failed step
                 self.steps.append(record)

@@ -201,11 +201,13 @@ class Verifier:
         self.health, self.port = self.serving.health, self.serving.port
         log.info("verifier serving on %s:%d", config.host, self.port)
 
-    async def drain(self) -> None:
-        """Refuses new calls, lets in-flight streams finish within the grace period, then stops."""
+    async def drain(self, grace_seconds: float | None = None) -> None:
+        """Refuses new calls, lets in-flight streams finish within the grace period (default:
+        --grace-seconds), then stops."""
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
-        deadline = time.monotonic() + self.config.grace_seconds
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        deadline = time.monotonic() + grace
         while self.loop.num_requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.loop.num_requests:
@@ -223,15 +225,21 @@ class Verifier:
             self.step_log.close()
 
 
-async def serve(config: VerifierConfig) -> None:
+async def serve(config: VerifierConfig) -> int:
+    """0 after a signal and a drain; 1 when the engine died (health went NOT_SERVING first), so
+    that a supervisor restarts the process."""
     verifier = Verifier(config)
     await verifier.start()
     print(f"smartspec verifier ready on {config.server.host}:{verifier.port}", flush=True)
-    await serving.until_signalled()
+    failed = await serving.until_signalled(verifier.loop.failed)
+    if failed:
+        log.critical("the engine is dead: not serving, exiting")
+        await verifier.drain(grace_seconds=0.0)
+        return 1
     log.info("signal received: draining")
     await verifier.drain()
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
-    asyncio.run(serve(VerifierConfig.from_args(args)))
-    return 0
+    return asyncio.run(serve(VerifierConfig.from_args(args)))

@@ -138,15 +138,27 @@ def test_smollm2_greedy_with_ngram_drafts(smollm2_pair, smollm2_tokenizer, k):
 
 def test_malformed_drafts_are_dropped_not_fed_to_the_target(small_vocab):
     model, _, tok = small_vocab
-    bad = [Draft([5, 99]), Draft([5], [([5, 3], [1.0])]), Draft([5, 3], [([5], [1.0])])]
+    bad = [
+        Draft([5, 99]),  # outside the vocabulary
+        Draft([5], [([5, 3], [1.0])]),  # ids and probabilities of different lengths
+        Draft([5, 3], [([5], [1.0])]),  # one distribution for two tokens
+        # A rogue proposer's probabilities: NaN, negative, more than 1 in all, a token it gave
+        # no probability, a support outside the vocabulary.
+        Draft([5], [([5, 3], [float("nan"), 0.1])]),
+        Draft([5], [([5, 3], [1.2, -0.2])]),
+        Draft([5], [([5, 3], [0.9, 0.9])]),
+        Draft([5], [([3, 4], [0.5, 0.5])]),
+        Draft([5], [([5, 3], [0.0, 1.0])]),
+        Draft([5], [([5, 99], [0.5, 0.5])]),
+    ]
     engine = Engine(model, tok, config(1024, Policy.fixed(2)), ScriptedProposer(bad))
-    engine.add_request("x", [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    engine.add_request("x", [3, 4, 5, 3, 4], SamplingParams(max_new_tokens=16, ignore_eos=True))
     step(engine)  # prefill
     for _ in bad:
         [out] = step(engine)  # the step still runs, without drafts
         assert engine.last_step.planned_k == (2,) and engine.last_step.drafts == ()
         assert len(out.token_ids) == 1 and engine.last_step.num_batched_tokens == 1
-    assert engine.get("x") is not None and len(engine.get("x").output_ids) == 4
+    assert engine.get("x") is not None and len(engine.get("x").output_ids) == 1 + len(bad)
 
 
 def test_a_short_ngram_draft_caps_the_next_ask_and_a_confidence_stop_does_not(small_vocab):
