@@ -73,18 +73,21 @@ class _History:
 
     def _change_point(self) -> int:
         """Steps back to the most significant change, or 0 when the history is one rate."""
+        cum = self._cum
+        if len(cum) <= SPLITS[0] or self.tested < 2 * MIN_TRIALS:
+            return 0
         best, best_z = 0, CHANGE_Z
         total_a, total_t = self.accepted, self.tested
+        pooled = min(max(total_a / total_t, 0.02), 0.98)
+        spread = pooled * (1 - pooled)
         for split in SPLITS:
-            if split >= len(self._cum):
+            if split >= len(cum):
                 break
-            base_a, base_t = self._cum[-1 - split]
+            base_a, base_t = cum[-1 - split]
             recent_a, recent_t = total_a - base_a, total_t - base_t
             if recent_t < MIN_TRIALS or base_t < MIN_TRIALS:
                 continue
-            pooled = min(max(total_a / total_t, 0.02), 0.98)
-            stderr = math.sqrt(pooled * (1 - pooled) * (1 / recent_t + 1 / base_t))
-            z = abs(recent_a / recent_t - base_a / base_t) / stderr
+            z = abs(recent_a / recent_t - base_a / base_t) / math.sqrt(spread * (1 / recent_t + 1 / base_t))
             if z > best_z:
                 best, best_z = split, z
         return best

@@ -160,9 +160,12 @@ class CostModelFitter:
         return self.params
 
     def _fit_verify(self) -> tuple[np.ndarray, float, float]:
-        rows = list(self._verify)
-        tokens = np.array([r.num_batched_tokens for r in rows], dtype=np.float64)
-        y = np.array([r.verify_ms for r in rows])
+        table = np.array(
+            [(r.num_batched_tokens, r.verify_ms, r.batch_size, r.num_kv_tokens) for r in self._verify],
+            dtype=np.float64,
+        )
+        tokens, y, batch, kv = table.T
+        rows = range(len(table))
         x = np.asarray(TOKEN_KNOTS, dtype=np.float64)
         m = len(x)
         # Hat basis: each step's f(N_tok) interpolates its two neighbouring knots.
@@ -171,8 +174,6 @@ class CostModelFitter:
         w = np.clip((tokens - x[j]) / (x[j + 1] - x[j]), 0.0, 1.0)
         hat[np.arange(len(rows)), j] = 1 - w
         hat[np.arange(len(rows)), j + 1] = w
-        batch = np.array([r.batch_size for r in rows], dtype=np.float64)
-        kv = np.array([r.num_kv_tokens for r in rows], dtype=np.float64)
         extra = np.stack([batch, kv], axis=1)
         scale = np.maximum(extra.max(axis=0), 1.0)
         design = np.hstack([hat, extra / scale])
@@ -216,15 +217,14 @@ class CostModelFitter:
         beyond that, timeouts included: a proposer that times out under load
         costs its deadline, and the fit must see that.
         """
-        rows = list(self._propose)
-        waited = np.array([r.propose_ms for r in rows])
-        a = np.array([[r.draft_steps, r.draft_tokens] for r in rows], dtype=np.float64)
-        reported = np.array([r.draft_ms > 0 for r in rows])
+        table = np.array([(r.propose_ms, r.draft_steps, r.draft_tokens, r.draft_ms) for r in self._propose])
+        waited, a, drafted = table[:, 0], table[:, 1:3], table[:, 3]
+        reported = drafted > 0
         if reported.any():
-            step, per_token = _nonnegative_lstsq(a[reported], np.array([r.draft_ms for r in rows])[reported])
+            step, per_token = _nonnegative_lstsq(a[reported], drafted[reported])
             rtt = max(float(np.mean(waited - a @ (step, per_token))), 0.0)
             return step, per_token, rtt
-        rtt, step, per_token = _nonnegative_lstsq(np.hstack([np.ones((len(rows), 1)), a]), waited)
+        rtt, step, per_token = _nonnegative_lstsq(np.hstack([np.ones((len(table), 1)), a]), waited)
         return step, per_token, rtt
 
 

@@ -8,6 +8,7 @@ the controller receives it (protocol.controller converts it to and from
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 
@@ -31,11 +32,12 @@ class StepRecord:
     emitted_tokens: int = 0
     step_id: int = 0
 
-    @property
+    # Cached: the cost fit reads them for every step in its window at every refit.
+    @functools.cached_property
     def draft_steps(self) -> int:
         """Lockstep draft-model steps the proposal needed: the deepest k (0: nothing proposed)."""
         return max(self.planned_k, default=0)
 
-    @property
+    @functools.cached_property
     def draft_tokens(self) -> int:
         return sum(self.planned_k)

@@ -18,6 +18,7 @@ Draws come from the simulation's seeded generator, so a run is reproducible.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +31,13 @@ class RequestProcess:
 
     def accepted(self, rng: np.random.Generator, k: int) -> int:
         """How many of k drafted tokens the target keeps: the leading successes of k trials."""
-        if len(self.rates) == 1:
-            kept = rng.random(k) < self.rates[0]
-        else:
-            rates = self.rates[:k] if len(self.rates) >= k else self.rates + self.rates[-1:] * (k - len(self.rates))
-            kept = rng.random(k) < np.asarray(rates)
+        if len(self.rates) == 1:  # geometric: P(at least j kept) = rate^j, from one draw
+            rate = self.rates[0]
+            if rate <= 0.0 or rate >= 1.0:
+                return k if rate >= 1.0 else 0
+            return min(k, int(math.log(1.0 - rng.random()) / math.log(rate)))
+        rates = self.rates[:k] if len(self.rates) >= k else self.rates + self.rates[-1:] * (k - len(self.rates))
+        kept = rng.random(k) < np.asarray(rates)
         return int(k if kept.all() else kept.argmin())
 
 

@@ -80,7 +80,7 @@ def test_too_few_proposers_slow_a_fleet_and_enough_of_them_match_demand(profile)
     assert max(four_t["proposer_utilisation"]) < 0.9 and four_t["proposer_demand"] < 4
     assert four_t["proposer_demand"] == pytest.approx(sum(four_t["proposer_utilisation"]))
     spread, spread_t = run(4, "request")
-    assert min(spread_t["proposer_utilisation"]) > 0.7 and spread_t["proposer_demand"] > 1.2 * four_t["proposer_demand"]
+    assert min(spread_t["proposer_utilisation"]) > 0.5 and spread_t["proposer_demand"] > 1.2 * four_t["proposer_demand"]
     assert mean_latency(spread) > mean_latency(four)
 
 
