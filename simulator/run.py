@@ -9,6 +9,7 @@ A request's latencies are measured on its verifier's clock from its arrival.
 
 from __future__ import annotations
 
+import gc
 import heapq
 from dataclasses import dataclass
 
@@ -133,6 +134,19 @@ def simulate(
     Each verifier steps atomically on its own clock; the one furthest behind steps next, and an
     arrival is handed out once every busy verifier has reached its time, so the proposer pool
     sees requests in time order."""
+    # A run allocates millions of short-lived objects and almost no reference cycles (about
+    # 300 after 10,000 requests): reference counting frees them, while the cyclic collector's
+    # passes over every live object cost ~10% of the run. It pauses for the run.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _simulate(profile, workload, policy, acceptance, draft, seed, cache, scheduler, host_ms, fleet)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _simulate(profile, workload, policy, acceptance, draft, seed, cache, scheduler, host_ms, fleet):
     rng = np.random.default_rng(seed)
     cost = CostModelFitter().seed(profile)
     processes: dict[str, RequestProcess] = {}
