@@ -2,8 +2,7 @@
 
     python benchmarks/simulate_validate.py [--workload draft-chat-code|ngram-grounded|both]
         [--rates 0.5,2,4] [--repeats 3] [--num-requests 10] [--max-new-tokens 48] [--sim-seeds 3]
-        [--resimulate]   # only the simulated half, from the live data already in the output dir
-        [--fit-on preceding|profiling|all]
+        [--resimulate] [--fit-on preceding|profiling|all]   # --resimulate: the simulated half only
 
 Live: `smartspec up` (proposer, controller, verifier with --step-log) on this machine.
 First a profiling load on other prompts and arrivals (seed 1000; off, fixed:2 and fixed:4,

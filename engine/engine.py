@@ -20,8 +20,6 @@ import logging
 import secrets
 import time
 
-import numpy as np
-
 from controller.policy import MAX_K, Policy
 from controller.step import StepRecord
 from engine.config import EngineConfig
@@ -36,7 +34,6 @@ from runtime.rejection import Verified
 from runtime.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
-PROB_SLACK = 1e-3  # float rounding in a draft distribution's sum that is still a distribution
 
 
 class Engine:
@@ -240,30 +237,8 @@ class Engine:
             # for at most one more next step; a confidence stop is no such limit.
             short = len(draft.token_ids) < item.k and not draft.stopped_early
             item.seq.draft_cap = len(draft.token_ids) + 1 if short else MAX_K
-            if draft.token_ids and self._well_formed(draft):
+            if draft.token_ids and draft.well_formed(self.vocab_size):
                 item.draft = Draft(draft.token_ids[: item.k], draft.probs[: item.k] if draft.probs else None)
-
-    def _well_formed(self, draft: Draft) -> bool:
-        """A proposer's bug (or a rogue proposer) must not reach the target or bias sampling: ids
-        in the vocabulary, one distribution per id, each a sub-probability vector (finite,
-        non-negative, summing to at most 1) in whose support its drafted token lies."""
-        if not all(0 <= t < self.vocab_size for t in draft.token_ids):
-            return False
-        if draft.probs is None:
-            return True
-        if len(draft.probs) != len(draft.token_ids):
-            return False
-        for token, (ids, ps) in zip(draft.token_ids, draft.probs):
-            if len(ids) != len(ps):
-                return False
-            ids, ps = np.asarray(ids, dtype=np.int64), np.asarray(ps, dtype=np.float64)  # supports run to 10^4
-            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-                return False
-            if not np.isfinite(ps).all() or (ps < 0).any() or ps.sum() > 1.0 + PROB_SLACK:
-                return False
-            if not (ps[ids == token] > 0).any():
-                return False
-        return True
 
     def _postprocess(self, sched: SchedulerOutput, results: list[Verified | None]) -> list[RequestOutput]:
         outputs = []

@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from runtime.sampler import SamplingParams
+
+PROB_SLACK = 1e-3  # float rounding in a draft distribution's sum that is still a distribution
 
 
 @dataclass
@@ -20,6 +24,28 @@ class Draft:
     probs: list[tuple[list[int], list[float]]] | None = None
     # The draft model's confidence stop ended it before k: it could have gone on.
     stopped_early: bool = False
+
+    def well_formed(self, vocab_size: int) -> bool:
+        """A proposer's bug (or a rogue proposer) must not reach the target or bias sampling:
+        ids in the vocabulary, one distribution per id, each a sub-probability vector (finite,
+        non-negative, summing to at most 1) in whose support its drafted token lies."""
+        if not all(0 <= t < vocab_size for t in self.token_ids):
+            return False
+        if self.probs is None:
+            return True
+        if len(self.probs) != len(self.token_ids):
+            return False
+        for token, (ids, ps) in zip(self.token_ids, self.probs):
+            if len(ids) != len(ps):
+                return False
+            ids, ps = np.asarray(ids, dtype=np.int64), np.asarray(ps, dtype=np.float64)  # supports run to 10^4
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                return False
+            if not np.isfinite(ps).all() or (ps < 0).any() or ps.sum() > 1.0 + PROB_SLACK:
+                return False
+            if not (ps[ids == token] > 0).any():
+                return False
+        return True
 
 
 @dataclass(frozen=True)

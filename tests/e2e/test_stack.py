@@ -65,6 +65,9 @@ def test_up_stack_is_lossless(proposer, mtls, unused_tcp_port, smollm2_tokenizer
     )
     reference = smollm2_pair[1]
     try:
+        deadline = time.monotonic() + 120  # `up --tls` writes its certificates once it has started
+        while mtls and not (tmp_path / "client.key").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
         wait_serving(port, proc, 180, tls)
         if mtls:  # plaintext and certificate-less calls are refused
             with grpc.insecure_channel(f"127.0.0.1:{port}") as plain, pytest.raises(grpc.RpcError):
