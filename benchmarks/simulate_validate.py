@@ -111,8 +111,7 @@ def run_live(name: str, args, out: Path) -> None:
     (out / "live.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def steps_before(log: StepLog, before: float, last: int | None = None) -> StepLog:
-    """The steps that ended before `before` (the last `last` of them)."""
+def steps_before(log: StepLog, before: float, last: int | None = None) -> StepLog:  # the last `last`
     keep = [i for i, end in enumerate(log.ends) if end < before][-last if last else None :]
     return StepLog(log.config, [log.steps[i] for i in keep], [log.ends[i] for i in keep])
 
@@ -130,6 +129,7 @@ def steps_for(point: dict, live: dict, log: StepLog, fit_on: str) -> StepLog:
 
 def run_simulated(live: dict, log: StepLog, seeds: int, fit_on: str = "preceding") -> tuple[list[dict], dict]:
     workloads = replays(live)
+    traced = {rep: acceptance(live, rep) for rep in {p["repeat"] for p in live["points"]}}
     points, fits = [], []
     for p in live["points"]:
         fit = fit_step_log(steps_for(p, live, log, fit_on), PROPOSER_DEADLINE_MS)
@@ -138,7 +138,7 @@ def run_simulated(live: dict, log: StepLog, seeds: int, fit_on: str = "preceding
         for seed in range(seeds):
             requests, _ = simulate(
                 fit.profile, workloads[(p["rate"], p["policy"], p["repeat"])], p["policy"],
-                acceptance(live, p["repeat"]), fit.draft, seed, fit.cache, fit.scheduler, fit.host_ms,
+                traced[p["repeat"]], fit.draft, seed, fit.cache, fit.scheduler, fit.host_ms,
             )  # fmt: skip
             means.append(np.mean([1e3 * (r.finish_s - r.arrival_s) for r in requests]))
         points.append(

@@ -31,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser, token_help: str) -> None:
     parser.add_argument("--token-file", default=None, help=token_help)
 
 
-def from_args(args: argparse.Namespace, token_file: str | None = None) -> Dial:
-    """`token_file`: another file than --token-file (a second server's token)."""
+def from_args(args: argparse.Namespace) -> Dial:
     tls = serving.from_args(ClientTLS, args)
     tls.check()
-    return Dial(tls, read_token(token_file if token_file is not None else args.token_file))
+    return Dial(tls, read_token(args.token_file))

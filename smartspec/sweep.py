@@ -14,9 +14,11 @@ import asyncio
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from controller.policy import Mode, Policy
+from protocol.security import read_token
 from protocol.v1 import controller_pb2_grpc
 from smartspec import dial
 from smartspec.bench import positive_float, run_benchmark
@@ -172,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     rates = [positive_float(r) for r in (args.rates or str(args.rate)).split(",")]
     policies = (args.policies or args.speculation).split(",")
     try:
+        how = dial.from_args(args)
         points = asyncio.run(
             run_sweep(
                 args.target,
@@ -185,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
                 controller=args.controller,
                 temperature=args.temperature,
                 seed=args.seed,
-                how=dial.from_args(args),
-                admin=dial.from_args(args, args.controller_token_file or ""),
+                how=how,
+                admin=replace(how, token=read_token(args.controller_token_file)),
             )
         )
     except ValueError as e:
