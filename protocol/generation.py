@@ -33,6 +33,8 @@ class Limits:
     vocab_size: int
     max_model_len: int
     max_spec_k: int = MAX_K
+    max_prompt_bytes: int = 1 << 20  # checked before tokenizing: the tokenizer's work grows with it
+    max_new_tokens: int | None = None  # the server's cap (None: the context bounds it)
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,20 @@ class ValidRequest:
 
 
 def validate(req: pb.GenerateRequest, tokenize, limits: Limits) -> ValidRequest:
-    """`tokenize(text, chat) -> ids` is only called for text prompts."""
+    """`tokenize(text, chat) -> ids` is only called for text prompts, after every check that
+    does not need the tokens."""
     request_id = req.request_id or uuid.uuid4().hex
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
-    prompt_ids = _prompt(req, tokenize, limits)
     if req.max_new_tokens <= 0:
         raise InvalidRequest("max_new_tokens", f"must be > 0, got {req.max_new_tokens}")
+    if limits.max_new_tokens is not None and req.max_new_tokens > limits.max_new_tokens:
+        raise InvalidRequest(
+            "max_new_tokens", f"this server generates at most {limits.max_new_tokens}, got {req.max_new_tokens}"
+        )
+    stop, stop_token_ids = _stop_strings(req), _stop_token_ids(req, limits)
+    sampling, policy = _sampling(req.sampling), _speculation(req.speculation, limits)
+    prompt_ids = _prompt(req, tokenize, limits)
     if len(prompt_ids) + req.max_new_tokens > limits.max_model_len:
         raise InvalidRequest(
             "max_new_tokens",
@@ -60,12 +69,16 @@ def validate(req: pb.GenerateRequest, tokenize, limits: Limits) -> ValidRequest:
         )
     params = SamplingParams(
         max_new_tokens=req.max_new_tokens,
-        stop=_stop_strings(req),
-        stop_token_ids=_stop_token_ids(req, limits),
+        stop=stop,
+        stop_token_ids=stop_token_ids,
         ignore_eos=req.ignore_eos,
-        **_sampling(req.sampling),
+        **sampling,
     )
-    return ValidRequest(request_id, prompt_ids, params, _speculation(req.speculation, limits), req.trace_speculation)
+    return ValidRequest(request_id, prompt_ids, params, policy, req.trace_speculation)
+
+
+def needs_tokenizer(req: pb.GenerateRequest) -> bool:
+    return req.WhichOneof("prompt") == "prompt_text" and bool(req.prompt_text)
 
 
 def _prompt(req: pb.GenerateRequest, tokenize, limits: Limits) -> list[int]:
@@ -73,6 +86,11 @@ def _prompt(req: pb.GenerateRequest, tokenize, limits: Limits) -> list[int]:
     if which == "prompt_token_ids":
         if req.chat:
             raise InvalidRequest("chat", "applies to prompt_text only")
+        if len(req.prompt_token_ids.ids) >= limits.max_model_len:
+            raise InvalidRequest(
+                "prompt_token_ids",
+                f"{len(req.prompt_token_ids.ids)} tokens; the model's context is {limits.max_model_len}",
+            )
         ids = list(req.prompt_token_ids.ids)
         bad = [t for t in ids if not 0 <= t < limits.vocab_size]
         if bad:
@@ -80,6 +98,9 @@ def _prompt(req: pb.GenerateRequest, tokenize, limits: Limits) -> list[int]:
                 "prompt_token_ids", f"token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})"
             )
     elif which == "prompt_text":
+        size = len(req.prompt_text.encode())
+        if size > limits.max_prompt_bytes:
+            raise InvalidRequest("prompt_text", f"{size} bytes; this server takes at most {limits.max_prompt_bytes}")
         ids = tokenize(req.prompt_text, req.chat) if req.prompt_text else []
     else:
         raise InvalidRequest("prompt", "set prompt_text or prompt_token_ids")

@@ -94,6 +94,18 @@ class ServerTLS:
         )
 
 
+# Every channel pings its server every 30 s, even with no call in flight: a proposer or controller
+# that vanished without closing its connection (a node lost, a partition) is noticed within
+# 30 + 10 s instead of at the kernel's TCP timeout. Servers accept pings every 10 s or slower
+# (`ServerConfig.options`).
+CLIENT_OPTIONS: list[tuple[str, str | int]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
 @dataclass(frozen=True)
 class ClientTLS:
     tls_ca: str | None = field(default=None, metadata={"help": "PEM CA bundle that signed the servers: use TLS"})
@@ -124,21 +136,21 @@ class ClientTLS:
             return grpc.ssl_channel_credentials(ca, key, cert)
         return grpc.ssl_channel_credentials(ca)
 
-    def _options(self, server_name: str | None) -> list[tuple[str, str]]:
+    def _options(self, server_name: str | None) -> list[tuple[str, str | int]]:
         name = self.tls_server_name or server_name
-        return [("grpc.ssl_target_name_override", name)] if name else []
+        return CLIENT_OPTIONS + ([("grpc.ssl_target_name_override", name)] if name else [])
 
     def aio_channel(self, target: str, server_name: str | None = None) -> grpc.aio.Channel:
         """`server_name`: what to check the certificate against when --tls-server-name is unset."""
         credentials = self.credentials()
         if credentials is None:
-            return grpc.aio.insecure_channel(target)
+            return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
         return grpc.aio.secure_channel(target, credentials, options=self._options(server_name))
 
     def channel(self, target: str, server_name: str | None = None) -> grpc.Channel:
         credentials = self.credentials()
         if credentials is None:
-            return grpc.insecure_channel(target)
+            return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
         return grpc.secure_channel(target, credentials, options=self._options(server_name))
 
 

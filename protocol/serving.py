@@ -68,7 +68,46 @@ class ServerConfig:
             "which cannot speak TLS, when the main port does"
         },
     )
+    max_message_bytes: int = field(
+        default=4 << 20, metadata={"help": "largest message received or sent (larger: RESOURCE_EXHAUSTED)"}
+    )
+    max_concurrent_streams: int = field(
+        default=1024, metadata={"help": "calls in flight on one client connection (more wait for a slot)"}
+    )
+    keepalive_s: float = field(
+        default=30.0, metadata={"help": "ping an idle connection this often; a peer silent for 20 s more is dropped"}
+    )
+    max_connection_age_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "send GOAWAY to a connection this old (0 = never), so clients re-resolve and spread over "
+            "new replicas; its calls in flight keep --max-connection-age-grace-s"
+        },
+    )
+    max_connection_age_grace_s: float = field(
+        default=600.0, metadata={"help": "how long calls on a connection past its age may still run"}
+    )
     tls: ServerTLS = ServerTLS()
+
+    def options(self) -> list[tuple[str, int]]:
+        """gRPC core channel arguments. Pings from clients more often than every 10 s are strikes
+        (two, and the connection goes): our clients ping every 30 s (`security.CLIENT_OPTIONS`)."""
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1e3)),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 2),
+        ]
+        if self.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1e3)),
+                ("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace_s * 1e3)),
+            ]
+        return options
 
 
 @dataclass
@@ -82,11 +121,23 @@ class Serving:
     probe_port: int = 0
 
     async def stop(self, grace: float | None) -> None:
-        """Stops both; in-flight calls get `grace` seconds (GOAWAY first, so clients move on)."""
-        stops = [self.server.stop(grace)]
+        """Sends GOAWAY on the main port at once (new calls fail, clients move on) and gives calls
+        in flight `grace` seconds; the probe port answers until they are done."""
+        await self.server.stop(grace)
         if self.probe_server is not None:
-            stops.append(self.probe_server.stop(grace))
-        await asyncio.gather(*stops)
+            await self.probe_server.stop(0)
+
+    async def not_ready(self, service_name: str) -> None:
+        """Readiness probes (`service_name`) fail; liveness ("") still passes: the process is
+        sound, only not taking work."""
+        await self.health.set(service_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def ready(self, service_name: str) -> None:
+        await self.health.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def dead(self) -> None:
+        """Every probe fails: the process is about to exit for its supervisor to restart it."""
+        await self.health.enter_graceful_shutdown()
 
 
 async def start_server(
@@ -95,7 +146,7 @@ async def start_server(
     """A started grpc.aio server with the servicer, health (SERVING) and reflection, on TLS when
     the config has a certificate, with `auth` guarding its methods."""
     credentials = config.tls.credentials()  # ValueError before anything listens
-    server = grpc.aio.server(interceptors=[auth] if auth is not None else None)
+    server = grpc.aio.server(interceptors=[auth] if auth is not None else None, options=config.options())
     add_servicer(servicer, server)
     health = add_health_and_reflection(server, [service_name])
     address = f"{config.host}:{config.port}"

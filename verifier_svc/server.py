@@ -113,7 +113,14 @@ class VerifierConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     speculation: SpeculationConfig = SpeculationConfig()
-    server: ServerConfig = ServerConfig(port=50051, metrics_port=9400)
+    # Connections are recycled every 5 minutes so that clients spread over replicas added since.
+    server: ServerConfig = ServerConfig(port=50051, metrics_port=9400, max_connection_age_s=300.0)
+    max_prompt_bytes: int = field(
+        default=1 << 20, metadata={"help": "prompt_text longer than this (UTF-8 bytes) is refused before tokenizing"}
+    )
+    max_new_tokens_cap: int | None = field(
+        default=None, metadata={"help": "the most tokens one request may ask for (unset: the context bounds it)"}
+    )
     grace_seconds: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"})
     api_keys_file: str | None = field(
         default=None, metadata={"help": "API keys (one per line) callers of Generation must present (unset: open)"}
@@ -190,7 +197,12 @@ class Verifier:
                 spec.controller, verifier_id, self.loop, on_endpoints, tls=self.config.client, token=self.token
             )
             self.controller.start()
-        limits = Limits(vocab_size=self.engine.vocab_size, max_model_len=self.engine.max_model_len)
+        limits = Limits(
+            vocab_size=self.engine.vocab_size,
+            max_model_len=self.engine.max_model_len,
+            max_prompt_bytes=self.config.max_prompt_bytes,
+            max_new_tokens=self.config.max_new_tokens_cap,
+        )
         self.servicer = GenerationServicer(self.loop, self.tokenizer, limits)
         if config.metrics_port:
             self.metrics_server, _ = self.metrics.serve(config.metrics_port, config.host)
@@ -199,21 +211,42 @@ class Verifier:
             generation_pb2_grpc.add_GenerationServicer_to_server, self.servicer, SERVICE_NAME, config, auth
         )
         self.health, self.port = self.serving.health, self.serving.port
+        self._readiness = asyncio.get_running_loop().create_task(self._track_load())
         log.info("verifier serving on %s:%d", config.host, self.port)
 
-    async def drain(self, grace_seconds: float | None = None) -> None:
-        """Refuses new calls, lets in-flight streams finish within the grace period (default:
-        --grace-seconds), then stops."""
+    async def _track_load(self, every_s: float = 0.1) -> None:
+        """Readiness follows the waiting queue: NOT_SERVING once it is full (new calls would get
+        RESOURCE_EXHAUSTED), SERVING again when it is down to half, so the signal does not flap."""
+        bound, ready = self.config.scheduler.max_waiting, True
+        while not self.servicer.draining:
+            waiting = len(self.engine.scheduler.waiting)
+            if ready and waiting >= bound:
+                ready = False
+                await self.serving.not_ready(SERVICE_NAME)
+            elif not ready and waiting <= bound // 2:
+                ready = True
+                await self.serving.ready(SERVICE_NAME)
+            await asyncio.sleep(every_s)
+
+    async def drain(self, grace_seconds: float | None = None, dead: bool = False) -> None:
+        """Readiness goes NOT_SERVING and GOAWAY tells clients to go elsewhere; streams in flight
+        get the grace period (default: --grace-seconds), then are aborted; then everything stops.
+        `dead`: the engine failed, liveness fails too."""
         self.servicer.draining = True
-        await self.health.enter_graceful_shutdown()
+        await (self.serving.dead() if dead else self.serving.not_ready(SERVICE_NAME))
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        # The server lets calls run a little past the grace: they end on the engine's ABORT
+        # rather than on a cancelled stream.
+        stopped = asyncio.ensure_future(self.serving.stop(grace + 2.0))
         deadline = time.monotonic() + grace
         while self.loop.num_requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.loop.num_requests:
             log.warning("grace period over: aborting %d requests", self.loop.num_requests)
             self.loop.abort_all()
-        await self.serving.stop(grace=1.0)
+        await stopped
+        self._readiness.cancel()
+        self.servicer.close()
         if self.controller is not None:
             await self.controller.stop()
         await self.loop.stop()
@@ -234,7 +267,7 @@ async def serve(config: VerifierConfig) -> int:
     failed = await serving.until_signalled(verifier.loop.failed)
     if failed:
         log.critical("the engine is dead: not serving, exiting")
-        await verifier.drain(grace_seconds=0.0)
+        await verifier.drain(grace_seconds=0.0, dead=True)
         return 1
     log.info("signal received: draining")
     await verifier.drain()

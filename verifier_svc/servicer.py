@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from engine.output import FinishReason
 from engine.scheduler import QueueFull
-from protocol.generation import InvalidRequest, Limits, response_to_pb, validate
+from protocol.generation import InvalidRequest, Limits, needs_tokenizer, response_to_pb, validate
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
 from verifier_svc.loop import ServingLoop
@@ -22,6 +24,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.tokenizer = tokenizer
         self.limits = limits
         self.draining = False
+        # Tokenizing a long prompt takes milliseconds to tens of them: on the event loop it would
+        # stall every stream. One thread, because a tokenizer is not safe to share between threads.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
 
     def tokenize(self, text: str, chat: bool) -> list[int]:
         if chat:
@@ -32,13 +37,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             )
         return self.tokenizer(text).input_ids
 
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         metrics = self.loop.metrics
         if self.draining:
             metrics.rejected.labels("UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         try:
-            valid = validate(request, self.tokenize, self.limits)
+            if needs_tokenizer(request):
+                valid = await asyncio.get_running_loop().run_in_executor(
+                    self._tokenizer_thread, validate, request, self.tokenize, self.limits
+                )
+            else:
+                valid = validate(request, self.tokenize, self.limits)
             queue = self.loop.submit(valid.request_id, valid.prompt_ids, valid.params, valid.policy, valid.trace)
         except InvalidRequest as exc:
             metrics.rejected.labels("INVALID_ARGUMENT").inc()

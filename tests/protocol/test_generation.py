@@ -250,3 +250,33 @@ def test_token_id_prompt_does_not_tokenize():
     tok = Tokenizer()
     validate(request(), tok, LIMITS)
     assert tok.calls == []
+
+
+def test_a_prompt_over_the_byte_limit_is_refused_before_tokenizing():
+    tok = Tokenizer()
+    limits = Limits(vocab_size=100, max_model_len=64, max_prompt_bytes=16)
+    with pytest.raises(InvalidRequest) as info:
+        validate(request(prompt_text="é" * 9), tok, limits)  # 9 characters, 18 bytes
+    assert info.value.field == "prompt_text" and "18 bytes" in str(info.value)
+    assert tok.calls == []
+    assert validate(request(prompt_text="é" * 8), tok, limits).prompt_ids
+
+
+def test_bad_fields_other_than_the_prompt_are_refused_before_tokenizing():
+    tok = Tokenizer()
+    for bad in ({"stop": [""]}, {"sampling": pb.SamplingParams(top_k=-1)}, {"max_new_tokens": 0}):
+        invalid(request(prompt_text="hello", **bad), tok)
+    assert tok.calls == []
+
+
+def test_token_id_prompts_at_or_over_the_context_are_refused_before_reading_them():
+    err = invalid(request(prompt_token_ids=pb.TokenIds(ids=[10**9] * LIMITS.max_model_len)))
+    assert err.field == "prompt_token_ids" and "context" in str(err)
+
+
+def test_the_servers_cap_on_max_new_tokens():
+    limits = Limits(vocab_size=100, max_model_len=64, max_new_tokens=10)
+    assert validate(request(max_new_tokens=10), Tokenizer(), limits).params.max_new_tokens == 10
+    with pytest.raises(InvalidRequest) as info:
+        validate(request(max_new_tokens=11), Tokenizer(), limits)
+    assert info.value.field == "max_new_tokens" and "at most 10" in str(info.value)
