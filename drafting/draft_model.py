@@ -75,6 +75,7 @@ class DraftModelBackend:
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.top_k_cap = top_k_cap
         self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a context may hold
 
     def new_state(self) -> DraftState:
         return DraftState()

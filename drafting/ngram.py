@@ -48,6 +48,8 @@ class NgramIndex:
 class NgramBackend:
     """Deterministic drafts (one-hot distributions: no probabilities travel)."""
 
+    vocab_size = None  # any id can be looked up
+
     def __init__(self, n_min: int = 1, n_max: int = 4):
         self.n_min, self.n_max = n_min, n_max
 

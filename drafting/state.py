@@ -3,12 +3,17 @@
 The verifier sends the tokens appended since its last call and the total
 length; when the kept state disagrees (or is gone: evicted, restarted), the
 answer says so and the verifier resends the full context.
+
+Bounded three ways: a count (least recently used first), an idle time (a request
+its verifier forgot to release), and by owner (a key may be `(owner, request id)`;
+`release_owner` drops everything a verifier's stream held when it ends).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,25 +34,34 @@ class StateStore:
     """States are objects with `__len__` (tokens held) and `extend(tokens)`."""
 
     def __init__(
-        self, new_state: Callable[[], Any], max_requests: int = 4096, on_evict: Callable[[Any], None] | None = None
+        self,
+        new_state: Callable[[], Any],
+        max_requests: int = 4096,
+        on_evict: Callable[[Any], None] | None = None,
+        idle_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.new_state = new_state
         self.max_requests = max_requests
         self.on_evict = on_evict
-        self._states: OrderedDict[str, Any] = OrderedDict()
+        self.idle_s = idle_s
+        self.clock = clock
+        self.evicted: Counter[str] = Counter()  # states dropped by reason: capacity, idle, owner
+        self._states: OrderedDict[Hashable, Any] = OrderedDict()  # least recently used first
+        self._used: dict[Hashable, float] = {}
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def __contains__(self, request_id: str) -> bool:
+    def __contains__(self, request_id: Hashable) -> bool:
         return request_id in self._states
 
-    def length(self, request_id: str) -> int | None:
+    def length(self, request_id: Hashable) -> int | None:
         """Tokens the request's state holds; None when there is none."""
         state = self._states.get(request_id)
         return None if state is None else len(state)
 
-    def update(self, request_id: str, new_tokens: list[int], total_length: int, full_context: bool):
+    def update(self, request_id: Hashable, new_tokens: list[int], total_length: int, full_context: bool):
         """Applies a call's tokens; raises UnknownRequest or LengthMismatch (dropping the state)."""
         if full_context:
             self.release(request_id)
@@ -56,6 +70,7 @@ class StateStore:
             state = self.new_state()
         else:
             state = self._states.pop(request_id, None)
+            self._used.pop(request_id, None)
             if state is None:
                 raise UnknownRequest(request_id)
             if len(state) + len(new_tokens) != total_length:
@@ -63,15 +78,41 @@ class StateStore:
                 raise LengthMismatch(len(state))
         state.extend(new_tokens)
         self._states[request_id] = state  # most recently used last
+        self._used[request_id] = self.clock()
         while len(self._states) > self.max_requests:
-            _, evicted = self._states.popitem(last=False)
-            self._drop(evicted)
+            self._evict(next(iter(self._states)), "capacity")
+        self.expire()
         return state
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: Hashable) -> None:
         state = self._states.pop(request_id, None)
+        self._used.pop(request_id, None)
         if state is not None:
             self._drop(state)
+
+    def expire(self) -> int:
+        """Drops states idle longer than `idle_s`; how many."""
+        if self.idle_s is None:
+            return 0
+        horizon, dropped = self.clock() - self.idle_s, 0
+        while self._states:
+            oldest = next(iter(self._states))
+            if self._used[oldest] > horizon:
+                break
+            self._evict(oldest, "idle")
+            dropped += 1
+        return dropped
+
+    def release_owner(self, owner: Hashable) -> int:
+        """Drops every `(owner, id)` state; how many."""
+        keys = [key for key in self._states if isinstance(key, tuple) and key[0] == owner]
+        for key in keys:
+            self._evict(key, "owner")
+        return len(keys)
+
+    def _evict(self, key: Hashable, reason: str) -> None:
+        self.evicted[reason] += 1
+        self.release(key)
 
     def _drop(self, state) -> None:
         if self.on_evict is not None:

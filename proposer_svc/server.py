@@ -7,8 +7,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from prometheus_client import start_http_server
+
 from controller.policy import MAX_K
 from drafting.config import DraftConfig
+from proposer_svc.metrics import ProposerMetrics
 from proposer_svc.servicer import ProposerServicer
 from protocol import serving
 from protocol.security import token_auth
@@ -28,6 +31,13 @@ class ProposerConfig:
     max_k: int = field(default=MAX_K, metadata={"help": "the most draft tokens one request may ask for"})
     max_requests: int = field(
         default=4096, metadata={"help": "request states kept; the least recently used are evicted"}
+    )
+    state_idle_s: float = field(
+        default=600.0, metadata={"help": "a request state unused this long is dropped (its verifier forgot it)"}
+    )
+    grace_seconds: float = field(
+        default=10.0,
+        metadata={"help": "on SIGTERM, how long verifiers' streams may stay (they move on when they re-resolve)"},
     )
     verifier_tokens_file: str | None = field(
         default=None, metadata={"help": "tokens (one per line) a verifier must present to draft here (unset: open)"}
@@ -51,22 +61,43 @@ class ProposerServer:
     def __init__(self, config: ProposerConfig, backend=None):
         self.config = config
         backend = backend if backend is not None else config.drafting.make_backend(config.placement)
-        self.servicer = ProposerServicer(backend, config.max_k, config.max_requests)
+        if not config.state_idle_s > 0:
+            raise ValueError(f"state_idle_s: must be > 0, got {config.state_idle_s}")
+        self.servicer = ProposerServicer(backend, config.max_k, config.max_requests, config.state_idle_s)
+        self.metrics = ProposerMetrics(self.servicer)
+        self.servicer.on_exchange = self.metrics.exchange.observe
         self.port = 0
 
     async def start(self) -> None:
+        config = self.config.server
         self.serving = await serving.start_server(
             proposer_pb2_grpc.add_ProposerServicer_to_server,
             self.servicer,
             SERVICE_NAME,
-            self.config.server,
+            config,
             token_auth({SERVICE_NAME: ("verifier",)}, verifier=self.config.verifier_tokens_file),
         )
         self.health, self.port = self.serving.health, self.serving.port
+        self.metrics_server = None
+        if config.metrics_port:
+            self.metrics_server, _ = start_http_server(
+                config.metrics_port, addr=config.host, registry=self.metrics.registry
+            )
+        # Idle states expire on traffic too; this sweep frees them when no verifier calls at all.
+        self._sweeper = asyncio.get_running_loop().create_task(self._expire_idle())
 
-    async def stop(self, grace: float = 1.0) -> None:
-        await self.health.enter_graceful_shutdown()
-        await self.serving.stop(grace)
+    async def _expire_idle(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.config.state_idle_s / 2))
+            self.servicer.store.expire()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Readiness fails and GOAWAY goes out; open streams get the grace period."""
+        await self.serving.not_ready(SERVICE_NAME)
+        await self.serving.stop(self.config.grace_seconds if grace is None else grace)
+        self._sweeper.cancel()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
 
 
 async def serve(config: ProposerConfig) -> None:
@@ -74,6 +105,7 @@ async def serve(config: ProposerConfig) -> None:
     await server.start()
     print(f"smartspec proposer ready on {config.server.host}:{server.port}", flush=True)
     await serving.until_signalled()
+    log.info("signal received: draining")
     await server.stop()
 
 

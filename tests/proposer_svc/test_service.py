@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import queue
+import time
+import urllib.request
+
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from service_threads import LoopThread
 
 from proposer_svc.server import ProposerConfig, ProposerServer
@@ -63,13 +68,95 @@ def test_unknown_and_mismatched_requests_ask_for_resync(proposer):
     assert resent.results[0].status == pb.PROPOSE_STATUS_OK and resent.results[0].known_length == 4
 
 
+class Stream:
+    """One open Propose stream (as a verifier keeps one per replica): a request in, its reply out."""
+
+    def __init__(self, stub):
+        self._requests: queue.Queue = queue.Queue()
+        self._replies = stub.Propose(iter(self._requests.get, None), timeout=30)
+
+    def send(self, request: pb.ProposeRequest) -> pb.ProposeResponse:
+        self._requests.put(request)
+        return next(self._replies)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        assert list(self._replies) == []
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
 def test_released_and_least_recently_used_states_are_dropped(proposer):
     server, stub = proposer
-    exchange(stub, pb.ProposeRequest(items=[item(r, [1], 1, full=True) for r in "pqrs"]))
+    stream = Stream(stub)
+    stream.send(pb.ProposeRequest(items=[item(r, [1], 1, full=True) for r in "pqrs"]))
     assert len(server.servicer.store) == 3  # max_requests: "p" was evicted
-    [reply] = exchange(stub, pb.ProposeRequest(items=[item("p", [2], 2)], released_request_ids=["q"]))
+    reply = stream.send(pb.ProposeRequest(items=[item("p", [2], 2)], released_request_ids=["q"]))
     assert reply.results[0].status == pb.PROPOSE_STATUS_UNKNOWN_REQUEST
     assert len(server.servicer.store) == 2
+    assert server.servicer.store.evicted["capacity"] == 1
+    stream.close()
+
+
+def test_request_ids_belong_to_their_stream_and_go_with_it(proposer):
+    """Two verifiers may both send request "a"; a stream that ends (its verifier went, or dropped
+    it after a failure and resyncs on a new one) releases what it held."""
+    server, stub = proposer
+    first, second = Stream(stub), Stream(stub)
+    first.send(pb.ProposeRequest(items=[item("a", [1, 2, 3, 1, 2], 5, full=True)]))
+    other = second.send(pb.ProposeRequest(items=[item("a", [7], 6)]))
+    assert other.results[0].status == pb.PROPOSE_STATUS_UNKNOWN_REQUEST  # not the first stream's "a"
+    second.send(pb.ProposeRequest(items=[item("a", [9, 8, 9], 3, full=True)]))
+    mine = first.send(pb.ProposeRequest(items=[item("a", [3], 6)]))
+    assert mine.results[0].status == pb.PROPOSE_STATUS_OK and list(mine.results[0].draft_token_ids) == [1, 2, 3]
+    assert len(server.servicer.store) == 2 and len(server.servicer.streams) == 2
+    first.close()
+    wait_for(lambda: len(server.servicer.store) == 1)
+    assert server.servicer.store.evicted["owner"] == 1
+    second.close()
+    wait_for(lambda: len(server.servicer.store) == 0 and not server.servicer.streams)
+
+
+def test_states_idle_past_their_time_are_dropped(proposer):
+    server, stub = proposer
+    store = server.servicer.store
+    now = [0.0]
+    store.clock, store.idle_s = (lambda: now[0]), 5.0
+    stream = Stream(stub)
+    stream.send(pb.ProposeRequest(items=[item("old", [1], 1, full=True)]))
+    now[0] = 4.0
+    stream.send(pb.ProposeRequest(items=[item("new", [1], 1, full=True)]))
+    now[0] = 6.0
+    assert store.expire() == 1 and len(store) == 1 and store.evicted["idle"] == 1
+    reply = stream.send(pb.ProposeRequest(items=[item("old", [2], 2)]))
+    assert reply.results[0].status == pb.PROPOSE_STATUS_UNKNOWN_REQUEST
+    stream.close()
+
+
+def test_metrics_count_states_streams_and_evictions(unused_tcp_port):
+    loop = LoopThread()
+    config = ProposerConfig(server=ServerConfig(port=0, metrics_port=unused_tcp_port), max_requests=2)
+    server = ProposerServer(config)
+    loop.run(server.start())
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stream = Stream(pb_grpc.ProposerStub(channel))
+        stream.send(pb.ProposeRequest(items=[item(r, [1, 2], 2, full=True) for r in "abc"]))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{unused_tcp_port}/metrics", timeout=5).read().decode()
+        samples = {(s.name, tuple(s.labels.values())): s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}  # fmt: skip
+        assert samples[("smartspec_proposer_states", ())] == 2
+        assert samples[("smartspec_proposer_streams", ())] == 1
+        assert samples[("smartspec_proposer_states_evicted_total", ("capacity",))] == 1
+        assert samples[("smartspec_proposer_resyncs_total", ())] == 3
+        assert samples[("smartspec_proposer_exchange_seconds_count", ())] == 1
+        stream.close()
+    loop.run(server.stop(0))
+    loop.stop()
 
 
 @pytest.mark.parametrize(
@@ -81,6 +168,7 @@ def test_released_and_least_recently_used_states_are_dropped(proposer):
         (pb.ProposeRequest(items=[item("", [1], 1, full=True)]), "items[0].request_id"),
         (pb.ProposeRequest(items=[item("a", [1, 2, 3], 2, full=True)]), "items[0].total_length"),
         (pb.ProposeRequest(items=[item("a", [1], 1, full=True), item("a", [1], 1, full=True)]), "items[1].request_id"),
+        (pb.ProposeRequest(items=[item("a", [1, -2], 2, full=True)]), "items[0].new_token_ids"),
     ],
 )
 def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(proposer, request_, field):
