@@ -31,6 +31,7 @@ class ControllerState:
         self.acceptance = AcceptanceEstimator()
         self._window = goodput_window_steps
         self._recent: dict[str, deque[tuple[int, float]]] = {}  # verifier -> (emitted, step_ms)
+        self._last_report: dict[str, float] = {}  # verifier -> when it last reported
         self._fitted_steps = 0
 
     def set_policy(self, mode: str | None = None, k: int = 0, k_max: int = 0) -> Policy:
@@ -51,7 +52,9 @@ class ControllerState:
         self.version += 1
         return self.policy
 
-    def ingest(self, verifier_id: str, steps: list[StepRecord]) -> None:
+    def ingest(self, verifier_id: str, steps: list[StepRecord], now: float = 0.0) -> None:
+        """`now`: the report's arrival (any monotonic clock; `idle` compares against it)."""
+        self._last_report[verifier_id] = now
         recent = self._recent.setdefault(verifier_id, deque(maxlen=self._window))
         for r in steps:
             self.fitter.observe(r)
@@ -70,9 +73,18 @@ class ControllerState:
         self.version += 1
         return True
 
-    def forget(self, verifier_id: str) -> None:
-        """Drops a disconnected verifier's goodput window (what it taught the fits stays)."""
-        self._recent.pop(verifier_id, None)
+    def forget(self, verifier_id: str) -> bool:
+        """Drops a verifier's goodput window (what it taught the fits stays); False if unknown."""
+        self._last_report.pop(verifier_id, None)
+        return self._recent.pop(verifier_id, None) is not None
+
+    def idle(self, now: float, idle_s: float) -> list[str]:
+        """Verifiers that have not reported for longer than `idle_s`."""
+        return [v for v, at in self._last_report.items() if now - at > idle_s]
+
+    @property
+    def verifiers(self) -> int:
+        return len(self._recent)
 
     def goodput(self, verifier_id: str) -> float:
         """Tokens emitted per second of step time over the verifier's recent steps."""

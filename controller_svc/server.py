@@ -31,6 +31,12 @@ class ControllerConfig:
         metadata={"help": "proposer endpoints (host:port,...) pushed to every verifier; unset: verifiers keep theirs"},
     )
     push_interval_s: float = field(default=1.0, metadata={"help": "how often the refitted cost model is pushed"})
+    verifier_idle_s: float = field(
+        default=300.0, metadata={"help": "a verifier silent this long is forgotten (its goodput and metric labels)"}
+    )
+    grace_seconds: float = field(
+        default=10.0, metadata={"help": "on SIGTERM, how long verifiers' streams may stay before they are cut"}
+    )
     admin_tokens_file: str | None = field(
         default=None,
         metadata={"help": "tokens (one per line) that may set and read the policy (unset: SetPolicy is open)"},
@@ -87,13 +93,15 @@ class Controller:
             try:
                 if self.state.refresh():
                     self.servicer.broadcast_policy()
+                self.servicer.forget_idle(self.config.verifier_idle_s)
             except Exception:  # a bad refit skips one push; it must not end the pushes for good
                 log.exception("refitting or pushing the policy failed; trying again next interval")
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float | None = None) -> None:
+        """Readiness fails and GOAWAY goes out; verifiers' streams get the grace period."""
         self._pusher.cancel()
-        await self.health.enter_graceful_shutdown()
-        await self.serving.stop(grace=1.0)
+        await self.serving.not_ready(SERVICE_NAME)
+        await self.serving.stop(self.config.grace_seconds if grace is None else grace)
         if self.config.server.metrics_port:
             self.metrics_server.shutdown()
 
@@ -103,6 +111,7 @@ async def serve(config: ControllerConfig) -> None:
     await controller.start()
     print(f"smartspec controller ready on {config.server.host}:{controller.port}", flush=True)
     await serving.until_signalled()
+    log.info("signal received: draining")
     await controller.stop()
 
 

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 
 import grpc
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controller.policy import MAX_K
 from controller.state import ControllerState
@@ -43,6 +44,13 @@ class ControllerMetrics:
             "smartspec_acceptance_prior", "Global acceptance prior (per tested draft token).", registry=r
         )
         self.verifiers = Gauge("smartspec_connected_verifiers", "Verifiers with an open Connect stream.", registry=r)
+        self.known = Gauge("smartspec_controller_verifiers_known", "Verifiers whose recent steps are kept.", registry=r)
+        self.forgotten = Counter(
+            "smartspec_controller_verifiers_forgotten",
+            "Verifiers whose state was dropped: their stream ended (disconnected) or they went silent (idle).",
+            ["reason"],
+            registry=r,
+        )
         self.version = Gauge("smartspec_policy_version", "Version of the policy in force.", registry=r)
 
 
@@ -84,6 +92,22 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         self.metrics.prior.set(snap.acceptance_prior)
         self.metrics.version.set(snap.version)
         self.metrics.verifiers.set(len(self._streams))
+        self.metrics.known.set(self.state.verifiers)
+
+    def forget(self, verifier_id: str, reason: str) -> None:
+        """Drops what is kept per verifier, its metric labels included."""
+        if self.state.forget(verifier_id):
+            self.metrics.forgotten.labels(reason).inc()
+        with contextlib.suppress(KeyError):  # never labelled, or removed already
+            self.metrics.goodput.remove(verifier_id)
+        self.update_gauges()
+
+    def forget_idle(self, idle_s: float) -> list[str]:
+        idle = self.state.idle(time.monotonic(), idle_s)
+        for verifier_id in idle:
+            log.info("verifier %s silent for over %.0f s: forgotten", verifier_id, idle_s)
+            self.forget(verifier_id, "idle")
+        return idle
 
     async def Connect(self, request_iterator, context):
         queue: asyncio.Queue = asyncio.Queue()
@@ -120,7 +144,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                     return str(e)
                 verifier_id = report.verifier_id
                 steps = [step_from_pb(s) for s in report.steps]
-                self.state.ingest(verifier_id, steps)
+                self.state.ingest(verifier_id, steps, time.monotonic())
                 for step in steps:
                     for k in step.planned_k:
                         self.metrics.chosen_k.observe(k)
@@ -130,9 +154,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         finally:
             if verifier_id:
                 log.info("verifier %s disconnected", verifier_id)
-                self.state.forget(verifier_id)
-                with contextlib.suppress(KeyError):  # a second stream of the same verifier removed it
-                    self.metrics.goodput.remove(verifier_id)
+                self.forget(verifier_id, "disconnected")
         return ""
 
     async def GetPolicy(self, request, context):

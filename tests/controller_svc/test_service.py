@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -103,6 +104,32 @@ def test_a_disconnected_verifier_is_forgotten_with_its_goodput_series(controller
     assert "gone" not in ctl.state._recent
     assert ctl.metrics.registry.get_sample_value("smartspec_goodput_tokens_per_second", {"verifier": "gone"}) is None
     assert ctl.state.fitter.num_seen == 12  # what it taught the fits stays
+    forgotten = ctl.metrics.registry.get_sample_value
+    assert forgotten("smartspec_controller_verifiers_forgotten_total", {"reason": "disconnected"}) == 1
+    assert forgotten("smartspec_controller_verifiers_known") == 0
+
+
+def test_a_silent_verifier_is_forgotten_after_the_idle_timeout(controller):
+    """A stream left open by a verifier that stopped reporting (hung, or its reports lost) does
+    not keep its state and series for ever; reporting again brings it back."""
+    ctl, stub = controller
+    sent = threading.Event()
+    call = stub.Connect(reports(2, verifier_id="quiet", then_wait_s=5.0, sent=sent), timeout=20)
+    next(call)
+    assert sent.wait(10)
+    deadline = time.monotonic() + 10
+    while "quiet" not in ctl.state._recent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ctl.servicer.forget_idle(3600.0) == []
+    time.sleep(0.3)
+    ctl.config = replace(ctl.config, verifier_idle_s=0.2)  # the periodic push applies it
+    while "quiet" in ctl.state._recent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "quiet" not in ctl.state._recent
+    value = ctl.metrics.registry.get_sample_value
+    assert value("smartspec_controller_verifiers_forgotten_total", {"reason": "idle"}) == 1
+    assert value("smartspec_goodput_tokens_per_second", {"verifier": "quiet"}) is None
+    call.cancel()
 
 
 def test_set_policy_is_pushed_to_connected_verifiers(controller):

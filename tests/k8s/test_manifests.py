@@ -37,14 +37,14 @@ PROPOSER_LABELS = {"app.kubernetes.io/name": "smartspec", "app.kubernetes.io/com
 PROPOSER_PORT = 50061
 # How often the verifier re-resolves `--proposer dns:NAME:PORT` (verifier_svc.proposer_client).
 PROPOSER_RESOLVE_EVERY_S = 10
-# ProposerServer.stop(grace=...) after SIGTERM.
-PROPOSER_STOP_GRACE_S = 1
+# ProposerConfig.grace_seconds: streams may stay this long after SIGTERM.
+PROPOSER_STOP_GRACE_S = 10
 CONTROLLER = "smartspec-controller"
 CONTROLLER_LABELS = {"app.kubernetes.io/name": "smartspec", "app.kubernetes.io/component": "controller"}
 CONTROLLER_PORT = 50071
 CONTROLLER_METRICS_PORT = 9401
-# Controller.stop(): server.stop(grace=...) after SIGTERM.
-CONTROLLER_STOP_GRACE_S = 1
+# ControllerConfig.grace_seconds: streams may stay this long after SIGTERM.
+CONTROLLER_STOP_GRACE_S = 10
 COMPONENTS = {"verifier": VERIFIER, "proposer": PROPOSER, "controller": CONTROLLER}
 # The components that load a model, and so take --device/--dtype and a GPU in the overlay.
 MODEL_SERVERS = {"verifier": VERIFIER, "proposer": PROPOSER}
