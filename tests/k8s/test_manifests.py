@@ -45,6 +45,11 @@ CONTROLLER_PORT = 50071
 CONTROLLER_METRICS_PORT = 9401
 # ControllerConfig.grace_seconds: streams may stay this long after SIGTERM.
 CONTROLLER_STOP_GRACE_S = 10
+SERVICE_NAMES = {
+    "verifier": "smartspec.v1.Generation",
+    "proposer": "smartspec.v1.Proposer",
+    "controller": "smartspec.v1.Controller",
+}
 COMPONENTS = {"verifier": VERIFIER, "proposer": PROPOSER, "controller": CONTROLLER}
 # The components that load a model, and so take --device/--dtype and a GPU in the overlay.
 MODEL_SERVERS = {"verifier": VERIFIER, "proposer": PROPOSER}
@@ -359,8 +364,11 @@ def test_probes_use_native_grpc_on_the_grpc_port(name, component):
         assert probe, f"{probe_name} missing"
         assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
         assert probe["grpc"]["port"] == port, probe
-        # "" is the overall health of the server, SERVING once it has started (model loaded).
-        assert probe["grpc"].get("service", "") == "", probe
+        # Readiness asks for the service by name: NOT_SERVING while draining or (verifier) with a
+        # full queue. Startup and liveness ask for "": SERVING from start-up until the process is
+        # dead, so a draining or busy pod is not restarted.
+        service = SERVICE_NAMES[component] if probe_name == "readinessProbe" else ""
+        assert probe["grpc"].get("service", "") == service, probe
     startup = container["startupProbe"]
     startup_budget_s = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
     assert startup_budget_s >= STARTUP_BUDGET_S[component], f"only {startup_budget_s}s to start"
