@@ -103,6 +103,9 @@ CLIENT_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A target naming several servers (a headless Service's DNS name, `ipv4:a,b`) spreads calls
+    # over all of them, and a server that sends GOAWAY (draining) gets no new ones.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 

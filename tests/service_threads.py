@@ -61,6 +61,6 @@ class VerifierThread(LoopThread):
 
     def close(self):
         self.channel.close()
-        if not self.verifier.servicer.draining:
+        if not self.verifier.draining:
             self.run(self.verifier.drain())
         self.stop()

@@ -166,6 +166,7 @@ class Verifier:
         for shape, rows, kernel in describe(model):
             self.metrics.cpu_linear.labels(shape, rows, kernel).set(1)
         self.port = 0
+        self.draining = False
 
     def _seed_cost_model(self) -> None:
         profile = self.config.speculation.cost_profile
@@ -218,7 +219,7 @@ class Verifier:
         """Readiness follows the waiting queue: NOT_SERVING once it is full (new calls would get
         RESOURCE_EXHAUSTED), SERVING again when it is down to half, so the signal does not flap."""
         bound, ready = self.config.scheduler.max_waiting, True
-        while not self.servicer.draining:
+        while not self.draining:
             waiting = len(self.engine.scheduler.waiting)
             if ready and waiting >= bound:
                 ready = False
@@ -232,12 +233,13 @@ class Verifier:
         """Readiness goes NOT_SERVING and GOAWAY tells clients to go elsewhere; streams in flight
         get the grace period (default: --grace-seconds), then are aborted; then everything stops.
         `dead`: the engine failed, liveness fails too."""
-        self.servicer.draining = True
         await (self.serving.dead() if dead else self.serving.not_ready(SERVICE_NAME))
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         # The server lets calls run a little past the grace: they end on the engine's ABORT
         # rather than on a cancelled stream.
         stopped = asyncio.ensure_future(self.serving.stop(grace + 2.0))
+        await asyncio.sleep(0)  # GOAWAY is out: a client's new calls go to another replica
+        self.draining = True
         deadline = time.monotonic() + grace
         while self.loop.num_requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -23,7 +23,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.loop = loop
         self.tokenizer = tokenizer
         self.limits = limits
-        self.draining = False
         # Tokenizing a long prompt takes milliseconds to tens of them: on the event loop it would
         # stall every stream. One thread, because a tokenizer is not safe to share between threads.
         self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -42,9 +41,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         metrics = self.loop.metrics
-        if self.draining:
-            metrics.rejected.labels("UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        # No refusal while the server drains: GOAWAY has told clients to go elsewhere, and a
+        # call that arrived before it is in flight like any other (the grace period bounds it).
         try:
             if needs_tokenizer(request):
                 valid = await asyncio.get_running_loop().run_in_executor(

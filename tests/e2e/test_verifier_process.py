@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from protocol.security import CLIENT_OPTIONS
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
 
@@ -114,3 +116,39 @@ def test_builtin_model_with_the_cli_client(unused_tcp_port):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_sigterm_of_one_replica_costs_a_round_robin_client_no_request(tiny_llama_dir, unused_tcp_port):
+    """Two verifier processes behind one client channel (round robin over both addresses, as over
+    a headless Service). SIGTERM one under load: its streams in flight finish, GOAWAY sends the
+    client's new calls to the other replica, no call fails, and the drained process exits 0."""
+    ports = [unused_tcp_port, unused_tcp_port + 1]
+    procs = [start_verifier(tiny_llama_dir, port, "--grace-seconds", "20") for port in ports]
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+        results, errors = [], []
+        with grpc.insecure_channel(target, options=CLIENT_OPTIONS) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+
+            def call(i: int) -> None:
+                request = pb.GenerateRequest(prompt_text=f"Request {i}:", max_new_tokens=48, ignore_eos=True)
+                try:
+                    results.append(list(stub.Generate(request, timeout=60))[-1])
+                except grpc.RpcError as exc:
+                    errors.append(exc.code())
+
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(call, i) for i in range(8)]
+                time.sleep(0.5)
+                procs[0].send_signal(signal.SIGTERM)
+                futures += [pool.submit(call, i) for i in range(8, 24)]
+                for future in futures:
+                    future.result()
+        assert errors == []
+        assert len(results) == 24 and all(r.usage.completion_tokens == 48 for r in results)
+        assert procs[0].wait(timeout=30) == 0 and procs[1].poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -187,7 +187,7 @@ def test_drain_finishes_in_flight_and_refuses_new_calls(make_server):
     next(stream)
     drained = server.submit(server.verifier.drain())
     deadline = time.monotonic() + 5
-    while not server.verifier.servicer.draining and time.monotonic() < deadline:
+    while not server.verifier.draining and time.monotonic() < deadline:
         time.sleep(0.005)
     with pytest.raises(grpc.RpcError) as err:
         generate(server.stub)
