@@ -38,6 +38,9 @@ class LocalProposer:
         for request_id in request_ids:
             self.store.release(request_id)
 
+    async def flush(self) -> None:
+        pass  # releases here are immediate
+
     def __len__(self) -> int:
         return len(self.store)
 

@@ -73,3 +73,8 @@ class Proposer(Protocol):
     def release(self, request_ids: list[str]) -> None:
         """The requests finished: their draft state may go."""
         ...
+
+    async def flush(self) -> None:
+        """Completes what `release` may have deferred: called when the engine goes idle, when no
+        proposal will follow to carry it."""
+        ...

@@ -190,3 +190,6 @@ class SimProposer:
 
     def release(self, request_ids: list[str]) -> None:
         pass
+
+    async def flush(self) -> None:
+        pass

@@ -102,7 +102,13 @@ class ServingLoop:
             if not self.engine.has_work():
                 self._update_gauges()
                 self._wake.clear()
-                await self._wake.wait()
+                if self.engine.proposer is not None:
+                    try:
+                        await self.engine.proposer.flush()
+                    except Exception:  # releases are housekeeping: never worth the loop
+                        log.exception("flushing draft releases failed")
+                if not self.engine.has_work():
+                    await self._wake.wait()
                 continue
             try:
                 outputs = await self.engine.step()

@@ -158,6 +158,20 @@ class ProposerClient:
                 if replica.known.pop(request_id, None) is not None and len(replica.released) < MAX_PENDING_RELEASES:
                     replica.released.append(request_id)
 
+    async def flush(self) -> None:
+        """Sends queued releases now, for replicas that would otherwise hold the states of
+        finished requests until the next busy step (or their idle expiry)."""
+        for replica in list(self.replicas.values()):
+            if not replica.released or not replica.available():
+                continue
+            message = pb.ProposeRequest(step_id=next(self._steps), released_request_ids=replica.released)
+            replica.released = []
+            try:
+                await replica.exchange(message, self.deadline_s)
+            except Exception as exc:  # the stream's end releases them on the replica anyway
+                log.warning("proposer %s failed (%s) taking releases", replica.address, type(exc).__name__)
+                await replica.fail(self.backoff_s)
+
     async def close(self) -> None:
         for replica in self.replicas.values():
             await replica.close()

@@ -69,10 +69,12 @@ def test_requests_spread_over_replicas_and_stay_lossless(models):
         assert sum(f.speculation.proposed_tokens for f in finals) > 0
         assert sum(f.speculation.accepted_tokens for f in finals) > 0
         client = verifier.verifier.engine.proposer
-        for p in (a, b):  # finished requests are released, or queued to be with the next exchange
-            held = [f"r{i}" for i in range(len(PROMPTS)) if f"r{i}" in p.server.servicer.store]
-            assert set(held) <= set(client.replicas[p.address].released)
-            assert not client.replicas[p.address].known
+        deadline = time.monotonic() + 10  # an idle engine sends its releases without waiting for work
+        while any(len(p.server.servicer.store) for p in (a, b)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for p in (a, b):
+            assert len(p.server.servicer.store) == 0
+            assert not client.replicas[p.address].known and not client.replicas[p.address].released
     finally:
         verifier.close()
         a.kill()
