@@ -27,7 +27,7 @@ SERVICE_NAME = proposer_pb2.DESCRIPTOR.services_by_name["Proposer"].full_name
 class ProposerConfig:
     drafting: DraftConfig = DraftConfig()
     placement: Placement = Placement()
-    server: ServerConfig = ServerConfig(port=50061)
+    server: ServerConfig = ServerConfig(port=50061, metrics_port=9402)
     max_k: int = field(default=MAX_K, metadata={"help": "the most draft tokens one request may ask for"})
     max_requests: int = field(
         default=4096, metadata={"help": "request states kept; the least recently used are evicted"}
