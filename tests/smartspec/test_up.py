@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import pytest
 
 from smartspec import up
+from smartspec.supervise import Supervisor
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -32,6 +33,17 @@ def test_proposers_come_first_and_get_one_thread_by_default():
         assert cmd[cmd.index("--threads") + 1] == "1"
     verifier = procs[-1]
     assert verifier[verifier.index("--proposer") + 1] == "127.0.0.1:50061,127.0.0.1:50062"
+
+
+def test_every_process_gets_a_metrics_port_of_its_own_and_the_verifier_its_cost_profile():
+    procs = [
+        cmd for cmd, _ in up.commands(parse("--replicas", "2", "--metrics-port", "9500", "--cost-profile", "none"))
+    ]
+    ports = [cmd[cmd.index("--metrics-port") + 1] for cmd in procs]
+    assert ports == ["9502", "9503", "9501", "9500"]  # proposers, controller, verifier
+    assert procs[-1][procs[-1].index("--cost-profile") + 1] == "none"
+    off = [cmd for cmd, _ in up.commands(parse("--metrics-port", "0"))]
+    assert all(cmd[cmd.index("--metrics-port") + 1] == "0" for cmd in off if "--metrics-port" in cmd)
 
 
 def test_proposer_threads_can_be_raised():
@@ -128,7 +140,7 @@ def wait_for(predicate, timeout: float = 20.0) -> None:
 @contextmanager
 def supervising(procs, **knobs):
     """A supervisor running on a thread (signals are the main thread's: see the SIGTERM test)."""
-    supervisor = up.Supervisor(procs, listening, **{"backoff": 0.05, "poll": 0.01, **knobs})
+    supervisor = Supervisor(procs, listening, **{"backoff": 0.05, "poll": 0.01, **knobs})
     result = {}
     thread = threading.Thread(target=lambda: result.update(code=supervisor.run()))
     thread.start()
@@ -204,7 +216,7 @@ def test_a_process_that_fails_its_first_start_stops_those_started_before_it(tmp_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_the_stack_last_process_first(tmp_path, sig):
     procs = [child(name, port, "serves", tmp_path) for name, port in zip("abc", free_ports(3))]
-    supervisor = up.Supervisor(procs, listening, poll=0.01)
+    supervisor = Supervisor(procs, listening, poll=0.01)
     before = signal.getsignal(sig)
     assert supervisor.serve(on_up=lambda: os.kill(os.getpid(), sig)) == 0
     assert (tmp_path / "stopped").read_text().split() == ["c", "b", "a"]  # the verifier drains first
