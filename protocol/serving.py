@@ -183,7 +183,8 @@ def _scalar(kind) -> type:
 def add_arguments(parser: argparse.ArgumentParser, config_type, skip: tuple[str, ...] = (), defaults=None) -> None:
     """One --flag per setting, in one argparse group per nested dataclass, typed by the field's
     annotation (a bool is a switch: --name / --no-name); help from the field's metadata.
-    `defaults`: a config instance whose values the flags default to (default: `config_type()`)."""
+    `defaults`: a config instance whose values the flags default to (default: `config_type()`).
+    Under a service subcommand each flag may also be set from the environment (`env_name`)."""
     groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
     for f, kind, default, path in _leaves(config_type, defaults if defaults is not None else config_type()):
         if f.name in skip:
@@ -198,6 +199,15 @@ def add_arguments(parser: argparse.ArgumentParser, config_type, skip: tuple[str,
             target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             target.add_argument(flag, type=_scalar(kind), default=default, help=text)
+
+
+ENV_PREFIX = "SMARTSPEC_"
+
+
+def env_name(flag: str, prefix: str = ENV_PREFIX) -> str:
+    """The environment variable that may set a flag (`smartspec.cli`): SMARTSPEC_MAX_NUM_SEQS for
+    --max-num-seqs."""
+    return prefix + flag.lstrip("-").replace("-", "_").upper()
 
 
 def from_options(config_type, base=None, **options):
