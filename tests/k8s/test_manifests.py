@@ -1,18 +1,27 @@
 """Kubernetes manifests: render each kustomization, validate it offline, check what matters.
 
 Rendering needs `kubectl` (its built-in kustomize); no cluster is contacted.
-Validation uses the JSON schemas that kubernetes-validate ships, pinned to one
-Kubernetes release so results do not drift when the package is upgraded.
+Validation uses the JSON schemas that kubernetes-validate ships, pinned to Kubernetes
+releases so results do not drift when the package is upgraded.
+
+The services take their settings from the environment (SMARTSPEC_<FLAG>, `smartspec.cli`):
+each container's effective configuration is computed here the way the kubelet builds it
+(envFrom of the rendered ConfigMaps with their prefix, then env in order with `$(VAR)`
+expansion, then args) and parsed by the real `smartspec` parser and by the mirrors below.
 """
 
 import argparse
 import json
+import math
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import kubernetes_validate
@@ -20,12 +29,21 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
+from smartspec.cli import NOT_FLAGS
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = {"base": K8S / "base", "gpu": K8S / "overlays" / "gpu", "mtls": K8S / "overlays" / "mtls"}
+NETWORK_POLICIES = K8S / "components" / "network-policies"
 
-# Native gRPC probes are GA since 1.27; 1.32 matches the kubectl used here.
+# The oldest release the manifests support (k8s/README.md): native gRPC probes are GA from
+# 1.27, and the PodDisruptionBudgets' unhealthyPodEvictionPolicy is on by default from it.
+MIN_KUBERNETES_VERSION = "1.27.0"
+# Matches the kubectl used here.
 KUBERNETES_VERSION = "1.32.0"
+# The newest the pinned kubernetes-validate ships.
+NEWEST_KUBERNETES_VERSION = "1.37.0"
+VALIDATED_VERSIONS = (MIN_KUBERNETES_VERSION, KUBERNETES_VERSION, NEWEST_KUBERNETES_VERSION)
 
 NAMESPACE = "smartspec"
 VERIFIER = "smartspec-verifier"
@@ -35,16 +53,13 @@ METRICS_PORT = 9400
 PROPOSER = "smartspec-proposer"
 PROPOSER_LABELS = {"app.kubernetes.io/name": "smartspec", "app.kubernetes.io/component": "proposer"}
 PROPOSER_PORT = 50061
+PROPOSER_METRICS_PORT = 9402
 # How often the verifier re-resolves `--proposer dns:NAME:PORT` (verifier_svc.proposer_client).
 PROPOSER_RESOLVE_EVERY_S = 10
-# ProposerConfig.grace_seconds: streams may stay this long after SIGTERM.
-PROPOSER_STOP_GRACE_S = 10
 CONTROLLER = "smartspec-controller"
 CONTROLLER_LABELS = {"app.kubernetes.io/name": "smartspec", "app.kubernetes.io/component": "controller"}
 CONTROLLER_PORT = 50071
 CONTROLLER_METRICS_PORT = 9401
-# ControllerConfig.grace_seconds: streams may stay this long after SIGTERM.
-CONTROLLER_STOP_GRACE_S = 10
 SERVICE_NAMES = {
     "verifier": "smartspec.v1.Generation",
     "proposer": "smartspec.v1.Proposer",
@@ -54,11 +69,22 @@ COMPONENTS = {"verifier": VERIFIER, "proposer": PROPOSER, "controller": CONTROLL
 # The components that load a model, and so take --device/--dtype and a GPU in the overlay.
 MODEL_SERVERS = {"verifier": VERIFIER, "proposer": PROPOSER}
 GRPC_PORTS = {"verifier": GRPC_PORT, "proposer": PROPOSER_PORT, "controller": CONTROLLER_PORT}
-METRICS_PORTS = {"verifier": METRICS_PORT, "controller": CONTROLLER_METRICS_PORT}
+METRICS_PORTS = {"verifier": METRICS_PORT, "proposer": PROPOSER_METRICS_PORT, "controller": CONTROLLER_METRICS_PORT}
+# The mtls component's plaintext ports for kubelet probes: gRPC port + 1.
+HEALTH_PORTS = {component: port + 1 for component, port in GRPC_PORTS.items()}
 # How long the startup probe must allow: loading a model vs. importing the CLI.
 STARTUP_BUDGET_S = {"verifier": 300, "proposer": 300, "controller": 60}
+# Pulling the multi-GB CUDA image onto a fresh GPU node, on top of starting.
+CUDA_IMAGE_PULL_S = 300
+# Kubernetes' default, where a Deployment names none.
+DEFAULT_PROGRESS_DEADLINE_S = 600
 # What `controller.policy.Policy.parse` accepts (K and KMAX in 1..8).
 POLICY = re.compile(r"off|fixed:[1-8]|smartspec(-uniform)?(:[1-8])?")
+
+ENV_PREFIX = "SMARTSPEC_"
+TRUE, FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+# What a fieldRef to the pod's name stands for: the name is only known once the pod exists.
+POD_NAME = "<metadata.name>"
 
 
 def policy(text: str) -> str:
@@ -113,8 +139,11 @@ def proposer_arg_parser() -> argparse.ArgumentParser:
     kind.add_argument("--draft")
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
+    parser.add_argument("--kv-cache-tokens", type=int, required=True)
+    parser.add_argument("--grace-seconds", type=float, required=True)
     add_server_tls(parser)
     return parser
 
@@ -128,6 +157,7 @@ def controller_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", type=policy, required=True)
     parser.add_argument("--proposers", default=None)
     parser.add_argument("--push-interval-s", type=float, default=1.0)
+    parser.add_argument("--grace-seconds", type=float, required=True)
     add_server_tls(parser)
     return parser
 
@@ -137,9 +167,10 @@ FLAGS = {
     component: {option for action in make()._actions for option in action.option_strings}
     for component, make in PARSERS.items()
 }
-VERIFIER_FLAGS = FLAGS["verifier"]
-PROPOSER_FLAGS = FLAGS["proposer"]
-CONTROLLER_FLAGS = FLAGS["controller"]
+SWITCHES = {
+    component: {option for action in make()._actions if action.nargs == 0 for option in action.option_strings}
+    for component, make in PARSERS.items()
+}
 
 
 def parse_args(component: str, args: list[str]) -> argparse.Namespace:
@@ -148,25 +179,13 @@ def parse_args(component: str, args: list[str]) -> argparse.Namespace:
     unknown = sorted(set(flags) - FLAGS[component])
     assert not unknown, f"flags the {component} does not take: {unknown}"
     duplicated = sorted({f for f in flags if flags.count(f) > 1})
-    assert not duplicated, f"flags given twice: {duplicated}"
+    assert not duplicated, f"flags given twice (in args and the environment?): {duplicated}"
     try:
         parsed, rest = PARSERS[component]().parse_known_args(args[1:])
     except SystemExit:
-        pytest.fail(f"{component} args do not parse: {shlex.join(args)}")
+        pytest.fail(f"{component} settings do not parse: {shlex.join(args)}")
     assert not rest, f"stray arguments: {rest}"
     return parsed
-
-
-def parse_verifier_args(args: list[str]) -> argparse.Namespace:
-    return parse_args("verifier", args)
-
-
-def parse_proposer_args(args: list[str]) -> argparse.Namespace:
-    return parse_args("proposer", args)
-
-
-def parse_controller_args(args: list[str]) -> argparse.Namespace:
-    return parse_args("controller", args)
 
 
 def kustomize(path: Path) -> list[dict]:
@@ -175,12 +194,37 @@ def kustomize(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+def kustomize_with(namespace: str | None = None, components: tuple[Path, ...] = ()) -> list[dict]:
+    """The base as a resource of a kustomization of its own (as a user's overlay would use it)."""
+    with tempfile.TemporaryDirectory() as root:
+        # kustomize takes other kustomizations by relative path only.
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(K8S / "base", root)],
+            "components": [os.path.relpath(c, root) for c in components],
+        }
+        if namespace:
+            kustomization["namespace"] = namespace
+        (Path(root) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return kustomize(Path(root))
+
+
+OTHER_NAMESPACE = "other"
+# Renders made here rather than from a kustomization in the repository.
+EXTRA_RENDERS = {
+    # The base with the NetworkPolicies it leaves opt-in.
+    "base+network-policies": lambda: kustomize_with(components=(NETWORK_POLICIES,)),
+    # What a user gets from `namespace: other` over the base.
+    "other-namespace": lambda: kustomize_with(OTHER_NAMESPACE, (NETWORK_POLICIES,)),
+}
+
 _rendered: dict[str, list[dict]] = {}
 
 
 def rendered(name: str) -> list[dict]:
     if name not in _rendered:
-        _rendered[name] = kustomize(KUSTOMIZATIONS[name])
+        _rendered[name] = EXTRA_RENDERS[name]() if name in EXTRA_RENDERS else kustomize(KUSTOMIZATIONS[name])
     return _rendered[name]
 
 
@@ -207,6 +251,104 @@ def proposer_container(objects: list[dict]) -> dict:
 
 def controller_container(objects: list[dict]) -> dict:
     return component_container(objects, "controller")
+
+
+# --- the effective configuration ---------------------------------------------------
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' `$(VAR)` expansion: a defined variable's value; `$$` a literal `$`; an
+    undefined reference stays as written."""
+    return re.sub(r"\$(\$|\(([^()]*)\))", lambda m: "$" if m[1] == "$" else env.get(m[2], m[0]), text)
+
+
+@dataclass
+class Effective:
+    """What the process in a container sees: its arguments and its environment."""
+
+    args: list[str]
+    env: dict[str, str]
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """The variables the service reads as flags."""
+        return {k: v for k, v in self.env.items() if k.startswith(ENV_PREFIX) and k not in NOT_FLAGS}
+
+
+def config_map_data(objects: list[dict], namespace: str, name: str) -> dict[str, str]:
+    maps = [
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name and o["metadata"].get("namespace") == namespace
+    ]
+    assert len(maps) == 1, f"ConfigMap {namespace}/{name} is referenced but not rendered"
+    return maps[0].get("data", {})
+
+
+def quantity(text: str) -> float:
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def effective(objects: list[dict], component: str) -> Effective:
+    """As the kubelet builds it: envFrom in order (later sources win), then env in order, each
+    value expanded against what is defined before it (and env wins over envFrom), then args
+    expanded against the result."""
+    deployment = find(objects, "Deployment", COMPONENTS[component])
+    namespace = deployment["metadata"]["namespace"]
+    container = component_container(objects, component)
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert set(source) <= {"prefix", "configMapRef"}, f"an envFrom this test cannot follow: {source}"
+        ref = source["configMapRef"]
+        assert not ref.get("optional"), "an optional ConfigMap hides a missing one"
+        for key, value in config_map_data(objects, namespace, ref["name"]).items():
+            env[source.get("prefix", "") + key] = value
+    for var in container.get("env", []):
+        if "valueFrom" not in var:
+            env[var["name"]] = expand(var.get("value", ""), env)
+            continue
+        source = var["valueFrom"]
+        if "fieldRef" in source:
+            field = source["fieldRef"]["fieldPath"]
+            known = {"metadata.namespace": namespace, "metadata.name": POD_NAME}
+            assert field in known, f"a fieldRef this test cannot follow: {field}"
+            env[var["name"]] = known[field]
+        elif "resourceFieldRef" in source:
+            ref = source["resourceFieldRef"]
+            assert ref.get("containerName", container["name"]) == container["name"]
+            section, resource = ref["resource"].split(".")
+            amount = quantity(str(container["resources"][section][resource])) / quantity(str(ref.get("divisor", "1")))
+            env[var["name"]] = str(math.ceil(amount))
+        elif "configMapKeyRef" in source:
+            ref = source["configMapKeyRef"]
+            env[var["name"]] = config_map_data(objects, namespace, ref["name"])[ref["key"]]
+        else:
+            pytest.fail(f"a valueFrom this test cannot follow: {source}")
+    return Effective([expand(a, env) for a in container.get("args", [])], env)
+
+
+def flag_of(variable: str) -> str:
+    return "--" + variable[len(ENV_PREFIX) :].lower().replace("_", "-")
+
+
+def effective_argv(component: str, config: Effective) -> list[str]:
+    """The container's settings as one command line, for the mirrors: args, then each variable
+    as its flag."""
+    argv = list(config.args)
+    for variable, value in sorted(config.settings.items()):
+        flag = flag_of(variable)
+        if flag not in SWITCHES[component]:
+            argv.append(f"{flag}={value}")
+        elif value.lower() in TRUE:
+            argv.append(flag)
+        else:
+            assert value.lower() in FALSE, f"{variable}={value!r} is not a boolean"
+    return argv
+
+
+def settings(objects: list[dict], component: str) -> argparse.Namespace:
+    """The component's effective configuration, parsed by its mirror."""
+    return parse_args(component, effective_argv(component, effective(objects, component)))
 
 
 def service_port(objects: list[dict], service_name: str, port_name: str, component: str) -> int:
@@ -241,31 +383,42 @@ def prestop_sleep_seconds(container: dict) -> int:
     pytest.fail(f"cannot tell how long preStop takes: {pre_stop}")
 
 
+def startup_budget_s(container: dict) -> int:
+    startup = container["startupProbe"]
+    return startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
+
+
+def project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
 # --- offline schema validation -------------------------------------------------
 
 
-def test_kubernetes_validate_ships_the_pinned_version():
-    assert KUBERNETES_VERSION in all_versions(), (
-        f"kubernetes-validate {kubernetes_validate.__version__} has no schemas for "
-        f"{KUBERNETES_VERSION}; it has {sorted(set(all_versions()))}"
-    )
+def test_kubernetes_validate_ships_the_pinned_versions():
+    for version in VALIDATED_VERSIONS:
+        assert version in all_versions(), (
+            f"kubernetes-validate {kubernetes_validate.__version__} has no schemas for "
+            f"{version}; it has {sorted(set(all_versions()))}"
+        )
 
 
 @needs_kubectl
+@pytest.mark.parametrize("version", VALIDATED_VERSIONS)
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_every_object_validates_strictly(name):
+def test_every_object_validates_strictly(name, version):
     objects = rendered(name)
     assert objects, f"{name} rendered nothing"
     for obj in objects:
         label = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
         try:
-            validated = kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            validated = kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             path = ".".join(str(p) for p in e.path)
-            pytest.fail(f"{name}: {label} invalid at {path}: {e.message}")
+            pytest.fail(f"{name}: {label} invalid for {version} at {path}: {e.message}")
         except kubernetes_validate.SchemaNotFoundError as e:
             pytest.fail(f"{name}: {label}: {e.message}")
-        assert validated == "1.32"
+        assert validated == version.rsplit(".", 1)[0]
 
 
 @needs_kubectl
@@ -285,20 +438,102 @@ def test_everything_lives_in_the_smartspec_namespace(name):
         ("Service", CONTROLLER),
         ("PodDisruptionBudget", CONTROLLER),
     } <= kinds
+    assert sum(o["kind"] == "ConfigMap" for o in objects) == len(COMPONENTS)
     for obj in objects:
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]
 
 
-# --- the verifier deployment ---------------------------------------------------
+# --- configuration by name -----------------------------------------------------------
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_args_are_the_subcommand_alone(name, component):
+    """Settings come by name, from the environment: an overlay never has to find a flag by its index."""
+    container = component_container(rendered(name), component)
+    assert "command" not in container, "command would replace the image's `smartspec` entrypoint"
+    assert container["args"] == [component]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS) + sorted(EXTRA_RENDERS))
+def test_config_maps_are_generated_and_referenced(name):
+    objects = rendered(name)
+    maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    referenced = set()
+    for component, deployment_name in COMPONENTS.items():
+        deployment = find(objects, "Deployment", deployment_name)
+        sources = component_container(objects, component).get("envFrom", [])
+        assert len(sources) == 1, f"{component}: one ConfigMap of settings, read whole: {sources}"
+        ref = sources[0]["configMapRef"]
+        assert sources[0].get("prefix") == ENV_PREFIX
+        # configMapGenerator's hash of the contents: a changed setting is a new name, so the pods roll.
+        assert re.fullmatch(rf"{deployment_name}-[a-z0-9]{{10}}", ref["name"]), ref["name"]
+        assert ref["name"] in maps, f"{component} reads ConfigMap {ref['name']}, the render has {sorted(maps)}"
+        assert maps[ref["name"]]["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+        assert not ref.get("optional"), "an optional ConfigMap hides a missing one"
+        labels = maps[ref["name"]]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/component"] == component
+        referenced.add(ref["name"])
+    assert referenced == set(maps), f"ConfigMaps nothing reads: {sorted(set(maps) - referenced)}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_each_setting_is_set_in_one_place(name, component):
+    objects = rendered(name)
+    container = component_container(objects, component)
+    names = [e["name"] for e in container.get("env", [])]
+    assert len(names) == len(set(names)), f"env defines a variable twice: {names}"
+    # The kubelet lets env override envFrom without a word: a key in both would be dead in the ConfigMap.
+    namespace = find(objects, "Deployment", COMPONENTS[component])["metadata"]["namespace"]
+    from_maps = {
+        source.get("prefix", "") + key
+        for source in container.get("envFrom", [])
+        for key in config_map_data(objects, namespace, source["configMapRef"]["name"])
+    }
+    assert not from_maps & set(names), f"set in both the ConfigMap and env: {sorted(from_maps & set(names))}"
+    config = effective(objects, component)
+    for variable, value in config.settings.items():
+        # A reference to a variable defined later, or not at all, stays literal.
+        assert "$(" not in value, f"{variable}={value!r}: a reference was not expanded"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_no_service_link_variables(name, component):
+    pod = find(rendered(name), "Deployment", COMPONENTS[component])["spec"]["template"]["spec"]
+    # They would be named SMARTSPEC_VERIFIER_PORT and so on, and refused by the CLI as naming no flag.
+    assert pod.get("enableServiceLinks") is False
+
+
+def test_no_kustomization_patches_by_index():
+    """Overlays and components change settings by key (ConfigMap merges, strategic-merge
+    patches that match lists by name), never by a list index that moves when the base changes."""
+    kustomizations = sorted(K8S.rglob("kustomization.yaml"))
+    assert len(kustomizations) >= 5
+    for path in kustomizations:
+        kustomization = yaml.safe_load(path.read_text())
+        assert "patchesJson6902" not in kustomization, path
+        for patch in kustomization.get("patches", []) + kustomization.get("patchesStrategicMerge", []):
+            text = (path.parent / patch["path"]).read_text() if "path" in patch else patch.get("patch", patch)
+            documents = list(yaml.safe_load_all(text)) if isinstance(text, str) else [text]
+            for document in documents:
+                assert isinstance(document, dict), f"{path}: a JSON patch (a list of ops): {document}"
+
+
+# --- the verifier, proposer and controller --------------------------------------------
 
 
 @needs_kubectl
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_verifier_args_parse_and_match_the_ports(name):
+def test_verifier_settings_parse_and_match_the_ports(name):
     container = verifier_container(rendered(name))
-    assert "command" not in container, "command would replace the image's `smartspec` entrypoint"
-    args = parse_verifier_args(container["args"])
+    args = settings(rendered(name), "verifier")
     assert args.host == "0.0.0.0", "must listen on all interfaces to be reachable in the pod"
     assert args.port == container_port(container, "grpc") == GRPC_PORT
     assert args.metrics_port == container_port(container, "metrics") == METRICS_PORT
@@ -316,21 +551,21 @@ def test_verifier_args_parse_and_match_the_ports(name):
 
 @needs_kubectl
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_proposer_args_parse_and_match_the_port(name):
+def test_proposer_settings_parse_and_match_the_ports(name):
     container = proposer_container(rendered(name))
-    assert "command" not in container, "command would replace the image's `smartspec` entrypoint"
-    args = parse_proposer_args(container["args"])
+    args = settings(rendered(name), "proposer")
     assert args.host == "0.0.0.0", "must listen on all interfaces to be reachable in the pod"
     assert args.port == container_port(container, "grpc") == PROPOSER_PORT
+    assert args.metrics_port == container_port(container, "metrics") == PROPOSER_METRICS_PORT
     assert args.draft == "smollm2-draft" and not args.ngram, "the built-in draft model"
+    assert args.kv_cache_tokens == 65536
 
 
 @needs_kubectl
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
-def test_controller_args_parse_and_match_the_ports(name):
+def test_controller_settings_parse_and_match_the_ports(name):
     container = controller_container(rendered(name))
-    assert "command" not in container, "command would replace the image's `smartspec` entrypoint"
-    args = parse_controller_args(container["args"])
+    args = settings(rendered(name), "controller")
     assert args.host == "0.0.0.0", "must listen on all interfaces to be reachable in the pod"
     assert args.port == container_port(container, "grpc") == CONTROLLER_PORT
     assert args.metrics_port == container_port(container, "metrics") == CONTROLLER_METRICS_PORT
@@ -342,7 +577,7 @@ def test_controller_args_parse_and_match_the_ports(name):
 @needs_kubectl
 @pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
 def test_base_runs_on_cpu(component):
-    args = parse_args(component, component_container(rendered("base"), component)["args"])
+    args = settings(rendered("base"), component)
     assert (args.device, args.dtype) == ("cpu", "float32")
 
 
@@ -354,11 +589,13 @@ def test_probes_use_native_grpc_on_the_grpc_port(name, component):
     plaintext health port the server opens for them."""
     container = component_container(rendered(name), component)
     assert container_port(container, "grpc") == GRPC_PORTS[component]
-    args = parse_args(component, container["args"])
+    args = settings(rendered(name), component)
     port = GRPC_PORTS[component]
     if args.tls_cert:
         port = container_port(container, "health")
-        assert args.health_port == port and port != GRPC_PORTS[component]
+        assert args.health_port == port == HEALTH_PORTS[component]
+    else:
+        assert args.health_port == 0
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container.get(probe_name)
         assert probe, f"{probe_name} missing"
@@ -369,9 +606,7 @@ def test_probes_use_native_grpc_on_the_grpc_port(name, component):
         # dead, so a draining or busy pod is not restarted.
         service = SERVICE_NAMES[component] if probe_name == "readinessProbe" else ""
         assert probe["grpc"].get("service", "") == service, probe
-    startup = container["startupProbe"]
-    startup_budget_s = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
-    assert startup_budget_s >= STARTUP_BUDGET_S[component], f"only {startup_budget_s}s to start"
+    assert startup_budget_s(container) >= STARTUP_BUDGET_S[component], f"only {startup_budget_s(container)}s to start"
     liveness = container["livenessProbe"]
     assert liveness.get("failureThreshold", 3) * liveness.get("periodSeconds", 10) >= 30, (
         f"a liveness probe this eager restarts a busy {component} mid-stream"
@@ -383,10 +618,9 @@ def test_probes_use_native_grpc_on_the_grpc_port(name, component):
 def test_termination_grace_outlasts_the_drain(name):
     objects = rendered(name)
     pod = find(objects, "Deployment", VERIFIER)["spec"]["template"]["spec"]
-    container = verifier_container(objects)
-    grace_seconds = parse_verifier_args(container["args"]).grace_seconds
+    grace_seconds = settings(objects, "verifier").grace_seconds
     # The pod's grace period also pays for preStop, which runs before SIGTERM.
-    needed = grace_seconds + prestop_sleep_seconds(container)
+    needed = grace_seconds + prestop_sleep_seconds(verifier_container(objects))
     assert pod["terminationGracePeriodSeconds"] > needed, (
         f"terminationGracePeriodSeconds={pod['terminationGracePeriodSeconds']} "
         f"leaves no margin after preStop + --grace-seconds = {needed}s: in-flight streams get SIGKILL"
@@ -403,7 +637,7 @@ def test_proposer_keeps_serving_until_the_verifiers_have_moved_away(name):
     assert pre_stop >= PROPOSER_RESOLVE_EVERY_S, (
         f"preStop sleeps {pre_stop}s, but verifiers re-resolve only every {PROPOSER_RESOLVE_EVERY_S}s"
     )
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + PROPOSER_STOP_GRACE_S
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + settings(objects, "proposer").grace_seconds
 
 
 @needs_kubectl
@@ -411,8 +645,27 @@ def test_proposer_keeps_serving_until_the_verifiers_have_moved_away(name):
 def test_controller_stops_within_its_grace_period(name):
     objects = rendered(name)
     pod = find(objects, "Deployment", CONTROLLER)["spec"]["template"]["spec"]
-    needed = prestop_sleep_seconds(controller_container(objects)) + CONTROLLER_STOP_GRACE_S
+    needed = prestop_sleep_seconds(controller_container(objects)) + settings(objects, "controller").grace_seconds
     assert pod["terminationGracePeriodSeconds"] > needed
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_rollout_deadline_outlasts_a_pod_start(name, component):
+    """progressDeadlineSeconds marks a rollout failed when no new pod became available for that
+    long: one replacement takes the old pod's grace period, then up to the startup probe's
+    budget (and on GPU nodes the CUDA image's pull)."""
+    objects = rendered(name)
+    deployment = find(objects, "Deployment", COMPONENTS[component])["spec"]
+    container = component_container(objects, component)
+    needed = deployment["template"]["spec"]["terminationGracePeriodSeconds"] + max(
+        startup_budget_s(container), STARTUP_BUDGET_S[component]
+    )
+    if container["image"].endswith("-cuda"):
+        needed += CUDA_IMAGE_PULL_S
+    deadline = deployment.get("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE_S)
+    assert deadline > needed, f"a rollout is declared stuck after {deadline}s, a pod may take {needed}s"
 
 
 @needs_kubectl
@@ -459,7 +712,7 @@ def test_cpu_resources_and_metrics_scrape(name, component):
     objects = rendered(name)
     template = find(objects, "Deployment", COMPONENTS[component])["spec"]["template"]
     container = component_container(objects, component)
-    assert container_port(container, "metrics") == METRICS_PORTS[component]
+    assert settings(objects, component).metrics_port == container_port(container, "metrics") == METRICS_PORTS[component]
     assert "cpu" in container["resources"]["requests"]
     assert "cpu" in container["resources"]["limits"]
     assert "memory" in container["resources"]["limits"]
@@ -530,14 +783,25 @@ def test_proposer_service_is_headless_over_the_proposer_pods(name):
     assert ports["grpc"]["port"] == resolved == PROPOSER_PORT
 
 
+def proposer_address(objects: list[dict]) -> tuple[str, int]:
+    proposer = settings(objects, "verifier").proposer
+    match = re.fullmatch(r"dns:([^:]+):(\d+)", proposer)
+    assert match, f"--proposer {proposer!r} is not dns:NAME:PORT"
+    return match[1], int(match[2])
+
+
+def controller_address(objects: list[dict]) -> tuple[str, int]:
+    controller = settings(objects, "verifier").controller
+    match = re.fullmatch(r"([^:/]+):(\d+)", controller)
+    assert match, f"--controller {controller!r} is not HOST:PORT"
+    return match[1], int(match[2])
+
+
 @needs_kubectl
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_verifier_finds_the_proposers_through_their_service(name):
     objects = rendered(name)
-    args = parse_verifier_args(verifier_container(objects)["args"])
-    match = re.fullmatch(r"dns:([^:]+):(\d+)", args.proposer)
-    assert match, f"--proposer {args.proposer!r} is not dns:NAME:PORT"
-    host, port = match[1], int(match[2])
+    host, port = proposer_address(objects)
     service = find(objects, "Service", PROPOSER)
     namespace = service["metadata"]["namespace"]
     assert host == f"{PROPOSER}.{namespace}.svc.cluster.local", (
@@ -547,7 +811,7 @@ def test_verifier_finds_the_proposers_through_their_service(name):
     assert port == service["spec"]["ports"][0]["port"] == proposer_port, (
         f"--proposer dials port {port}, the proposers listen on {proposer_port}"
     )
-    assert args.policy != "off", "a policy that never drafts needs no proposers"
+    assert settings(objects, "verifier").policy != "off", "a policy that never drafts needs no proposers"
 
 
 @needs_kubectl
@@ -592,10 +856,7 @@ def test_every_service_selects_only_its_own_pods(name):
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_verifier_reports_to_the_controller_through_its_service(name):
     objects = rendered(name)
-    args = parse_verifier_args(verifier_container(objects)["args"])
-    match = re.fullmatch(r"([^:/]+):(\d+)", args.controller)
-    assert match, f"--controller {args.controller!r} is not HOST:PORT"
-    host, port = match[1], int(match[2])
+    host, port = controller_address(objects)
     service = find(objects, "Service", CONTROLLER)
     namespace = service["metadata"]["namespace"]
     assert host in {
@@ -611,24 +872,16 @@ def test_verifier_reports_to_the_controller_through_its_service(name):
 @needs_kubectl
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_verifier_id_is_the_pod_name(name):
-    container = verifier_container(rendered(name))
-    args = parse_verifier_args(container["args"])
-    # Kubernetes expands $(VAR) in args only for variables the container defines.
-    match = re.fullmatch(r"\$\((\w+)\)", args.verifier_id)
-    assert match, f"--verifier-id {args.verifier_id!r} is not $(VAR): replicas would report under one id"
-    env = {e["name"]: e for e in container.get("env", [])}
-    assert match[1] in env, f"$({match[1]}) is not defined in the container: it stays literal"
-    assert env[match[1]].get("valueFrom") == {"fieldRef": {"fieldPath": "metadata.name"}}, env[match[1]]
+    # From the downward API: replicas with a fixed id would report under one name.
+    assert settings(rendered(name), "verifier").verifier_id == POD_NAME
 
 
 @needs_kubectl
 @pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
 def test_verifier_starts_on_the_controllers_policy(name):
     objects = rendered(name)
-    verifier = parse_verifier_args(verifier_container(objects)["args"])
-    controller = parse_controller_args(controller_container(objects)["args"])
     # Otherwise planning changes mode the moment the controller connects.
-    assert verifier.policy == controller.policy
+    assert settings(objects, "verifier").policy == settings(objects, "controller").policy
 
 
 @needs_kubectl
@@ -647,33 +900,113 @@ def test_disruption_budget_covers_the_pods_without_blocking_drains(name, compone
         assert int(pdb["minAvailable"]) < replicas, "minAvailable >= replicas forbids every eviction"
 
 
+# --- any namespace ------------------------------------------------------------------
+
+
+def addresses(config: Effective) -> dict[str, str]:
+    return {k: v for k, v in config.settings.items() if ".svc" in v or "cluster.local" in v}
+
+
+@needs_kubectl
+def test_base_renders_into_any_namespace():
+    """`namespace: other` over the base moves every object, and every address the services dial
+    follows: they are built from the pod's namespace, not written in."""
+    objects = rendered("other-namespace")
+    assert find(objects, "Namespace", OTHER_NAMESPACE)
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == OTHER_NAMESPACE, obj["metadata"]
+    dialled = {}
+    for component in COMPONENTS:
+        config = effective(objects, component)
+        for variable, value in config.settings.items():
+            assert f".{NAMESPACE}." not in value, f"{component}: {variable}={value!r} still names {NAMESPACE}"
+            assert "$(" not in value, f"{component}: {variable}={value!r}"
+        for variable, value in addresses(config).items():
+            assert f".{OTHER_NAMESPACE}.svc" in value, f"{component}: {variable}={value!r}"
+            dialled[variable] = value
+    assert set(dialled) == {"SMARTSPEC_PROPOSER", "SMARTSPEC_CONTROLLER"}, dialled
+    assert proposer_address(objects) == (f"{PROPOSER}.{OTHER_NAMESPACE}.svc.cluster.local", PROPOSER_PORT)
+    assert controller_address(objects) == (f"{CONTROLLER}.{OTHER_NAMESPACE}.svc.cluster.local", CONTROLLER_PORT)
+    text = yaml.safe_dump_all(objects)
+    assert f".{NAMESPACE}.svc" not in text and f"{NAMESPACE}.svc.cluster.local" not in text
+
+
+@needs_kubectl
+def test_every_address_is_built_from_the_pod_namespace():
+    objects = rendered("base")
+    for component in COMPONENTS:
+        container = component_container(objects, component)
+        env = {e["name"]: e for e in container.get("env", [])}
+        for variable in addresses(effective(objects, component)):
+            assert "$(POD_NAMESPACE)" in env[variable]["value"], env[variable]
+        if any("$(POD_NAMESPACE)" in e.get("value", "") for e in env.values()):
+            assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
 # --- GPU overlay ------------------------------------------------------------------
 
 
 @needs_kubectl
 @pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
 def test_gpu_overlay_runs_on_one_gpu(component):
-    container = component_container(rendered("gpu"), component)
-    args = parse_args(component, container["args"])
+    objects = rendered("gpu")
+    container = component_container(objects, component)
+    args = settings(objects, component)
     assert (args.device, args.dtype) == ("cuda", "bfloat16")
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
-    assert container["image"].endswith("-cuda"), "the default image carries the CPU torch wheel"
-    pod = find(rendered("gpu"), "Deployment", COMPONENTS[component])["spec"]["template"]["spec"]
+    assert container["image"] == f"smartspec:{project_version()}-cuda", "the default image has the CPU torch wheel"
+    pod = find(objects, "Deployment", COMPONENTS[component])["spec"]["template"]["spec"]
     assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", [])), pod.get("tolerations")
+    # The GPU Operator's runtime, which exposes the devices the plugin allots to the container.
+    assert pod["runtimeClassName"] == "nvidia"
 
 
 @needs_kubectl
 @pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
-def test_gpu_overlay_changes_only_device_and_dtype(component):
-    base_container = component_container(rendered("base"), component)
-    gpu_container = component_container(rendered("gpu"), component)
-    base = parse_args(component, base_container["args"])
-    gpu = parse_args(component, gpu_container["args"])
-    differing = {k for k in vars(base) if getattr(base, k) != getattr(gpu, k)}
-    assert differing == {"device", "dtype"}
-    # The argument order too: only the two values were swapped in place.
-    changed = [i for i, (a, b) in enumerate(zip(base_container["args"], gpu_container["args"])) if a != b]
-    assert len(base_container["args"]) == len(gpu_container["args"]) and len(changed) == 2
+def test_gpu_overlay_prefers_gpu_products(component):
+    affinity = find(rendered("gpu"), "Deployment", COMPONENTS[component])["spec"]["template"]["spec"]["affinity"]
+    node = affinity["nodeAffinity"]
+    # Preferred only: a GPU not on the list still serves, rather than a pod pending forever.
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in node
+    terms = node["preferredDuringSchedulingIgnoredDuringExecution"]
+    expressions = [e for t in terms for e in t["preference"]["matchExpressions"]]
+    products = [e for e in expressions if e["key"] == "nvidia.com/gpu.product"]
+    assert products and all(e["operator"] == "In" and e["values"] for e in products), products
+    assert all(1 <= t["weight"] <= 100 for t in terms)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
+def test_gpu_rollouts_need_no_spare_gpu(component):
+    objects = rendered("gpu")
+    deployment = find(objects, "Deployment", COMPONENTS[component])["spec"]
+    strategy = deployment["strategy"]
+    # A surge pod asks for a GPU beyond the replicas' and waits for one, holding the rollout.
+    assert strategy["type"] == "RollingUpdate"
+    assert str(strategy["rollingUpdate"]["maxSurge"]) in ("0", "0%")
+    assert str(strategy["rollingUpdate"]["maxUnavailable"]) == "1"
+    # At most what a voluntary disruption may take as well.
+    pdb = find(objects, "PodDisruptionBudget", COMPONENTS[component])["spec"]
+    assert int(pdb["maxUnavailable"]) >= 1
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(MODEL_SERVERS))
+def test_gpu_overlay_changes_settings_by_key(component):
+    base, gpu = rendered("base"), rendered("gpu")
+    base_config, gpu_config = effective(base, component), effective(gpu, component)
+    assert base_config.args == gpu_config.args
+    differing = {
+        k
+        for k in base_config.settings.keys() | gpu_config.settings.keys()
+        if base_config.settings.get(k) != gpu_config.settings.get(k)
+    }
+    assert differing == {"SMARTSPEC_DEVICE", "SMARTSPEC_DTYPE"}
+    base_args, gpu_args = settings(base, component), settings(gpu, component)
+    assert {k for k in vars(base_args) if getattr(base_args, k) != getattr(gpu_args, k)} == {"device", "dtype"}
+    # The container's own env is the base's: the overlay changed only the ConfigMap.
+    assert component_container(base, component)["env"] == component_container(gpu, component)["env"]
 
 
 @needs_kubectl
@@ -687,17 +1020,16 @@ def test_controller_takes_no_gpu(name):
     pod = find(objects, "Deployment", CONTROLLER)["spec"]["template"]["spec"]
     # No toleration: a model-free pod must not take room on the GPU nodes.
     assert not any(t.get("key", "").startswith("nvidia.com/") for t in pod.get("tolerations", [])), pod
-    # One image per overlay: the controller runs what the verifiers run.
-    assert container["image"] == verifier_container(objects)["image"]
+    assert "runtimeClassName" not in pod
+    # The CPU image everywhere: the CUDA one is gigabytes of libraries it never loads.
+    assert container["image"] == f"smartspec:{project_version()}"
 
 
 @needs_kubectl
 def test_gpu_overlay_leaves_the_controller_alone():
-    base, gpu = (find(rendered(n), "Deployment", CONTROLLER) for n in ("base", "gpu"))
-    base_container, gpu_container = controller_container(rendered("base")), controller_container(rendered("gpu"))
-    assert base_container["args"] == gpu_container["args"]
-    assert base_container["resources"] == gpu_container["resources"]
-    assert base["spec"]["template"]["spec"].get("tolerations") == gpu["spec"]["template"]["spec"].get("tolerations")
+    base, gpu = rendered("base"), rendered("gpu")
+    assert find(base, "Deployment", CONTROLLER) == find(gpu, "Deployment", CONTROLLER)
+    assert effective(base, "controller") == effective(gpu, "controller")
 
 
 # --- image ------------------------------------------------------------------------
@@ -706,8 +1038,7 @@ def test_gpu_overlay_leaves_the_controller_alone():
 @needs_kubectl
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
 def test_image_tag_is_the_project_version(component):
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert component_container(rendered("base"), component)["image"] == f"smartspec:{version}"
+    assert component_container(rendered("base"), component)["image"] == f"smartspec:{project_version()}"
 
 
 def test_dockerfile_installs_cpu_torch_before_the_project():
@@ -739,32 +1070,17 @@ def test_dockerignore_keeps_local_state_out():
 
 # --- the real CLI ------------------------------------------------------------------
 
-
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
-def test_real_cli_knows_every_deployed_flag(component):
-    """The argparse mirrors above must not drift from `smartspec verifier` / `proposer` / `controller`."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import sys; from smartspec.cli import main; sys.argv = ['smartspec', '{component}', '--help']; main()",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert result.returncode == 0, f"`smartspec {component} --help` failed:\n{result.stderr[-2000:]}"
-    missing = sorted(f for f in FLAGS[component] if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", result.stdout))
-    assert not missing, f"`smartspec {component}` lacks flags the deployment passes: {missing}"
-
-
-# Parses each argument list with the real `smartspec` parser; prints the values or the error.
+# Parses each (argument list, environment) with the real `smartspec` parser, in a process of
+# its own so that the environment is exactly the container's; prints the values or the error.
 _REAL_PARSE = """
-import contextlib, io, json, sys
+import contextlib, io, json, os, sys
 from smartspec.cli import build_parser
+keep = {k: v for k, v in os.environ.items() if not k.startswith("SMARTSPEC_")}
 out = []
-for args in json.load(sys.stdin):
+for args, env in json.load(sys.stdin):
+    os.environ.clear()
+    os.environ.update(keep)
+    os.environ.update(env)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -775,32 +1091,83 @@ json.dump(out, sys.stdout, default=str)
 """
 
 
-@needs_kubectl
-def test_real_cli_parses_the_deployed_args():
-    """What each container runs, parsed by the real `smartspec` parser, means what the mirrors say."""
-    cases = [
-        (name, component, component_container(rendered(name), component)["args"])
-        for name in sorted(KUSTOMIZATIONS)
-        for component in sorted(COMPONENTS)
-    ]
+def real_parse(cases: list[tuple[list[str], dict[str, str]]]) -> list[dict]:
     result = subprocess.run(
         [sys.executable, "-c", _REAL_PARSE],
-        input=json.dumps([args for _, _, args in cases]),
+        input=json.dumps(cases),
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=300,
     )
     assert result.returncode == 0, f"the real parser crashed:\n{result.stderr[-2000:]}"
-    for (name, component, args), parsed in zip(cases, json.loads(result.stdout), strict=True):
-        assert "ok" in parsed, f"{name}: `smartspec {shlex.join(args)}` is rejected:\n{parsed['error']}"
-        real = parsed["ok"]
-        assert real["command"] == component
-        mirror = vars(parse_args(component, args))
-        for key, value in mirror.items():
-            assert real[key] == value, (
-                f"{name} {component}: real --{key.replace('_', '-')}={real[key]!r}, mirror {value!r}"
-            )
+    return json.loads(result.stdout)
+
+
+# A misspelt key in a ConfigMap, and a key meant for another component.
+BAD_KEYS = {"verifier": "SMARTSPEC_MAX_NUM_SEQ", "proposer": "SMARTSPEC_MAX_NUM_SEQS", "controller": "SMARTSPEC_DRAFT"}
+_real: dict[tuple[str, str], dict] = {}
+
+
+def real(name: str, component: str) -> dict:
+    """The real parser's answer for a render's component (`name` with a BAD_KEYS key added: "+bad")."""
+    if not _real:
+        keys = [(n, c) for n in sorted(KUSTOMIZATIONS) + ["other-namespace"] for c in sorted(COMPONENTS)]
+        keys += [("base+bad", c) for c in sorted(COMPONENTS)]
+        cases = []
+        for n, c in keys:
+            config = effective(rendered(n.removesuffix("+bad")), c)
+            env = {**config.env, BAD_KEYS[c]: "1"} if n.endswith("+bad") else config.env
+            cases.append((config.args, env))
+        _real.update(zip(keys, real_parse(cases), strict=True))
+    return _real[name, component]
+
+
+def test_real_cli_knows_every_deployed_flag():
+    """The argparse mirrors above must not drift from `smartspec verifier` / `proposer` / `controller`."""
+    script = (
+        "import sys\n"
+        "from smartspec.cli import build_parser\n"
+        "for command in sys.argv[1:]:\n"
+        "    try:\n"
+        "        build_parser().parse_args([command, '--help'])\n"
+        "    except SystemExit:\n"
+        "        print('\\f', flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *sorted(COMPONENTS)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert result.returncode == 0, f"`smartspec --help` failed:\n{result.stderr[-2000:]}"
+    helps = result.stdout.split("\f")
+    for component, text in zip(sorted(COMPONENTS), helps, strict=False):
+        assert f"usage: smartspec {component}" in text
+        missing = sorted(f for f in FLAGS[component] if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text))
+        assert not missing, f"`smartspec {component}` lacks flags the deployment passes: {missing}"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS) + ["other-namespace"])
+def test_real_cli_parses_the_deployed_settings(name, component):
+    """Every key of the container's environment is accepted by the real parser, and means what the mirror says."""
+    parsed = real(name, component)
+    config = effective(rendered(name), component)
+    assert "ok" in parsed, f"{name}: `{shlex.join(config.args)}` with {config.settings} is rejected:\n{parsed['error']}"
+    values = parsed["ok"]
+    assert values["command"] == component
+    mirror = vars(settings(rendered(name), component))
+    for key, value in mirror.items():
+        assert values[key] == value, (
+            f"{name} {component}: real --{key.replace('_', '-')}={values[key]!r}, mirror {value!r}"
+        )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_real_cli_refuses_a_key_that_names_no_flag(component):
+    parsed = real("base+bad", component)
+    assert "error" in parsed, f"{BAD_KEYS[component]} was accepted by the {component}"
+    assert f"{BAD_KEYS[component]} names no flag" in parsed["error"]
 
 
 @needs_kubectl
@@ -808,7 +1175,7 @@ def test_real_policy_parser_accepts_the_deployed_policies():
     """Every --policy deployed parses with `controller.policy.Policy`, the same for verifier and controller."""
     policies = sorted(
         {
-            parse_args(component, component_container(rendered(name), component)["args"]).policy
+            settings(rendered(name), component).policy
             for name in sorted(KUSTOMIZATIONS)
             for component in ("verifier", "controller")
         }
@@ -840,7 +1207,7 @@ TLS_DIR = "/etc/smartspec/tls"
 def test_mtls_serves_from_the_mounted_secret_and_requires_client_certificates(component):
     objects = rendered("mtls")
     container = component_container(objects, component)
-    args = parse_args(component, container["args"])
+    args = settings(objects, component)
     assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (
         f"{TLS_DIR}/tls.crt",
         f"{TLS_DIR}/tls.key",
@@ -865,5 +1232,264 @@ def test_mtls_serves_from_the_mounted_secret_and_requires_client_certificates(co
 @needs_kubectl
 def test_mtls_leaves_the_base_alone():
     for component in COMPONENTS:
-        args = parse_args(component, component_container(rendered("base"), component)["args"])
+        args = settings(rendered("base"), component)
         assert args.tls_cert is None and args.health_port == 0
+
+
+# --- NetworkPolicies (k8s/components/network-policies) -----------------------------
+#
+# A small evaluator of NetworkPolicy semantics (networking.k8s.io/v1) over the render's pods and
+# a few stand-ins for the rest of the cluster, giving the table of who may open a connection to
+# whom on which port; compared with the intended table.
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    namespace: str
+    labels: tuple[tuple[str, str], ...]
+    ports: tuple[tuple[str, int, str], ...] = ()  # (name, number, protocol)
+
+
+def pod(name: str, namespace: str, labels: dict[str, str], *ports: tuple[str, int, str]) -> Pod:
+    return Pod(name, namespace, tuple(sorted(labels.items())), ports)
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A label selector: matchLabels and matchExpressions all hold ({} selects everything)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present = key in labels
+        if operator == "In":
+            holds = present and labels[key] in values
+        elif operator == "NotIn":
+            holds = not present or labels[key] not in values
+        else:
+            assert operator in ("Exists", "DoesNotExist"), operator
+            holds = present == (operator == "Exists")
+        if not holds:
+            return False
+    return True
+
+
+def peer_selects(peer: dict, policy_namespace: str, other: Pod, namespaces: dict[str, dict]) -> bool:
+    """A NetworkPolicyPeer: a namespaceSelector picks namespaces (else the policy's own), a
+    podSelector picks pods within them (else all)."""
+    assert "ipBlock" not in peer, "ipBlock peers are outside this evaluator"
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], namespaces[other.namespace]):
+            return False
+    elif other.namespace != policy_namespace:
+        return False
+    return selects(peer.get("podSelector") or {}, dict(other.labels))
+
+
+def port_allowed(rule_ports: list[dict] | None, target: Pod, number: int, protocol: str) -> bool:
+    """No ports: all. A named port is the target pod's containerPort of that name."""
+    if not rule_ports:
+        return True
+    for entry in rule_ports:
+        if entry.get("protocol", "TCP") != protocol:
+            continue
+        if "port" not in entry:
+            return True
+        port = entry["port"]
+        if isinstance(port, str):
+            if any(n == port and p == number and proto == protocol for n, p, proto in target.ports):
+                return True
+        elif port <= number <= entry.get("endPort", port):
+            return True
+    return False
+
+
+def policy_types(spec: dict) -> list[str]:
+    return spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
+
+
+def direction_allows(
+    policies: list[dict], direction: str, subject: Pod, peer: Pod, target: Pod, number: int, protocol: str, namespaces
+) -> bool:
+    """Whether `subject`'s policies of `direction` let it exchange with `peer` (`target` holds the port).
+    A pod no policy of that direction selects is not isolated: everything goes."""
+    rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    isolating = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == subject.namespace
+        and selects(p["spec"]["podSelector"], dict(subject.labels))
+        and direction in policy_types(p["spec"])
+    ]
+    if not isolating:
+        return True
+    for policy_ in isolating:
+        for rule in policy_["spec"].get(rules_key) or []:
+            peers = rule.get(peers_key)
+            if peers and not any(peer_selects(x, policy_["metadata"]["namespace"], peer, namespaces) for x in peers):
+                continue
+            if port_allowed(rule.get("ports"), target, number, protocol):
+                return True
+    return False
+
+
+def connection_allowed(policies, namespaces, source: Pod, target: Pod, number: int, protocol: str) -> bool:
+    return direction_allows(policies, "Egress", source, target, target, number, protocol, namespaces) and (
+        direction_allows(policies, "Ingress", target, source, target, number, protocol, namespaces)
+    )
+
+
+def stand_ins(namespace: str) -> list[Pod]:
+    """The rest of the cluster, as far as the policies can tell it apart."""
+    return [
+        pod("client", "clients", {"app": "gateway"}, ("http", 8080, "TCP")),
+        pod("operator", namespace, {"smartspec.io/operator": "true"}),
+        pod("monitoring", "monitoring", {"app.kubernetes.io/name": "prometheus"}, ("web", 9090, "TCP")),
+        # Our labels, the verifier's and the operator's, on a pod elsewhere: labels alone grant nothing.
+        pod(
+            "other-namespace", "elsewhere", {**VERIFIER_LABELS, "smartspec.io/operator": "true"}, ("http", 8080, "TCP")
+        ),
+        # An unlabelled pod in our namespace.
+        pod("stranger", namespace, {}, ("http", 8080, "TCP")),
+        pod("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, ("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")),
+    ]
+
+
+def reachability(objects: list[dict]) -> set[tuple[str, str, str]]:
+    """(source, target, "port/protocol") for every connection the policies allow, between pods of the
+    render (one per Deployment: also a stand-in for its other replicas) and the stand-ins, where
+    either end is in the render's namespace."""
+    namespace = find(objects, "Deployment", VERIFIER)["metadata"]["namespace"]
+    pods = []
+    for component, deployment_name in COMPONENTS.items():
+        template = find(objects, "Deployment", deployment_name)["spec"]["template"]
+        ports = tuple(
+            (p.get("name", ""), p["containerPort"], p.get("protocol", "TCP"))
+            for c in template["spec"]["containers"]
+            for p in c.get("ports", [])
+        )
+        pods.append(pod(component, namespace, template["metadata"]["labels"], *ports))
+    pods += stand_ins(namespace)
+    namespaces = {p.namespace: {"kubernetes.io/metadata.name": p.namespace} for p in pods}
+    namespaces[namespace] |= find(objects, "Namespace", namespace)["metadata"].get("labels", {})
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    return {
+        (source.name, target.name, f"{number}/{protocol}")
+        for source in pods
+        for target in pods
+        if namespace in (source.namespace, target.namespace)
+        for _, number, protocol in target.ports
+        if connection_allowed(policies, namespaces, source, target, number, protocol)
+    }
+
+
+INTENDED_REACHABILITY = (
+    # Clients, from anywhere: every pod of another namespace, and the operator's here.
+    {(s, "verifier", f"{GRPC_PORT}/TCP") for s in ("client", "operator", "monitoring", "other-namespace", "kube-dns")}
+    | {
+        ("verifier", "proposer", f"{PROPOSER_PORT}/TCP"),
+        ("verifier", "controller", f"{CONTROLLER_PORT}/TCP"),
+        ("operator", "controller", f"{CONTROLLER_PORT}/TCP"),
+    }
+    | {("monitoring", c, f"{port}/TCP") for c, port in METRICS_PORTS.items()}
+    # Name resolution, for every pod in the namespace.
+    | {
+        (s, "kube-dns", f"53/{protocol}")
+        for s in ("verifier", "proposer", "controller", "operator", "stranger")
+        for protocol in ("UDP", "TCP")
+    }
+)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", ["base+network-policies", "mtls", "other-namespace"])
+def test_network_policies_allow_exactly_the_intended_connections(name):
+    table = reachability(rendered(name))
+    unexpected, missing = sorted(table - INTENDED_REACHABILITY), sorted(INTENDED_REACHABILITY - table)
+    assert not unexpected and not missing, f"allowed but not intended: {unexpected}; intended but denied: {missing}"
+
+
+@needs_kubectl
+def test_health_ports_are_for_probes_only():
+    """The mtls component's plaintext health ports: nothing but the node (kubelet probes, which
+    NetworkPolicy does not filter) may reach them."""
+    objects = rendered("mtls")
+    for component, port in HEALTH_PORTS.items():
+        assert container_port(component_container(objects, component), "health") == port
+    reached = {entry for entry in reachability(objects) if int(entry[2].split("/")[0]) in HEALTH_PORTS.values()}
+    assert not reached, reached
+
+
+@needs_kubectl
+def test_network_policies_stay_opt_in_for_base_and_gpu():
+    # Default-deny egress depends on the cluster's DNS and monitoring names (k8s/README.md).
+    for name in ("base", "gpu"):
+        assert not [o for o in rendered(name) if o["kind"] == "NetworkPolicy"]
+        assert len(reachability(rendered(name))) > len(INTENDED_REACHABILITY)
+
+
+def test_evaluator_without_policies_allows_everything():
+    a, b = pod("a", "x", {}), pod("b", "y", {}, ("p", 1, "TCP"))
+    assert connection_allowed([], {"x": {}, "y": {}}, a, b, 1, "TCP")
+
+
+def test_evaluator_follows_the_peer_and_port_rules():
+    def policy_(namespace, selector, types, **rules):
+        return {"metadata": {"namespace": namespace}, "spec": {"podSelector": selector, "policyTypes": types, **rules}}
+
+    namespaces = {"x": {"kubernetes.io/metadata.name": "x", "team": "t"}, "y": {"kubernetes.io/metadata.name": "y"}}
+    target = pod("target", "x", {"app": "db"}, ("sql", 5432, "TCP"), ("dns", 53, "UDP"))
+    same = pod("same", "x", {"role": "api"})
+    other = pod("other", "y", {"role": "api"})
+    # A podSelector alone means this namespace only; with a namespaceSelector, both must hold.
+    by_pod = policy_(
+        "x",
+        {"matchLabels": {"app": "db"}},
+        ["Ingress"],
+        ingress=[{"from": [{"podSelector": {"matchLabels": {"role": "api"}}}]}],
+    )
+    assert connection_allowed([by_pod], namespaces, same, target, 5432, "TCP")
+    assert not connection_allowed([by_pod], namespaces, other, target, 5432, "TCP")
+    both = policy_(
+        "x",
+        {},
+        ["Ingress"],
+        ingress=[
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "y"}},
+                        "podSelector": {"matchExpressions": [{"key": "role", "operator": "In", "values": ["api"]}]},
+                    }
+                ]
+            }
+        ],
+    )
+    assert connection_allowed([both], namespaces, other, target, 5432, "TCP")
+    assert not connection_allowed([both], namespaces, same, target, 5432, "TCP")
+    # Ports: by number and protocol, by name, by range.
+    ports = policy_(
+        "x", {}, ["Ingress"], ingress=[{"ports": [{"port": "sql"}, {"protocol": "UDP", "port": 50, "endPort": 60}]}]
+    )
+    assert connection_allowed([ports], namespaces, other, target, 5432, "TCP")
+    assert connection_allowed([ports], namespaces, other, target, 53, "UDP")
+    assert not connection_allowed([ports], namespaces, other, target, 53, "TCP")
+    # Isolated for egress only by a policy that says so (or has egress rules).
+    ingress_only = {"metadata": {"namespace": "x"}, "spec": {"podSelector": {}, "ingress": [{}]}}
+    assert policy_types(ingress_only["spec"]) == ["Ingress"]
+    deny_out = policy_("x", {"matchLabels": {"role": "api"}}, ["Egress"])
+    assert not connection_allowed([deny_out], namespaces, same, target, 5432, "TCP")
+    assert connection_allowed([deny_out], namespaces, other, target, 5432, "TCP")
+
+
+# --- documentation -----------------------------------------------------------------
+
+
+def test_k8s_readme_states_the_minimum_version_validated_here():
+    text = (K8S / "README.md").read_text()
+    minimum = MIN_KUBERNETES_VERSION.rsplit(".", 1)[0]
+    assert re.search(rf"Kubernetes\s+(≥|>=)\s*{re.escape(minimum)}\b", text), (
+        f"k8s/README.md does not state ≥ {minimum}"
+    )
+    for topic in ("MIG", "time-slicing", "NetworkPolic", "behavior: merge"):
+        assert topic.lower() in text.lower(), f"k8s/README.md says nothing of {topic}"
