@@ -202,6 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser, config_type, skip: tuple[str,
 
 
 ENV_PREFIX = "SMARTSPEC_"
+LOG_LEVEL_ENV = "SMARTSPEC_LOG_LEVEL"
+# SMARTSPEC_* variables that no service subcommand has a flag for, yet are read: --log-level's
+# (the command's own flag) and the cache of runtime/cpu_linear_select.py.
+NOT_FLAGS = (LOG_LEVEL_ENV, "SMARTSPEC_CACHE_DIR")
 
 
 def env_name(flag: str, prefix: str = ENV_PREFIX) -> str:

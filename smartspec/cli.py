@@ -9,13 +9,7 @@ import os
 import sys
 from collections.abc import Iterable
 
-from protocol.serving import ENV_PREFIX, env_name
-
-LOG_LEVEL_ENV = "SMARTSPEC_LOG_LEVEL"
-# SMARTSPEC_* variables that no service subcommand has a flag for, yet are read: --log-level's
-# (the command's own flag) and the cache of runtime/cpu_linear_select.py.
-NOT_FLAGS = (LOG_LEVEL_ENV, "SMARTSPEC_CACHE_DIR")
-
+from protocol.serving import ENV_PREFIX, LOG_LEVEL_ENV, NOT_FLAGS, env_name
 
 _TRUE, _FALSE = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no"})
 

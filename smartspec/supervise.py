@@ -57,12 +57,14 @@ class Supervisor:
         start_failures: int = START_FAILURES,
         stop_timeout: float = 60.0,
         poll: float = 0.2,
+        env: dict[str, str] | None = None,
     ):
         self.children = [Child(cmd, port, backoff) for cmd, port in procs]
         self.ready, self.startup_timeout, self.poll = ready, startup_timeout, poll
         self.initial_backoff, self.max_backoff, self.stable_after = backoff, max_backoff, stable_after
         self.start_failures, self.stop_timeout = start_failures, stop_timeout
         self.stopping = False
+        self.env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
 
     def stop(self, *_) -> None:
         self.stopping = True
@@ -99,7 +101,7 @@ class Supervisor:
         return 0 if clean else 1
 
     def _spawn(self, child: Child) -> None:
-        proc = subprocess.Popen(child.cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(child.cmd, env=self.env)
         child.proc, child.ready_at, child.error = proc, None, None
 
         def probe() -> None:

@@ -4,6 +4,7 @@ and a verifier — each started again when it dies."""
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from engine.config import CacheConfig
 from proposer_svc.server import ProposerConfig
 from protocol import serving
 from protocol.security import ClientTLS, ServerTLS
-from protocol.serving import ServerConfig
+from protocol.serving import ENV_PREFIX, NOT_FLAGS, ServerConfig
 from runtime import models
 from runtime.models import Placement
 from smartspec.certs import local_ca
@@ -155,6 +156,12 @@ def wait_serving(port: int, proc: subprocess.Popen, timeout: float, tls: ClientT
     raise TimeoutError(f"nothing serving on port {port} after {timeout:.0f} s")
 
 
+def child_environment(environ) -> dict[str, str]:
+    """Each process gets its settings from its command line only: a SMARTSPEC_<FLAG> variable in
+    this shell would reach every service, and one service's flag is another's unknown name."""
+    return {k: v for k, v in environ.items() if not k.startswith(ENV_PREFIX) or k in NOT_FLAGS}
+
+
 def run(args: argparse.Namespace) -> int:
     certs, client = None, ClientTLS()
     if args.tls:
@@ -172,5 +179,10 @@ def run(args: argparse.Namespace) -> int:
             f"mTLS on every hop; clients connect with --tls-ca {client.tls_ca} "
             f"--tls-client-cert {client.tls_client_cert} --tls-client-key {client.tls_client_key}"
         )
-    supervisor = Supervisor(commands(args, certs), partial(wait_serving, tls=client), args.startup_timeout)
+    supervisor = Supervisor(
+        commands(args, certs),
+        partial(wait_serving, tls=client),
+        args.startup_timeout,
+        env=child_environment(os.environ),
+    )
     return supervisor.serve(lambda: print(*lines, sep="\n", flush=True))

@@ -11,7 +11,7 @@ import torch
 from drafting.builtin import builtin_draft_dir
 from runtime import models
 
-DRAFT_DIR = os.environ.get("SMARTSPEC_DRAFT_DIR") or builtin_draft_dir()
+DRAFT_DIR = os.environ.get("DRAFT_MODEL_DIR") or builtin_draft_dir()
 MAX_BYTES = 30 * 1000 * 1000
 
 

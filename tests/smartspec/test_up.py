@@ -46,6 +46,11 @@ def test_every_process_gets_a_metrics_port_of_its_own_and_the_verifier_its_cost_
     assert all(cmd[cmd.index("--metrics-port") + 1] == "0" for cmd in off if "--metrics-port" in cmd)
 
 
+def test_the_processes_do_not_inherit_service_settings_from_the_environment():
+    env = {"PATH": "/bin", "SMARTSPEC_PORT": "1", "SMARTSPEC_MAX_NUM_SEQS": "2", "SMARTSPEC_CACHE_DIR": "/c"}
+    assert up.child_environment(env) == {"PATH": "/bin", "SMARTSPEC_CACHE_DIR": "/c"}
+
+
 def test_proposer_threads_can_be_raised():
     procs = [cmd for cmd, _ in up.commands(parse("--ngram", "--proposer-threads", "2"))]
     assert procs[0][procs[0].index("--threads") + 1] == "2"
