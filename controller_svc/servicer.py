@@ -54,6 +54,13 @@ class ControllerMetrics:
         self.version = Gauge("smartspec_policy_version", "Version of the policy in force.", registry=r)
 
 
+# What a step can take, in ms: below a microsecond or beyond an hour it is not a step's time.
+# Unbounded values (1e308 is finite) overflow the fit, and one such step would spoil the model
+# pushed to every verifier for the fit's whole window.
+MIN_REPORTED_MS, MAX_REPORTED_MS = 1e-3, 3.6e6
+MAX_REPORTED_COUNT = 1 << 40  # requests, tokens, KV tokens in one step
+
+
 def check_report(report: pb.VerifierReport) -> None:
     """Raises ValueError naming the first bad field."""
     if not report.verifier_id:
@@ -66,10 +73,13 @@ def check_report(report: pb.VerifierReport) -> None:
             raise ValueError(f"{where}.accepted: each must be in [0, proposed]")
         for name in ("verify_ms", "propose_ms", "draft_ms", "step_ms"):
             value = getattr(s, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{where}.{name}: must be finite and >= 0, got {value}")
-        if s.batch_size < 0 or s.num_batched_tokens < 0 or s.num_kv_tokens < 0:
-            raise ValueError(f"{where}: batch_size, num_batched_tokens and num_kv_tokens must be >= 0")
+            if not (value == 0 or MIN_REPORTED_MS <= value <= MAX_REPORTED_MS):  # also refuses NaN
+                raise ValueError(
+                    f"{where}.{name}: must be 0 or in [{MIN_REPORTED_MS:g}, {MAX_REPORTED_MS:g}], got {value}"
+                )
+        for name in ("batch_size", "num_batched_tokens", "num_kv_tokens"):
+            if not 0 <= getattr(s, name) <= MAX_REPORTED_COUNT:
+                raise ValueError(f"{where}.{name}: must be in [0, {MAX_REPORTED_COUNT}]")
 
 
 class ControllerServicer(pb_grpc.ControllerServicer):

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from protocol.malformed import RefuseMalformed
 from protocol.security import ServerTLS, TokenAuth
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -146,7 +147,8 @@ async def start_server(
     """A started grpc.aio server with the servicer, health (SERVING) and reflection, on TLS when
     the config has a certificate, with `auth` guarding its methods."""
     credentials = config.tls.credentials()  # ValueError before anything listens
-    server = grpc.aio.server(interceptors=[auth] if auth is not None else None, options=config.options())
+    interceptors = [auth] if auth is not None else []
+    server = grpc.aio.server(interceptors=[*interceptors, RefuseMalformed()], options=config.options())
     add_servicer(servicer, server)
     health = add_health_and_reflection(server, [service_name])
     address = f"{config.host}:{config.port}"

@@ -1,0 +1,71 @@
+"""Requests that do not parse end INVALID_ARGUMENT, not UNKNOWN: a server interceptor."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf.message import DecodeError
+
+
+class _Malformed:
+    """What a request that does not parse becomes, for the handler to refuse."""
+
+
+MALFORMED = _Malformed()
+
+
+class RefuseMalformed(grpc.aio.ServerInterceptor):
+    """Bytes that are not the method's message (wire format corrupt, invalid UTF-8 in a string)
+    end the call INVALID_ARGUMENT; gRPC would answer UNKNOWN, the status of a server bug."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError:
+                return MALFORMED
+
+        kind = (
+            ("stream" if handler.request_streaming else "unary")
+            + "_"
+            + ("stream" if handler.response_streaming else "unary")
+        )
+        behavior = getattr(handler, kind)
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(self._guard(behavior, handler.request_streaming, handler.response_streaming),
+                    deserialize, handler.response_serializer)  # fmt: skip
+
+    @staticmethod
+    def _guard(behavior, request_streaming: bool, response_streaming: bool):
+        async def refuse(context):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a well-formed message")
+
+        async def checked(requests, context):
+            async for request in requests:
+                if request is MALFORMED:
+                    await refuse(context)
+                yield request
+
+        def arguments(request, context):
+            return (checked(request, context) if request_streaming else request), context
+
+        if response_streaming:
+
+            async def streaming(request, context):
+                if request is MALFORMED:
+                    await refuse(context)
+                async for response in behavior(*arguments(request, context)):
+                    yield response
+
+            return streaming
+
+        async def unary(request, context):
+            if request is MALFORMED:
+                await refuse(context)
+            return await behavior(*arguments(request, context))
+
+        return unary
