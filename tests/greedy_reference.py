@@ -61,3 +61,17 @@ def assert_same_greedy(model, prompt_ids: list[int], ours: list[int], theirs: li
         )
         return
     assert len(ours) == len(theirs), f"lengths differ: ours {len(ours)}, reference {len(theirs)}"
+
+
+# Prompts the built-in model continues with repeats (code, lists, echoes) and without: the
+# local stack's end-to-end tests drive these, so drafts are both accepted and rejected.
+STACK_PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
+    "Rewrite in capitals: the quick brown fox jumps over the lazy dog.\nTHE QUICK",
+    "1, 2, 3, 4, 5, 6, 7, 8,",
+    "import os\nimport sys\n\ndef main():\n    args = sys.argv[1:]\n",
+    "The capital of France is",
+    "Repeat after me: red green blue, red green blue, red",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "Q: What is 17 times 3?\nA:",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 
@@ -64,3 +65,11 @@ class VerifierThread(LoopThread):
         if not self.verifier.draining:
             self.run(self.verifier.drain())
         self.stop()
+
+
+def wait_for(condition, timeout: float = 20.0, every_s: float = 0.01) -> None:
+    """Returns once `condition()` holds; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(every_s)

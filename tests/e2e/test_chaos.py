@@ -14,22 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import psutil
 import pytest
-from greedy_reference import assert_same_greedy, hf_greedy
+from greedy_reference import STACK_PROMPTS, assert_same_greedy, hf_greedy
 
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
 from smartspec.up import wait_serving
 
-PROMPTS = [
-    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
-    "Rewrite in capitals: the quick brown fox jumps over the lazy dog.\nTHE QUICK",
-    "1, 2, 3, 4, 5, 6, 7, 8,",
-    "import os\nimport sys\n\ndef main():\n    args = sys.argv[1:]\n",
-    "The capital of France is",
-    "Repeat after me: red green blue, red green blue, red",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "Q: What is 17 times 3?\nA:",
-]
 NEW_TOKENS = 16
 CLIENTS = 12  # each sends greedy requests back to back until the killed processes serve again
 
@@ -82,7 +72,7 @@ def test_up_restarts_a_killed_proposer_and_controller_under_load(
             stderr=err,
         )
     reference = smollm2_pair[1]
-    ids = [smollm2_tokenizer(p).input_ids for p in PROMPTS]
+    ids = [smollm2_tokenizer(p).input_ids for p in STACK_PROMPTS]
     results, failures, stop = [], [], threading.Event()
     try:
         with ThreadPoolExecutor(1) as pool:  # the target's own output, while the stack starts

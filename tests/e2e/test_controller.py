@@ -7,11 +7,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from greedy_reference import assert_same_greedy, hf_greedy
-from service_threads import VerifierThread
+from service_threads import VerifierThread, wait_for
 
 from protocol.v1 import generation_pb2 as pb
 from runtime.models import load_model
@@ -40,13 +39,6 @@ def start_controller(port: int, policy: str) -> subprocess.Popen:
     )
     wait_serving(port, proc, 60)
     return proc
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def ctl(port: int, *args: str) -> dict:

@@ -13,23 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from greedy_reference import assert_same_greedy, hf_greedy
+from greedy_reference import STACK_PROMPTS, assert_same_greedy, hf_greedy
 
 from protocol.security import ClientTLS
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
 from smartspec.up import wait_serving
 
-PROMPTS = [
-    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
-    "Rewrite in capitals: the quick brown fox jumps over the lazy dog.\nTHE QUICK",
-    "1, 2, 3, 4, 5, 6, 7, 8,",
-    "import os\nimport sys\n\ndef main():\n    args = sys.argv[1:]\n",
-    "The capital of France is",
-    "Repeat after me: red green blue, red green blue, red",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "Q: What is 17 times 3?\nA:",
-]
 NEW_TOKENS = 24
 
 
@@ -84,7 +74,7 @@ def test_up_stack_is_lossless(proposer, mtls, unused_tcp_port, smollm2_tokenizer
                 )
         with tls.channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GenerationStub(channel)
-            ids = [smollm2_tokenizer(p).input_ids for p in PROMPTS]
+            ids = [smollm2_tokenizer(p).input_ids for p in STACK_PROMPTS]
 
             def generate(prompt_ids, k):
                 mode = pb.SPECULATION_MODE_FIXED if k else pb.SPECULATION_MODE_AUTO

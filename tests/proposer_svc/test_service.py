@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import queue
-import time
 import urllib.request
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_threads import LoopThread
+from service_threads import LoopThread, wait_for
 
 from proposer_svc.server import ProposerConfig, ProposerServer
 from protocol.serving import ServerConfig
@@ -82,13 +81,6 @@ class Stream:
     def close(self) -> None:
         self._requests.put(None)
         assert list(self._replies) == []
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_released_and_least_recently_used_states_are_dropped(proposer):

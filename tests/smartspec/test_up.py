@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 
 import pytest
+from service_threads import wait_for
 
 from smartspec import up
 from smartspec.supervise import Supervisor
@@ -133,13 +134,6 @@ def listening(port: int, proc, timeout: float) -> None:
         except OSError:
             time.sleep(0.01)
     raise TimeoutError(f"nothing listening on port {port}")
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @contextmanager

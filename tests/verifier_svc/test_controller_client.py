@@ -3,22 +3,13 @@ applied, and steps flow back to the controller."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from service_threads import LoopThread, ProposerThread, VerifierThread
+from service_threads import LoopThread, ProposerThread, VerifierThread, wait_for
 
 from controller_svc.server import Controller, ControllerConfig
 from protocol.serving import from_options
 from protocol.v1 import generation_pb2 as pb
 from runtime.models import load_model
-
-
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.mark.slow

@@ -9,42 +9,16 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_threads import VerifierThread
+from service_threads import wait_for
 
 from protocol.v1 import generation_pb2 as pb
-from runtime.models import load_model
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 READY = "smartspec.v1.Generation"
 
 
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_llama_dir, smollm2_tokenizer):
-    return load_model(tiny_llama_dir), smollm2_tokenizer
-
-
-@pytest.fixture
-def make_server(model_and_tokenizer):
-    servers = []
-
-    def make(**overrides) -> VerifierThread:
-        servers.append(VerifierThread(*model_and_tokenizer, [], **{"grace_seconds": 10.0, **overrides}))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.close()
-
-
 def status(channel, service: str) -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 def test_readiness_follows_a_full_queue_and_liveness_stays(make_server):

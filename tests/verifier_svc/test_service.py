@@ -10,29 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from service_threads import VerifierThread
 
 from controller.profile import read_step_log
 from protocol.v1 import generation_pb2 as pb
-from runtime.models import load_model
-
-
-@pytest.fixture(scope="module")
-def model_and_tokenizer(tiny_llama_dir, smollm2_tokenizer):
-    return load_model(tiny_llama_dir), smollm2_tokenizer
-
-
-@pytest.fixture
-def make_server(model_and_tokenizer):
-    servers = []
-
-    def make(**overrides) -> VerifierThread:
-        servers.append(VerifierThread(*model_and_tokenizer, [], **{"grace_seconds": 10.0, **overrides}))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.close()
 
 
 def generate(stub, timeout=30, **fields) -> list[pb.GenerateResponse]:
