@@ -219,7 +219,7 @@ class Verifier:
         """Readiness follows the waiting queue: NOT_SERVING once it is full (new calls would get
         RESOURCE_EXHAUSTED), SERVING again when it is down to half, so the signal does not flap."""
         bound, ready = self.config.scheduler.max_waiting, True
-        while not self.draining:
+        while True:
             waiting = len(self.engine.scheduler.waiting)
             if ready and waiting >= bound:
                 ready = False
@@ -233,6 +233,7 @@ class Verifier:
         """Readiness goes NOT_SERVING and GOAWAY tells clients to go elsewhere; streams in flight
         get the grace period (default: --grace-seconds), then are aborted; then everything stops.
         `dead`: the engine failed, liveness fails too."""
+        self._readiness.cancel()  # the queue no longer decides readiness
         await (self.serving.dead() if dead else self.serving.not_ready(SERVICE_NAME))
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         # The server lets calls run a little past the grace: they end on the engine's ABORT
@@ -247,7 +248,6 @@ class Verifier:
             log.warning("grace period over: aborting %d requests", self.loop.num_requests)
             self.loop.abort_all()
         await stopped
-        self._readiness.cancel()
         self.servicer.close()
         if self.controller is not None:
             await self.controller.stop()
