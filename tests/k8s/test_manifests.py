@@ -1522,3 +1522,40 @@ def test_k8s_readme_states_the_minimum_version_validated_here():
     )
     for topic in ("MIG", "time-slicing", "NetworkPolic", "behavior: merge"):
         assert topic.lower() in text.lower(), f"k8s/README.md says nothing of {topic}"
+
+
+# --- monitoring ---------------------------------------------------------------------
+
+MONITORING = K8S / "components" / "monitoring"
+METRICS_PORTS_ALL = {"verifier": 9400, "controller": 9401, "proposer": 9402}
+# What the Prometheus Operator's PodMonitor (monitoring.coreos.com/v1) takes, of the fields the
+# component uses: an object with a field outside these is one the operator's schema refuses.
+PODMONITOR_FIELDS = {
+    "spec": {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel", "podTargetLabels", "sampleLimit"},
+    "endpoint": {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels", "relabelings",
+                 "metricRelabelings"},
+    "relabeling": {"sourceLabels", "targetLabel", "regex", "replacement", "action", "separator", "modulus"},
+}  # fmt: skip
+
+
+@needs_kubectl
+def test_the_pod_monitor_scrapes_every_component_on_its_metrics_port():
+    objects = kustomize_with(components=(MONITORING,))
+    [monitor] = [o for o in objects if o["kind"] == "PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    spec = monitor["spec"]
+    assert set(spec) <= PODMONITOR_FIELDS["spec"]
+    for endpoint in spec["podMetricsEndpoints"]:
+        assert set(endpoint) <= PODMONITOR_FIELDS["endpoint"]
+        assert all(set(r) <= PODMONITOR_FIELDS["relabeling"] for r in endpoint.get("relabelings", []))
+    ports = {e["port"] for e in spec["podMetricsEndpoints"]}
+    for component, deployment in COMPONENTS.items():
+        pod = find(objects, "Deployment", deployment)["spec"]["template"]
+        assert selects(spec["selector"], pod["metadata"]["labels"]), f"the PodMonitor misses the {component}"
+        container = component_container(objects, component)
+        named = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}
+        assert ports & set(named), f"the {component} has no port named {sorted(ports)}"
+        assert named["metrics"] == METRICS_PORTS_ALL[component]
+    others = [o for o in objects if o["kind"] != "PodMonitor"]
+    assert len(others) == len(rendered("base")), "the component adds the PodMonitor and nothing else"
