@@ -55,7 +55,7 @@ class ProposerServicer(pb_grpc.ProposerServicer):
             if released:
                 log.info("a verifier stream ended: released its %d draft states", released)
 
-    def handle(self, request: pb.ProposeRequest, stream: int = -1) -> pb.ProposeResponse:
+    def handle(self, request: pb.ProposeRequest, stream: int) -> pb.ProposeResponse:
         start = time.perf_counter()
         self.validate(request)
         for request_id in request.released_request_ids:
@@ -80,7 +80,7 @@ class ProposerServicer(pb_grpc.ProposerServicer):
         if not request.items and not request.released_request_ids:
             raise InvalidPropose("items", "empty batch: no items and no released ids")
         seen = set()
-        vocab = getattr(self.backend, "vocab_size", None) or 1 << 31
+        vocab = self.backend.vocab_size or 1 << 31  # None: any id (n-gram lookup)
         for i, item in enumerate(request.items):
             if not item.request_id:
                 raise InvalidPropose(f"items[{i}].request_id", "must not be empty")
