@@ -48,7 +48,9 @@ class SpeculationConfig:
         metadata={
             "help": "'ngram' (prompt lookup in this process), 'draft:MODEL' (a draft model in this process, "
             f"'{BUILTIN_DRAFT}' or a path), host:port[,host:port...] of proposer replicas, "
-            "or dns:NAME:PORT re-resolved every 10 s"
+            "dns:NAME:PORT re-resolved every 10 s, or k8s:[NAMESPACE/]SERVICE:PORT: the ready endpoints "
+            "of a Kubernetes Service, watched on the API server (in-cluster; namespace: the pod's own; "
+            "needs list and watch on endpointslices)"
         },
     )
     proposer_deadline_ms: float = field(
