@@ -18,6 +18,7 @@ import itertools
 import logging
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -26,6 +27,9 @@ from protocol.security import ClientTLS, bearer
 from protocol.v1 import proposer_pb2 as pb
 from protocol.v1 import proposer_pb2_grpc as pb_grpc
 from runtime.draft import Draft, DraftRequest, Proposal
+
+if TYPE_CHECKING:
+    from verifier_svc.endpointslices import KubeAccess
 
 log = logging.getLogger(__name__)
 MAX_PENDING_RELEASES = 10_000
@@ -79,8 +83,12 @@ class Replica:
 
 
 class ProposerClient:
-    """`endpoints`: host:port of each replica, or one `dns:NAME:PORT` whose addresses are
-    re-resolved every `resolve_every_s` (a headless Kubernetes Service, say)."""
+    """`endpoints`: host:port of each replica; or one `dns:NAME:PORT` whose addresses are
+    re-resolved every `resolve_every_s` (a headless Kubernetes Service, say); or one
+    `k8s:[NAMESPACE/]SERVICE:PORT`, the ready endpoints of the Service's EndpointSlices, followed
+    by a watch on the API server (`kube`: which one; None: in-cluster, as the pod's service
+    account). Found replicas are dialled by IP and their certificates checked against the name
+    (for k8s:, SERVICE.NAMESPACE.svc.cluster.local; --tls-server-name overrides either)."""
 
     def __init__(
         self,
@@ -90,19 +98,33 @@ class ProposerClient:
         resolve_every_s: float = 10.0,
         tls: ClientTLS = ClientTLS(),
         token: str | None = None,
+        kube: KubeAccess | None = None,
     ):
         if not endpoints:
             raise ValueError("at least one proposer endpoint is needed")
+        if len(endpoints) > 1 and any(e.startswith(("dns:", "k8s:")) for e in endpoints):
+            raise ValueError(f"a dns: or k8s: proposer address stands alone: {','.join(endpoints)}")
         self.deadline_s = deadline_s
         self.tls, self.token = tls, token
         self.backoff_s = backoff_s
         self.dns: tuple[str, int] | None = None
         self.resolve_every_s = resolve_every_s
         self._next_resolve = 0.0
+        self.watcher = None
+        self._watched_version = 0
+        self.server_name: str | None = None
         self.replicas: dict[str, Replica] = {}
         if len(endpoints) == 1 and endpoints[0].startswith("dns:"):
             host, _, port = endpoints[0].removeprefix("dns:").rpartition(":")
             self.dns = (host, int(port))
+            self.server_name = host
+        elif len(endpoints) == 1 and endpoints[0].startswith("k8s:"):
+            # Imported here: the Kubernetes client takes a good half second to import.
+            from verifier_svc.endpointslices import EndpointSliceWatcher, ServiceAddress
+
+            self.watcher = EndpointSliceWatcher(ServiceAddress.parse(endpoints[0]), kube)
+            self.server_name = self.watcher.server_name
+            self.watcher.start()
         else:
             self.replicas = {address: self._replica(address) for address in endpoints}
         self._steps = itertools.count()
@@ -116,8 +138,15 @@ class ProposerClient:
                 self.replicas[address] = self._replica(address)
 
     def _replica(self, address: str) -> Replica:
-        # Replicas found by DNS are dialled by pod IP; their certificate names the DNS name.
-        return Replica(address, self.tls, self.token, self.dns[0] if self.dns else None)
+        return Replica(address, self.tls, self.token, self.server_name)
+
+    async def _follow_watch(self) -> None:
+        """Applies what the EndpointSlice watch saw since the last exchange: a replica that
+        went unready or began terminating gets no further drafts."""
+        version, endpoints = self.watcher.endpoints
+        if version != self._watched_version:
+            self._watched_version = version
+            await self.set_endpoints(endpoints)
 
     async def _resolve(self) -> None:
         host, port = self.dns
@@ -138,6 +167,8 @@ class ProposerClient:
         """Drafting time is the slowest replica's own; a failed replica's requests get None."""
         if self.dns is not None and time.monotonic() >= self._next_resolve:
             await self._resolve()
+        elif self.watcher is not None:
+            await self._follow_watch()
         results: list[Draft | None] = [None] * len(requests)
         if not self.replicas:
             return Proposal(results)
@@ -161,6 +192,8 @@ class ProposerClient:
     async def flush(self) -> None:
         """Sends queued releases now, for replicas that would otherwise hold the states of
         finished requests until the next busy step (or their idle expiry)."""
+        if self.watcher is not None:
+            await self._follow_watch()
         for replica in list(self.replicas.values()):
             if not replica.released or not replica.available():
                 continue
@@ -173,6 +206,8 @@ class ProposerClient:
                 await replica.fail(self.backoff_s)
 
     async def close(self) -> None:
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
         for replica in self.replicas.values():
             await replica.close()
 
