@@ -275,7 +275,10 @@ class Engine:
         seq.output_ids.extend(res.token_ids)
         if seq.first_token_time is None:
             seq.first_token_time = now
-        return self._emit(seq, res.token_ids)
+        out = self._emit(seq, res.token_ids)
+        if res.logprobs is not None:  # the tokens a stop or the length limit cut go with theirs
+            out.logprobs = res.logprobs[: len(out.token_ids)]
+        return out
 
     def _emit(self, seq: Sequence, new_tokens: list[int]) -> RequestOutput:
         out = emit(seq, new_tokens, self._streams.get(seq.request_id), self.eos_token_ids)

@@ -76,6 +76,7 @@ class RequestOutput:
     matched_stop: str = ""  # the stop string or token that ended it
     seq: Sequence | None = field(default=None, repr=False)
     error: str = ""  # what went wrong, for FinishReason.ERROR
+    logprobs: list | None = None  # runtime.rejection.TokenLogprob per token id, when the request asked
 
 
 def emit(

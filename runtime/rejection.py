@@ -23,6 +23,11 @@ numbers are counter-based (`runtime.counter_rng`): the acceptance test of draft
 j uses (seed, position + j, stream 0) and the final token (seed, position + m,
 stream 1), where position is the index of the request's first output token
 decided this step.
+
+A request that asks for log-probabilities gets, for each emitted token, its log-probability
+under the target's processed distribution at the row that decided it (after temperature,
+top-k and top-p: the same numbers whether the token was a draft the target accepted or not)
+and the most likely alternatives there; a second copy back, only when some request asks.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 
 from runtime.counter_rng import SEED_BITS, uniform
 from runtime.draft import Draft
-from runtime.sampler import SamplingParams, processed_probs
+from runtime.sampler import SamplingParams, processed_logprobs, processed_probs
 
 ACCEPT_STREAM, TOKEN_STREAM = 0, 1
 
@@ -46,11 +51,18 @@ class SampleRequest:
     position: int = 0  # output index of the first token this step decides
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    logprob: float  # of the emitted token
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first; no -inf entries
+
+
 @dataclass
 class Verified:
     token_ids: list[int]  # accepted drafts + the recovered or bonus token
     num_accepted: int
     error: str = ""  # set when this request's logits could not be used: it emits nothing
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked
 
 
 NOT_FINITE = "the target's logits for this request are not finite (NaN or +inf)"
@@ -72,7 +84,8 @@ def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified
     )
     if not any(ks) and all(r.params.greedy for r in requests):  # plain greedy decoding: the argmax is all
         host = torch.stack([logits.argmax(dim=1), bad]).tolist()
-        return [Verified([], 0, NOT_FINITE) if b else Verified([t], 0) for t, b in zip(*host)]
+        results = [Verified([], 0, NOT_FINITE) if b else Verified([t], 0) for t, b in zip(*host)]
+        return _with_logprobs(logits, requests, list(range(len(ks))), results)
     # Softmax, sorting and the inverse CDF are per row, but a NaN row can index out of range
     # and fail the batch: such rows become zeros. Checking costs one synchronisation; the copy
     # is made only when one is there.
@@ -115,7 +128,42 @@ def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified
     out = torch.nn.functional.pad(drafts, (0, 1))
     out.scatter_(1, accepted.unsqueeze(1), final.unsqueeze(1))
     host = torch.cat([out, accepted.unsqueeze(1), bad.unsqueeze(1)], dim=1).tolist()  # the step's one copy back
-    return [Verified([], 0, NOT_FINITE) if h[-1] else Verified(h[: h[-2] + 1], h[-2]) for h in host]
+    results = [Verified([], 0, NOT_FINITE) if h[-1] else Verified(h[: h[-2] + 1], h[-2]) for h in host]
+    return _with_logprobs(logits, requests, starts, results)
+
+
+def _with_logprobs(
+    logits: torch.Tensor, requests: list[SampleRequest], starts: list[int], results: list[Verified]
+) -> list[Verified]:
+    """Fills `Verified.logprobs` for the requests that ask: emitted token i of request b was
+    decided by row starts[b] + i."""
+    asking = [b for b, r in enumerate(requests) if r.params.logprobs is not None and results[b].token_ids]
+    if not asking:
+        return results
+    rows, tokens, row_params = [], [], []
+    for b in asking:
+        emitted = results[b].token_ids
+        rows.extend(range(starts[b], starts[b] + len(emitted)))
+        tokens.extend(emitted)
+        row_params.extend([requests[b].params] * len(emitted))
+    dev = logits.device
+    lp = processed_logprobs(logits[torch.tensor(rows, device=dev)], row_params)
+    chosen = lp.gather(1, torch.tensor(tokens, device=dev).unsqueeze(1))
+    n = max(requests[b].params.logprobs for b in asking)
+    if n:
+        top = lp.topk(min(n, lp.shape[1]), dim=1)
+        host_lp, top_lp, top_ids = chosen.squeeze(1).tolist(), top.values.tolist(), top.indices.tolist()
+    else:
+        host_lp, top_lp, top_ids = chosen.squeeze(1).tolist(), [[]] * len(rows), [[]] * len(rows)
+    i = 0
+    for b in asking:
+        want, entries = requests[b].params.logprobs, []
+        for _ in results[b].token_ids:
+            top_b = tuple((t, v) for t, v in zip(top_ids[i][:want], top_lp[i][:want]) if v != float("-inf"))
+            entries.append(TokenLogprob(host_lp[i], top_b))
+            i += 1
+        results[b].logprobs = entries
+    return results
 
 
 def _draft_support(requests: list[SampleRequest], width: int, dev) -> tuple[torch.Tensor, torch.Tensor]:

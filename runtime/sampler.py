@@ -25,6 +25,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Return each emitted token's log-probability and this many most likely alternatives
+    # (0: the chosen token's only); None: no log-probabilities.
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -36,6 +39,17 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 
     Rows of greedy requests are left as plain softmax (callers take the argmax).
     """
+    return torch.softmax(processed_logits(logits, params), dim=1)
+
+
+def processed_logprobs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The log of `processed_probs`, computed stably (truncated tokens are -inf)."""
+    return torch.log_softmax(processed_logits(logits, params), dim=1)
+
+
+def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[n, V] logits -> float32 logits divided by the temperature (1 for greedy rows), with the
+    tokens top-k and top-p leave out set to -inf: their softmax is the target distribution."""
     logits = logits.float()
     dev = logits.device
     temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev).unsqueeze(1)
@@ -46,13 +60,11 @@ def processed_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         k_col = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=dev).unsqueeze(1)
         kth = torch.sort(logits, dim=1, descending=True).values.gather(1, k_col - 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=1)
     if any(p.top_p < 1.0 for p in params):
         top_ps = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
-        sorted_probs, order = torch.sort(probs, dim=1, descending=True)
+        sorted_probs, order = torch.sort(torch.softmax(logits, dim=1), dim=1, descending=True)
         # Drop a token when the mass before it already reaches top_p (the top token always stays).
         drop_sorted = (sorted_probs.cumsum(1) - sorted_probs) >= top_ps
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(1, keepdim=True)
-    return probs
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits

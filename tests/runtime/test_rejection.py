@@ -129,3 +129,39 @@ def test_every_position_of_a_long_draft_follows_the_target():
         reached = [o.token_ids[j] for o in outs if o.num_accepted >= j]
         counts = torch.bincount(torch.tensor(reached), minlength=V).float()
         assert len(reached) > 1000 and chi_square_p_value(counts, p_target[j]) > 0.01, j
+
+
+def test_logprobs_are_the_processed_target_rows_that_decided_each_token():
+    """Every emitted token's log-probability is read from the row that decided it, after the
+    request's temperature and top-k, whether the token was an accepted draft or not; requests
+    that do not ask get none, and the top alternatives are the row's most likely tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(7, V) * 3
+    greedy_lp = SamplingParams(logprobs=3)
+    sampled_lp = SamplingParams(temperature=0.7, top_k=3, logprobs=5, seed=1)
+    best = logits.argmax(dim=1).tolist()
+    requests = [
+        SampleRequest(greedy_lp, Draft([best[0], best[1]])),  # rows 0-2: both drafts kept + bonus
+        SampleRequest(SamplingParams(), None),  # row 3: does not ask
+        SampleRequest(sampled_lp, Draft([best[4], best[5]], [([best[4]], [1.0]), ([best[5]], [1.0])]), seed=3),
+    ]
+    got = verify(logits, requests)
+    assert got[1].logprobs is None
+    assert got[0].token_ids == best[:3]
+    for i, (token, entry) in enumerate(zip(got[0].token_ids, got[0].logprobs)):
+        row = torch.log_softmax(logits[i], dim=0)
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-6)
+        assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()
+    processed = torch.log(processed_probs(logits[4:7], [sampled_lp] * 3))
+    for i, (token, entry) in enumerate(zip(got[2].token_ids, got[2].logprobs)):
+        assert entry.logprob == pytest.approx(float(processed[i, token]), abs=1e-5)
+        assert len(entry.top) == 3  # top-k left three tokens: the -inf rest is not offered
+        assert [t for t, _ in entry.top] == processed[i].topk(3).indices.tolist()
+
+
+def test_logprobs_on_the_plain_greedy_path_with_zero_alternatives():
+    logits = torch.randn(2, V)
+    got = verify(logits, [SampleRequest(SamplingParams(logprobs=0)), SampleRequest(SamplingParams())])
+    assert got[0].logprobs[0].top == ()
+    assert got[0].logprobs[0].logprob == pytest.approx(float(torch.log_softmax(logits[0], 0).max()), abs=1e-6)
+    assert got[1].logprobs is None
