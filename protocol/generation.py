@@ -20,12 +20,13 @@ MAX_REQUEST_ID_CHARS = 128
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 64
 MAX_STOP_TOKEN_IDS = 32
+MAX_LOGPROBS = 5
 
 
 class InvalidRequest(ValueError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
-        self.field = field
+        self.field, self.problem = field, problem
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ def validate(req: pb.GenerateRequest, tokenize, limits: Limits) -> ValidRequest:
         )
     stop, stop_token_ids = _stop_strings(req), _stop_token_ids(req, limits)
     sampling, policy = _sampling(req.sampling), _speculation(req.speculation, limits)
+    logprobs = req.logprobs if req.HasField("logprobs") else None
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise InvalidRequest("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
     prompt_ids = _prompt(req, tokenize, limits)
     if len(prompt_ids) + req.max_new_tokens > limits.max_model_len:
         raise InvalidRequest(
@@ -72,6 +76,7 @@ def validate(req: pb.GenerateRequest, tokenize, limits: Limits) -> ValidRequest:
         stop=stop,
         stop_token_ids=stop_token_ids,
         ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
         **sampling,
     )
     return ValidRequest(request_id, prompt_ids, params, policy, req.trace_speculation)
@@ -165,6 +170,8 @@ _FINISH = {
 def response_to_pb(out: RequestOutput, prompt_tokens: int) -> pb.GenerateResponse:
     """New tokens and text; the usage, speculation and timing summary with the last one."""
     msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.token_ids, text=out.text)
+    for entry in out.logprobs or ():
+        msg.logprobs.add(logprob=entry.logprob, top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top])
     if out.finish_reason is None:
         return msg
     seq = out.seq

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/generation.proto\x12\x0csmartspec.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"E\n\x0bSpeculation\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.smartspec.v1.SpeculationMode\x12\t\n\x01k\x18\x02 \x01(\x05\"\xd5\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.smartspec.v1.TokenIdsH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.smartspec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12.\n\x0bspeculation\x18\n \x01(\x0b\x32\x19.smartspec.v1.Speculation\x12\x19\n\x11trace_speculation\x18\x0b \x01(\x08\x42\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xad\x01\n\x10SpeculationStats\x12\x17\n\x0fproposed_tokens\x18\x01 \x01(\x03\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14mean_accepted_length\x18\x03 \x01(\x01\x12\x19\n\x11speculative_steps\x18\x04 \x01(\x03\x12.\n\x06rounds\x18\x05 \x03(\x0b\x32\x1e.smartspec.v1.SpeculationRound\"A\n\x10SpeculationRound\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x10\n\x08proposed\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\"K\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\"\x91\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.smartspec.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.smartspec.v1.Usage\x12\x33\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1e.smartspec.v1.SpeculationStats\x12&\n\x07timings\x18\x08 \x01(\x0b\x32\x15.smartspec.v1.Timings*b\n\x0fSpeculationMode\x12\x19\n\x15SPECULATION_MODE_AUTO\x10\x00\x12\x18\n\x14SPECULATION_MODE_OFF\x10\x01\x12\x1a\n\x16SPECULATION_MODE_FIXED\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32Y\n\nGeneration\x12K\n\x08Generate\x12\x1d.smartspec.v1.GenerateRequest\x1a\x1e.smartspec.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/generation.proto\x12\x0csmartspec.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"n\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"E\n\x0bSpeculation\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.smartspec.v1.SpeculationMode\x12\t\n\x01k\x18\x02 \x01(\x05\"\xf9\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\x0bprompt_text\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.smartspec.v1.TokenIdsH\x00\x12\x0c\n\x04\x63hat\x18\x04 \x01(\x08\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.smartspec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12.\n\x0bspeculation\x18\n \x01(\x0b\x32\x19.smartspec.v1.Speculation\x12\x19\n\x11trace_speculation\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06promptB\x0b\n\t_logprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xad\x01\n\x10SpeculationStats\x12\x17\n\x0fproposed_tokens\x18\x01 \x01(\x03\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14mean_accepted_length\x18\x03 \x01(\x01\x12\x19\n\x11speculative_steps\x18\x04 \x01(\x03\x12.\n\x06rounds\x18\x05 \x03(\x0b\x32\x1e.smartspec.v1.SpeculationRound\"A\n\x10SpeculationRound\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x10\n\x08proposed\x18\x02 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x05\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"F\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12%\n\x03top\x18\x02 \x03(\x0b\x32\x18.smartspec.v1.TopLogprob\"K\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x03 \x01(\x01\"\xbf\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.smartspec.v1.FinishReason\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.smartspec.v1.Usage\x12\x33\n\x0bspeculation\x18\x07 \x01(\x0b\x32\x1e.smartspec.v1.SpeculationStats\x12&\n\x07timings\x18\x08 \x01(\x0b\x32\x15.smartspec.v1.Timings\x12,\n\x08logprobs\x18\t \x03(\x0b\x32\x1a.smartspec.v1.TokenLogprob*b\n\x0fSpeculationMode\x12\x19\n\x15SPECULATION_MODE_AUTO\x10\x00\x12\x18\n\x14SPECULATION_MODE_OFF\x10\x01\x12\x1a\n\x16SPECULATION_MODE_FIXED\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32Y\n\nGeneration\x12K\n\x08Generate\x12\x1d.smartspec.v1.GenerateRequest\x1a\x1e.smartspec.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartspec.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPECULATIONMODE']._serialized_start=1254
-  _globals['_SPECULATIONMODE']._serialized_end=1352
-  _globals['_FINISHREASON']._serialized_start=1354
-  _globals['_FINISHREASON']._serialized_end=1474
+  _globals['_SPECULATIONMODE']._serialized_start=1457
+  _globals['_SPECULATIONMODE']._serialized_end=1555
+  _globals['_FINISHREASON']._serialized_start=1557
+  _globals['_FINISHREASON']._serialized_end=1677
   _globals['_TOKENIDS']._serialized_start=47
   _globals['_TOKENIDS']._serialized_end=70
   _globals['_SAMPLINGPARAMS']._serialized_start=72
@@ -42,17 +42,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPECULATION']._serialized_start=184
   _globals['_SPECULATION']._serialized_end=253
   _globals['_GENERATEREQUEST']._serialized_start=256
-  _globals['_GENERATEREQUEST']._serialized_end=597
-  _globals['_USAGE']._serialized_start=599
-  _globals['_USAGE']._serialized_end=656
-  _globals['_SPECULATIONSTATS']._serialized_start=659
-  _globals['_SPECULATIONSTATS']._serialized_end=832
-  _globals['_SPECULATIONROUND']._serialized_start=834
-  _globals['_SPECULATIONROUND']._serialized_end=899
-  _globals['_TIMINGS']._serialized_start=901
-  _globals['_TIMINGS']._serialized_end=976
-  _globals['_GENERATERESPONSE']._serialized_start=979
-  _globals['_GENERATERESPONSE']._serialized_end=1252
-  _globals['_GENERATION']._serialized_start=1476
-  _globals['_GENERATION']._serialized_end=1565
+  _globals['_GENERATEREQUEST']._serialized_end=633
+  _globals['_USAGE']._serialized_start=635
+  _globals['_USAGE']._serialized_end=692
+  _globals['_SPECULATIONSTATS']._serialized_start=695
+  _globals['_SPECULATIONSTATS']._serialized_end=868
+  _globals['_SPECULATIONROUND']._serialized_start=870
+  _globals['_SPECULATIONROUND']._serialized_end=935
+  _globals['_TOPLOGPROB']._serialized_start=937
+  _globals['_TOPLOGPROB']._serialized_end=984
+  _globals['_TOKENLOGPROB']._serialized_start=986
+  _globals['_TOKENLOGPROB']._serialized_end=1056
+  _globals['_TIMINGS']._serialized_start=1058
+  _globals['_TIMINGS']._serialized_end=1133
+  _globals['_GENERATERESPONSE']._serialized_start=1136
+  _globals['_GENERATERESPONSE']._serialized_end=1455
+  _globals['_GENERATION']._serialized_start=1679
+  _globals['_GENERATION']._serialized_end=1768
 # @@protoc_insertion_point(module_scope)

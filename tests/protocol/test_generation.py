@@ -280,3 +280,21 @@ def test_the_servers_cap_on_max_new_tokens():
     with pytest.raises(InvalidRequest) as info:
         validate(request(max_new_tokens=11), Tokenizer(), limits)
     assert info.value.field == "max_new_tokens" and "at most 10" in str(info.value)
+
+
+def test_logprobs_from_0_to_5_reach_the_sampling_params_and_come_back_per_token():
+    from engine.output import FinishReason, RequestOutput
+    from engine.scheduler import Sequence
+    from protocol.generation import response_to_pb
+    from runtime.rejection import TokenLogprob
+
+    assert validate(request(), Tokenizer(), LIMITS).params.logprobs is None
+    assert validate(request(logprobs=0), Tokenizer(), LIMITS).params.logprobs == 0
+    assert validate(request(logprobs=5), Tokenizer(), LIMITS).params.logprobs == 5
+    for bad in (-1, 6):
+        assert invalid(request(logprobs=bad)).field == "logprobs"
+    seq = Sequence("r", [1], SamplingParams(logprobs=2), output_ids=[4, 5])
+    entries = [TokenLogprob(-0.5, ((4, -0.5), (9, -1.5))), TokenLogprob(-0.25, ((5, -0.25),))]
+    msg = response_to_pb(RequestOutput("r", [4, 5], "", FinishReason.LENGTH, seq=seq, logprobs=entries), 1)
+    assert [e.logprob for e in msg.logprobs] == [-0.5, -0.25]
+    assert [(t.token_id, t.logprob) for t in msg.logprobs[0].top] == [(4, -0.5), (9, -1.5)]
