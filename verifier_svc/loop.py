@@ -79,6 +79,20 @@ class ServingLoop:
         self._wake.set()
         return queue
 
+    async def follow(self, request_id: str, queue: asyncio.Queue):
+        """The request's outputs as they come, up to its finished one (an ERROR one included);
+        a caller that stops early (its client went, a deadline) aborts the request, which frees
+        its KV at the end of the running step."""
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
     def abort(self, request_id: str) -> None:
         """Stops delivering outputs at once; the engine frees the request's KV."""
         self._queues.pop(request_id, None)

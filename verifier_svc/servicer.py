@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 
 import grpc
 
@@ -14,30 +13,16 @@ from protocol.generation import InvalidRequest, Limits, needs_tokenizer, respons
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
 from verifier_svc.loop import ServingLoop
+from verifier_svc.prompts import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, loop: ServingLoop, tokenizer, limits: Limits):
+    def __init__(self, loop: ServingLoop, prompts: PromptTokenizer, limits: Limits):
         self.loop = loop
-        self.tokenizer = tokenizer
+        self.prompts = prompts
         self.limits = limits
-        # Tokenizing a long prompt takes milliseconds to tens of them: on the event loop it would
-        # stall every stream. One thread, because a tokenizer is not safe to share between threads.
-        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
-
-    def tokenize(self, text: str, chat: bool) -> list[int]:
-        if chat:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
-        return self.tokenizer(text).input_ids
-
-    def close(self) -> None:
-        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         metrics = self.loop.metrics
@@ -45,11 +30,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # call that arrived before it is in flight like any other (the grace period bounds it).
         try:
             if needs_tokenizer(request):
-                valid = await asyncio.get_running_loop().run_in_executor(
-                    self._tokenizer_thread, validate, request, self.tokenize, self.limits
-                )
+                valid = await self.prompts.run(validate, request, self.prompts.tokenize, self.limits)
             else:
-                valid = validate(request, self.tokenize, self.limits)
+                valid = validate(request, self.prompts.tokenize, self.limits)
             queue = self.loop.submit(valid.request_id, valid.prompt_ids, valid.params, valid.policy, valid.trace)
         except InvalidRequest as exc:
             metrics.rejected.labels("INVALID_ARGUMENT").inc()
@@ -60,19 +43,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except ValueError as exc:  # duplicate request id
             metrics.rejected.labels("ALREADY_EXISTS").inc()
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        finished = False
         try:
-            while True:
-                out = await queue.get()
-                if out.finish_reason == FinishReason.ERROR:
-                    finished = True  # the engine dropped it already
-                    await context.abort(grpc.StatusCode.INTERNAL, out.error)
-                finished = out.finish_reason is not None
-                yield response_to_pb(out, len(valid.prompt_ids))
-                if finished:
-                    return
+            async with aclosing(self.loop.follow(valid.request_id, queue)) as outputs:
+                async for out in outputs:
+                    if out.finish_reason == FinishReason.ERROR:
+                        await context.abort(grpc.StatusCode.INTERNAL, out.error)
+                    yield response_to_pb(out, len(valid.prompt_ids))
         finally:
-            if not finished:  # client cancelled, deadline passed or the server is stopping
-                self.loop.abort(valid.request_id)
-                if context.cancelled():
-                    metrics.cancelled.inc()
+            if context.cancelled():  # the client cancelled or its deadline passed
+                metrics.cancelled.inc()
