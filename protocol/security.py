@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,33 @@ class ServerTLS:
         return grpc.dynamic_ssl_server_credentials(
             configuration(), fetch, require_client_authentication=bool(self.tls_client_ca)
         )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The same files for an HTTP server: re-read at a handshake after they change (the new
+        certificate serves the next connections); None: plaintext."""
+        self.check()
+        if not self.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        files = WatchedFiles(self.tls_cert, self.tls_key)
+
+        def load() -> None:
+            files.read()  # stamps the versions loaded now
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+
+        def on_handshake(sock, server_name, ctx) -> None:
+            if files.changed():
+                try:
+                    load()
+                except (OSError, ssl.SSLError) as exc:
+                    log.warning("TLS files changed but cannot be read (%s); keeping the loaded ones", exc)
+
+        load()
+        context.sni_callback = on_handshake
+        if self.tls_client_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.tls_client_ca)
+        return context
 
 
 # Every channel pings its server every 30 s, even with no call in flight: a proposer or controller

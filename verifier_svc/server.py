@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -21,15 +22,17 @@ from engine.engine import Engine
 from engine.scheduler import SchedulerConfig
 from protocol import serving
 from protocol.generation import Limits
-from protocol.security import ClientTLS, read_token, token_auth
+from protocol.security import ClientTLS, TokenFile, read_token, token_auth
 from protocol.serving import ServerConfig
 from protocol.v1 import generation_pb2, generation_pb2_grpc
 from runtime import models
 from runtime.cpu_linear import describe
 from runtime.models import Placement
 from verifier_svc.controller_client import ControllerClient
+from verifier_svc.http import HttpServer, OpenAIFront
 from verifier_svc.loop import ServingLoop
 from verifier_svc.metrics import Metrics
+from verifier_svc.prompts import PromptTokenizer
 from verifier_svc.proposer_client import ProposerClient
 from verifier_svc.servicer import GenerationServicer
 
@@ -123,6 +126,16 @@ class VerifierConfig:
     max_new_tokens_cap: int | None = field(
         default=None, metadata={"help": "the most tokens one request may ask for (unset: the context bounds it)"}
     )
+    http_port: int = field(
+        default=0,
+        metadata={
+            "help": "port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+            "/health) on the same engine, with the same TLS and API keys (0 = off)"
+        },
+    )
+    served_model_name: str | None = field(
+        default=None, metadata={"help": "the model name the HTTP API answers to (unset: the --model value's name)"}
+    )
     grace_seconds: float = field(default=30.0, metadata={"help": "on SIGTERM, how long in-flight streams may finish"})
     api_keys_file: str | None = field(
         default=None, metadata={"help": "API keys (one per line) callers of Generation must present (unset: open)"}
@@ -206,7 +219,8 @@ class Verifier:
             max_prompt_bytes=self.config.max_prompt_bytes,
             max_new_tokens=self.config.max_new_tokens_cap,
         )
-        self.servicer = GenerationServicer(self.loop, self.tokenizer, limits)
+        self.prompts = PromptTokenizer(self.tokenizer)
+        self.servicer = GenerationServicer(self.loop, self.prompts, limits)
         if config.metrics_port:
             self.metrics_server, _ = self.metrics.serve(config.metrics_port, config.host)
         auth = token_auth({SERVICE_NAME: ("client",)}, client=self.config.api_keys_file)
@@ -214,8 +228,21 @@ class Verifier:
             generation_pb2_grpc.add_GenerationServicer_to_server, self.servicer, SERVICE_NAME, config, auth
         )
         self.health, self.port = self.serving.health, self.serving.port
+        self.http = None
+        if self.config.http_port:
+            keys = TokenFile(self.config.api_keys_file) if self.config.api_keys_file else None
+            front = OpenAIFront(self.loop, self.prompts, limits, self.served_model_name, keys, lambda: self.draining)
+            self.http = HttpServer(front, config.max_message_bytes, self.config.grace_seconds + 2.0)
+            self.http_port = await self.http.start(config.host, self.config.http_port, config.tls.ssl_context())
+            log.info("OpenAI-compatible API on %s:%d", config.host, self.http_port)
         self._readiness = asyncio.get_running_loop().create_task(self._track_load())
         log.info("verifier serving on %s:%d", config.host, self.port)
+
+    @property
+    def served_model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        return os.path.basename(os.path.normpath(self.config.model)).removesuffix(".gguf")
 
     async def _track_load(self, every_s: float = 0.1) -> None:
         """Readiness follows the waiting queue: NOT_SERVING once it is full (new calls would get
@@ -242,7 +269,8 @@ class Verifier:
         # rather than on a cancelled stream.
         stopped = asyncio.ensure_future(self.serving.stop(grace + 2.0))
         await asyncio.sleep(0)  # GOAWAY is out: a client's new calls go to another replica
-        self.draining = True
+        self.draining = True  # new HTTP requests get 503
+        http_stopped = asyncio.ensure_future(self.http.stop() if self.http else asyncio.sleep(0))
         deadline = time.monotonic() + grace
         while self.loop.num_requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -250,7 +278,8 @@ class Verifier:
             log.warning("grace period over: aborting %d requests", self.loop.num_requests)
             self.loop.abort_all()
         await stopped
-        self.servicer.close()
+        await http_stopped
+        self.prompts.close()
         if self.controller is not None:
             await self.controller.stop()
         await self.loop.stop()
