@@ -1,0 +1,140 @@
+"""Renders of the components and overlays beyond those of test_manifests.py, and what the test
+files that check them share: strict validation, mounts, and one run of the real CLI parser over
+every container of every render here.
+
+Rendering needs `kubectl` (its built-in kustomize), as in test_manifests.py; no cluster is contacted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+from tests.k8s import test_manifests as manifests
+from tests.k8s.test_manifests import COMPONENTS, K8S, KUSTOMIZATIONS, effective, kustomize, real_parse
+
+BASE = K8S / "base"
+GPU = K8S / "overlays" / "gpu"
+LLAMA = K8S / "overlays" / "llama-8b"
+COMPONENT_DIR = K8S / "components"
+MODELS_PVC = COMPONENT_DIR / "models-pvc"
+MODELS_IMAGE_VOLUME = COMPONENT_DIR / "models-image-volume"
+OTHER_NAMESPACE = manifests.OTHER_NAMESPACE
+
+# `volumes[].image` is in the API from 1.31 (the ImageVolume feature gate is on by default from 1.35).
+MIN_IMAGE_VOLUME_VERSION = "1.31.0"
+
+
+def kustomize_over(resource: Path, components: tuple[Path, ...] = (), namespace: str | None = None) -> list[dict]:
+    """`resource` (the base or an overlay) with `components`, in a kustomization of its own, as a
+    user's overlay would use them."""
+    with tempfile.TemporaryDirectory() as root:
+        # kustomize takes other kustomizations by relative path only.
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(resource, root)],
+            "components": [os.path.relpath(c, root) for c in components],
+        }
+        if namespace:
+            kustomization["namespace"] = namespace
+        (Path(root) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return kustomize(Path(root))
+
+
+RENDERS = {
+    "models-pvc": lambda: kustomize_over(BASE, (MODELS_PVC,)),
+    "models-image-volume": lambda: kustomize_over(BASE, (MODELS_IMAGE_VOLUME,)),
+    "llama-8b": lambda: kustomize(LLAMA),
+}
+# Renders that use `volumes[].image`, and so validate only from MIN_IMAGE_VOLUME_VERSION.
+IMAGE_VOLUME_RENDERS = {"models-image-volume"}
+
+_rendered: dict[str, list[dict]] = {}
+
+
+def rendered(name: str) -> list[dict]:
+    """A render of RENDERS, or of test_manifests.py's own (shared with it, rendered once)."""
+    if name not in RENDERS:
+        return manifests.rendered(name)
+    if name not in _rendered:
+        _rendered[name] = RENDERS[name]()
+    return _rendered[name]
+
+
+def find_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def pod_spec(objects: list[dict], component: str) -> dict:
+    return manifests.find(objects, "Deployment", COMPONENTS[component])["spec"]["template"]["spec"]
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+def _key(obj: dict) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+_validated_by_manifests: set[str] = set()
+
+
+def new_objects(objects: list[dict]) -> list[dict]:
+    """The objects of a render that test_manifests.py does not already validate (unchanged ones
+    are checked there, for every version)."""
+    if not _validated_by_manifests:
+        _validated_by_manifests.update(_key(o) for name in KUSTOMIZATIONS for o in manifests.rendered(name))
+    return [o for o in objects if _key(o) not in _validated_by_manifests]
+
+
+def validation_error(obj: dict, version: str) -> str | None:
+    """None when `obj` validates strictly against `version`'s schema, else why not. Custom
+    resources (no schema here) are left to the structural tests."""
+    try:
+        kubernetes_validate.validate(obj, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path)
+        return f"{obj['kind']}/{obj['metadata']['name']} invalid for {version} at {path}: {e.message}"
+    except kubernetes_validate.SchemaNotFoundError:
+        if "." not in obj["apiVersion"].split("/")[0]:
+            return f"{obj['kind']} {obj['apiVersion']}: no schema for a built-in kind in {version}"
+    return None
+
+
+# --- mounts -------------------------------------------------------------------------------
+
+
+def mount_of(container: dict, path: str) -> dict | None:
+    """The volumeMount that holds `path` (the deepest one), or None."""
+    path = posixpath.normpath(path)
+    holding = [
+        m
+        for m in container.get("volumeMounts", [])
+        if path == m["mountPath"].rstrip("/") or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
+    return max(holding, key=lambda m: len(m["mountPath"]), default=None)
+
+
+# --- the real CLI -----------------------------------------------------------------------
+
+_real: dict[tuple[str, str], dict] = {}
+
+
+def real(name: str, component: str) -> dict:
+    """The real `smartspec` parser's answer ({"ok": values} or {"error": text}) for a container of a
+    render here: all of them parsed in one process, the first time one is asked for."""
+    if not _real:
+        keys = [(n, c) for n in sorted(RENDERS) for c in sorted(COMPONENTS)]
+        cases = []
+        for n, c in keys:
+            config = effective(rendered(n), c)
+            cases.append((config.args, config.env))
+        _real.update(zip(keys, real_parse(cases), strict=True))
+    return _real[name, component]
