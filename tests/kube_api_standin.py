@@ -11,7 +11,7 @@ context) that speaks the API's wire protocol for one resource,
 - a resourceVersion older than the last compaction is 410 Gone: by default the way the API
   server answers a watch (a 200 whose one event is an ERROR carrying a Status, code 410), or
   as an HTTP 410 (`gone_as="status"`);
-- a request without the bearer token is 401.
+- a request without the bearer token is 401 (the scheme's case aside, as the API server).
 
 Every request is recorded as RBAC sees it: verb (get, list or watch), API group, resource and
 namespace. The objects live on across `stop()` and `start()` (an API server going away and
@@ -224,7 +224,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, status(404, "NotFound", f"no route {url.path}"))
         verb = "watch" if query.get("watch") in ("true", "1") else "get" if match["name"] else "list"
         api.calls.append(Call(verb, match["group"], match["resource"], match["namespace"], query))
-        if self.headers.get("Authorization") != f"Bearer {api.token}":
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token != api.token:  # the scheme is case-insensitive
             return self._send(401, status(401, "Unauthorized", "Unauthorized"))
         served = (match["group"], match["version"], match["resource"]) == ("discovery.k8s.io", "v1", "endpointslices")
         if not served or match["name"]:

@@ -91,14 +91,16 @@ class EndpointSliceWatcher:
         self,
         address: ServiceAddress,
         access: KubeAccess | None = None,
-        namespace_file: str = NAMESPACE_FILE,
+        namespace_file: str | None = None,
         watch_timeout_s: int = 240,
         request_timeout_s: float = 10.0,
         backoff_s: tuple[float, float] = (0.5, 30.0),
     ):
         self.service, self.port = address.service, address.port
         self.api = client.DiscoveryV1Api(api_client(access))
-        self.namespace = address.namespace or (access and access.namespace) or _read_namespace(namespace_file)
+        self.namespace = (
+            address.namespace or (access and access.namespace) or _read_namespace(namespace_file or NAMESPACE_FILE)
+        )
         self.selector = f"{SERVICE_NAME_LABEL}={self.service}"
         self.watch_timeout_s, self.request_timeout_s, self.backoff_s = watch_timeout_s, request_timeout_s, backoff_s
         self.endpoints: tuple[int, list[str]] = (0, [])  # replaced whole: safe to read from any thread
@@ -155,7 +157,7 @@ class EndpointSliceWatcher:
                 "cannot follow the EndpointSlices of %s/%s (%s); keeping %d endpoints, retrying in %.1f s",
                 self.namespace,
                 self.service,
-                error.splitlines()[0] if error else "",
+                " ".join(error.split())[:300],
                 len(self.endpoints[1]),
                 delay,
             )

@@ -16,12 +16,14 @@ import time
 import pytest
 import trustme
 from kube_api_standin import KubeApiStandIn, endpoint, endpoint_slice
-from kubernetes.config import ConfigException
+from kubernetes.config import ConfigException, incluster_config
 from service_threads import ProposerThread, wait_for
 
+from protocol.v1 import generation_pb2 as pb
 from runtime.draft import DraftRequest
 from runtime.models import Placement
 from runtime.sampler import SamplingParams
+from verifier_svc import endpointslices
 from verifier_svc.endpointslices import EndpointSliceWatcher, KubeAccess, ServiceAddress
 from verifier_svc.proposer_client import ProposerClient
 from verifier_svc.server import SpeculationConfig
@@ -323,3 +325,57 @@ def test_outside_a_cluster_the_k8s_form_fails_at_start(monkeypatch, address):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ConfigException, match="Service host/port is not set"):
         SpeculationConfig(policy="fixed:2", proposer=address).make_proposer(Placement(), 1024)
+
+
+@pytest.fixture
+def in_cluster(tmp_path, monkeypatch):
+    """A pod's view of the cluster, emulated: the API server's address in the environment, the
+    service account's token, CA and namespace in files, and the API server a local stand-in
+    over HTTPS with a certificate from that CA."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    api = KubeApiStandIn(tls=context)
+    files = {"token": api.token, "namespace": NS}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(tmp_path / "ca.crt"))
+    monkeypatch.setattr(endpointslices, "NAMESPACE_FILE", str(tmp_path / "namespace"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(api.port))
+    yield api
+    api.stop()
+
+
+def generate(verifier, request_id: str):
+    request = pb.GenerateRequest(
+        request_id=request_id, prompt_token_ids=pb.TokenIds(ids=[1, 2, 3, 1, 2, 3, 1, 2]), max_new_tokens=12
+    )
+    return list(verifier.stub.Generate(request, timeout=60))[-1]
+
+
+def test_a_verifier_in_a_pod_drafts_from_the_watched_proposers_via_a_local_api_server_stand_in(in_cluster, make_server):
+    """`--proposer k8s:SERVICE:PORT` end to end: the in-cluster configuration, the namespace
+    from the service account, drafts from the ready proposer, none once it is terminating,
+    and the watch stopped by the verifier's drain."""
+    proposer = ProposerThread()
+    port = proposer.server.port
+    in_cluster.put(NS, endpoint_slice("p-1", SERVICE, [endpoint("127.0.0.1")], port))
+    try:
+        verifier = make_server(proposer=f"k8s:{SERVICE}:{port}", policy="fixed:3")
+        client = verifier.verifier.engine.proposer
+        assert client.watcher.namespace == NS
+        wait_for(lambda: client.watcher.endpoints[1] == [proposer.address], timeout=10)
+        generate(verifier, "before")
+        asked = proposer.server.servicer.num_items
+        assert asked > 0, "the ready proposer was never asked for drafts"
+        in_cluster.put(NS, endpoint_slice("p-1", SERVICE, [endpoint("127.0.0.1", False, True)], port))
+        wait_for(lambda: client.watcher.endpoints[1] == [], timeout=10)
+        generate(verifier, "after")
+        assert proposer.server.servicer.num_items == asked, "a terminating proposer was asked for drafts"
+        verifier.close()
+        assert not client.watcher._thread.is_alive(), "the drain left the watch running"
+    finally:
+        proposer.kill()
