@@ -25,6 +25,7 @@ LLAMA = K8S / "overlays" / "llama-8b"
 COMPONENT_DIR = K8S / "components"
 MODELS_PVC = COMPONENT_DIR / "models-pvc"
 MODELS_IMAGE_VOLUME = COMPONENT_DIR / "models-image-volume"
+MONITORING = COMPONENT_DIR / "monitoring"
 OTHER_NAMESPACE = manifests.OTHER_NAMESPACE
 
 # `volumes[].image` is in the API from 1.31 (the ImageVolume feature gate is on by default from 1.35).
@@ -52,6 +53,8 @@ RENDERS = {
     "models-pvc": lambda: kustomize_over(BASE, (MODELS_PVC,)),
     "models-image-volume": lambda: kustomize_over(BASE, (MODELS_IMAGE_VOLUME,)),
     "llama-8b": lambda: kustomize(LLAMA),
+    "monitoring": lambda: kustomize_over(BASE, (MONITORING,)),
+    "monitoring-other": lambda: kustomize_over(BASE, (MONITORING,), OTHER_NAMESPACE),
 }
 # Renders that use `volumes[].image`, and so validate only from MIN_IMAGE_VOLUME_VERSION.
 IMAGE_VOLUME_RENDERS = {"models-image-volume"}
