@@ -2,59 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from verifier_process import SMARTSPEC, start_verifier
 
 from protocol.security import CLIENT_OPTIONS
 from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
-
-SMARTSPEC = [sys.executable, "-m", "smartspec.cli"]
-
-
-def start_verifier(model: str, port: int, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        SMARTSPEC
-        + [
-            "verifier",
-            "--model",
-            model,
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--kv-cache-tokens",
-            "8192",
-            *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + 120
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return proc
-            except grpc.RpcError:
-                time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("verifier did not become ready")
 
 
 @pytest.fixture
