@@ -25,34 +25,63 @@ LLAMA = K8S / "overlays" / "llama-8b"
 COMPONENT_DIR = K8S / "components"
 MODELS_PVC = COMPONENT_DIR / "models-pvc"
 MODELS_IMAGE_VOLUME = COMPONENT_DIR / "models-image-volume"
+AUTOSCALING_HPA = COMPONENT_DIR / "autoscaling-hpa"
+AUTOSCALING_KEDA = COMPONENT_DIR / "autoscaling-keda"
+VERIFIER_HEADLESS = COMPONENT_DIR / "verifier-headless"
 MONITORING = COMPONENT_DIR / "monitoring"
+NETWORK_POLICIES = COMPONENT_DIR / "network-policies"
 OTHER_NAMESPACE = manifests.OTHER_NAMESPACE
 
 # `volumes[].image` is in the API from 1.31 (the ImageVolume feature gate is on by default from 1.35).
 MIN_IMAGE_VOLUME_VERSION = "1.31.0"
 
 
-def kustomize_over(resource: Path, components: tuple[Path, ...] = (), namespace: str | None = None) -> list[dict]:
+def write_kustomization(
+    root: Path, resource: Path, components: tuple[Path, ...] = (), namespace: str | None = None
+) -> None:
+    root.mkdir(exist_ok=True)
+    # kustomize takes other kustomizations by relative path only.
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(resource, root)],
+        "components": [os.path.relpath(c, root) for c in components],
+    }
+    if namespace:
+        kustomization["namespace"] = namespace
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+
+
+def kustomize_over(
+    resource: Path, components: tuple[Path, ...] = (), namespace: str | None = None, namespace_below: bool = False
+) -> list[dict]:
     """`resource` (the base or an overlay) with `components`, in a kustomization of its own, as a
-    user's overlay would use them."""
+    user's overlay would use them; `namespace` set there, or (`namespace_below`) in a kustomization
+    of its own under it, so that the components see the namespace already set."""
     with tempfile.TemporaryDirectory() as root:
-        # kustomize takes other kustomizations by relative path only.
-        kustomization = {
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [os.path.relpath(resource, root)],
-            "components": [os.path.relpath(c, root) for c in components],
-        }
-        if namespace:
-            kustomization["namespace"] = namespace
-        (Path(root) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        return kustomize(Path(root))
+        top = Path(root)
+        if namespace and namespace_below:
+            write_kustomization(top / "namespace", resource, namespace=namespace)
+            resource, namespace = top / "namespace", None
+        write_kustomization(top / "top", resource, components, namespace)
+        return kustomize(top / "top")
 
 
 RENDERS = {
     "models-pvc": lambda: kustomize_over(BASE, (MODELS_PVC,)),
     "models-image-volume": lambda: kustomize_over(BASE, (MODELS_IMAGE_VOLUME,)),
     "llama-8b": lambda: kustomize(LLAMA),
+    "autoscaling-hpa": lambda: kustomize_over(BASE, (AUTOSCALING_HPA,)),
+    "autoscaling-keda": lambda: kustomize_over(BASE, (AUTOSCALING_KEDA,)),
+    # Autoscaling in another namespace, on the GPU overlay, behind the NetworkPolicies. The namespace
+    # is set below the kustomization that adds the component, as k8s/README.md says: KEDA's queries
+    # name it, and the adapter's rules stay in the adapter's namespace.
+    "autoscaling-hpa-other": lambda: kustomize_over(
+        GPU, (AUTOSCALING_HPA, NETWORK_POLICIES), OTHER_NAMESPACE, namespace_below=True
+    ),
+    "autoscaling-keda-other": lambda: kustomize_over(
+        GPU, (AUTOSCALING_KEDA, NETWORK_POLICIES), OTHER_NAMESPACE, namespace_below=True
+    ),
     "monitoring": lambda: kustomize_over(BASE, (MONITORING,)),
     "monitoring-other": lambda: kustomize_over(BASE, (MONITORING,), OTHER_NAMESPACE),
 }
