@@ -57,6 +57,7 @@ class OpenAIRequest:
     logprobs: bool
     max_tokens_param: str  # the parameter that set max_new_tokens, for errors
     max_tokens_set: bool  # False: a chat completion takes the rest of the context
+    continuous_usage: bool = False  # usage so far in every streamed chunk (as vLLM's option)
 
 
 def parse(raw: bytes, chat: bool, served_model: str) -> OpenAIRequest:
@@ -102,7 +103,10 @@ def parse(raw: bytes, chat: bool, served_model: str) -> OpenAIRequest:
     if unknown:
         raise InvalidRequest("stream_options", f"unknown option {sorted(unknown)[0]!r}")
     include_usage = _opt(options, "include_usage", bool, False, "stream_options.include_usage")
-    return OpenAIRequest(chat, req, messages, stream, include_usage, logprobs, max_param, max_tokens is not None)
+    continuous = _opt(options, "continuous_usage_stats", bool, False, "stream_options.continuous_usage_stats")
+    return OpenAIRequest(
+        chat, req, messages, stream, include_usage, logprobs, max_param, max_tokens is not None, continuous
+    )
 
 
 def param(exc: InvalidRequest, request: OpenAIRequest | None) -> str:

@@ -4,7 +4,8 @@ One `Choice` per request follows its outputs: the text and log-probabilities new
 (for a streamed chunk) and all of them (for a whole response). Log-probabilities are the
 target's, after temperature, top-k and top-p (`runtime.rejection`); tokens are shown as
 their decoded text, as other OpenAI-compatible servers do. The finished response carries
-SmartSpec's `speculation` field: what speculation did for the request.
+SmartSpec's `speculation` field (what speculation did for the request) and `timings` (the
+server's own queue, first-token and end-to-end times, in milliseconds).
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ class Choice:
         self.text: list[str] = []
         self.logprobs: list[dict] = []  # chat entries, or completion (token, logprob, top, offset) rows
         self.offset = 0
+        self.tokens = 0  # generated so far
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.speculation: dict | None = None
+        self.timings: dict | None = None
 
     def add(self, out: RequestOutput, prompt_tokens: int) -> tuple[str, list[dict]]:
         """Records one output; returns its new text and log-probability entries."""
         self.text.append(out.text)
+        self.tokens += len(out.token_ids)
         entries = [self._entry(t, lp) for t, lp in zip(out.token_ids, out.logprobs or ())]
         self.logprobs.extend(entries)
         if out.finish_reason is not None:
@@ -64,6 +68,12 @@ class Choice:
                 "accepted_tokens": seq.num_accepted,
                 "speculative_steps": steps,
                 "mean_accepted_length": (seq.num_accepted + steps) / steps if steps else 0.0,
+            }
+            now = time.monotonic()
+            self.timings = {
+                "queue_ms": ((seq.first_scheduled_time or now) - seq.arrival_time) * 1e3,
+                "time_to_first_token_ms": ((seq.first_token_time or now) - seq.arrival_time) * 1e3,
+                "e2e_ms": (now - seq.arrival_time) * 1e3,
             }
         return out.text, entries
 
@@ -105,7 +115,7 @@ class Choice:
             choice = {"index": 0, "text": text}
         choice |= {"logprobs": logprobs, "finish_reason": self.finish_reason}
         body = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
-        return body | {"usage": self.usage, "speculation": self.speculation}
+        return body | {"usage": self.usage, "speculation": self.speculation, "timings": self.timings}
 
     def chunk(self, text: str, entries: list[dict], first: bool = False) -> dict:
         """A streamed chunk with the text new since the last one (the finish reason and the
@@ -118,8 +128,15 @@ class Choice:
         choice |= {"logprobs": self._logprobs(entries) if entries else None, "finish_reason": self.finish_reason}
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
         if self.finish_reason is not None:
-            body["speculation"] = self.speculation
+            body |= {"speculation": self.speculation, "timings": self.timings}
         return body
+
+    def usage_so_far(self, prompt_tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": self.tokens,
+            "total_tokens": prompt_tokens + self.tokens,
+        }
 
     def usage_chunk(self) -> dict:
         """The last chunk with `stream_options.include_usage`: no choices, the usage."""

@@ -22,6 +22,7 @@ from protocol.v1 import generation_pb2 as pb
 from protocol.v1 import generation_pb2_grpc as pb_grpc
 from smartspec import dial, plots
 from smartspec.dial import Dial
+from smartspec.openai_load import OpenAITarget
 from smartspec.prompts import load_prompts
 from smartspec.report import RequestRecord, format_table, summarize
 
@@ -29,7 +30,17 @@ NO_FINISH = "NO_FINISH"  # error name for a stream that ended without a last chu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of the Generation service")
+    parser.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="host:port of the Generation service (with --endpoint openai: of the HTTP API, or its URL)",
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=("grpc", "openai"),
+        default="grpc",
+        help="the front door to drive: smartspec.v1 gRPC or the OpenAI-compatible HTTP API (--http-port)",
+    )
     parser.add_argument(
         "--rate", type=positive_float, default=2.0, help="mean requests per second; 'inf' sends them all at once"
     )
@@ -204,6 +215,7 @@ async def run_benchmark(
     burstiness: float = 1.0,
     progress: bool = True,
     how: Dial = Dial(),
+    endpoint: str = "grpc",
 ) -> dict:
     spec = parse_speculation(speculation)
     offsets = arrival_times(num_requests, rate, burstiness, seed)
@@ -211,25 +223,33 @@ async def run_benchmark(
     records = [RequestRecord(index=i, prompt_chars=len(p)) for i, p in enumerate(chosen)]
     bar = tqdm(total=num_requests, desc="bench", unit="req", disable=not progress)
 
-    async def one(i: int) -> None:
+    async def one(send, i: int, start: float) -> None:
         sampling_seed = (seed * num_requests + i) % 2**64  # reproducible sampling, distinct per request
         request = build_request(chosen[i], max_new_tokens, temperature, chat, spec, sampling_seed)
-        await _send(stub, request, records[i], start, how.metadata)
+        await send(request, records[i], start)
         bar.update(1)
 
-    async with how.aio_channel(target) as channel:
-        stub = pb_grpc.GenerationStub(channel)
+    async def schedule(send) -> None:
         start = time.perf_counter()
         tasks = []
         for i, offset in enumerate(offsets):
             # Sleep to an absolute time so that time spent sending does not skew the schedule.
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i)))
+            tasks.append(asyncio.create_task(one(send, i, start)))
         await asyncio.gather(*tasks)
+
+    if endpoint == "openai":
+        async with OpenAITarget(target, how) as http:
+            await schedule(http.send)
+    else:
+        async with how.aio_channel(target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            await schedule(lambda request, record, start: _send(stub, request, record, start, how.metadata))
     bar.close()
     ends = [r.send_s + r.e2e_ms / 1e3 for r in records]
     config = {
         "target": target,
+        "endpoint": endpoint,
         "rate": rate if math.isfinite(rate) else "inf",
         "num_requests": num_requests,
         "max_new_tokens": max_new_tokens,
@@ -263,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
             burstiness=args.burstiness,
             progress=not args.no_progress,
             how=dial.from_args(args),
+            endpoint=args.endpoint,
         )
     )
     print(format_table(result["summary"]))

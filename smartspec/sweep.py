@@ -58,6 +58,7 @@ async def run_sweep(
     log=print,
     how: Dial = Dial(),
     admin: Dial = Dial(),
+    endpoint: str = "grpc",
 ) -> list[dict]:
     """`how`: how to reach the target; `admin`: how to reach the controller (an admin token)."""
     check_policies(policies, controller)
@@ -81,6 +82,7 @@ async def run_sweep(
                     seed=seed + rep,
                     progress=False,
                     how=how,
+                    endpoint=endpoint,
                 )
                 s = result["summary"]
                 point = {
@@ -190,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 how=how,
                 admin=replace(how, token=read_token(args.controller_token_file)),
+                endpoint=args.endpoint,
             )
         )
     except ValueError as e:

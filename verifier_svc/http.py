@@ -158,8 +158,11 @@ class OpenAIFront:
                 await response.write(sse(error_body(out.error, "server_error", code="engine_error")))
                 break
             text, entries = choice.add(out, prompt_tokens)
-            if text or entries or first or out.finish_reason is not None:
-                await response.write(sse(choice.chunk(text, entries, first=first)))
+            if text or entries or first or out.finish_reason is not None or parsed.continuous_usage:
+                chunk = choice.chunk(text, entries, first=first)
+                if parsed.continuous_usage:
+                    chunk["usage"] = choice.usage_so_far(prompt_tokens)
+                await response.write(sse(chunk))
                 first = False
         if parsed.include_usage and choice.usage is not None:
             await response.write(sse(choice.usage_chunk()))

@@ -246,3 +246,29 @@ def test_https_with_the_verifier_certificate(http_server, tmp_path):
     assert api.completions.create(model=MODEL, prompt="a", max_tokens=2).choices
     with pytest.raises(openai.APIConnectionError):  # a client that does not trust the CA
         client(server).with_options(base_url=base + "/v1").models.list()
+
+
+def test_bench_drives_both_doors_with_the_same_requests(http_server):
+    """`smartspec bench --endpoint openai` sends what the gRPC run sends and records the same
+    things: tokens per request, first-token and inter-token times, the server's timings."""
+    import asyncio
+
+    from smartspec import bench
+
+    server = http_server()
+    runs = {}
+    for endpoint, target in (("grpc", f"127.0.0.1:{server.verifier.port}"), ("openai", server.base)):
+        runs[endpoint] = asyncio.run(
+            bench.run_benchmark(
+                target, ["one two", "three", "four five six"], rate=50.0, num_requests=6, max_new_tokens=8,
+                speculation="off", seed=3, progress=False, endpoint=endpoint,
+            )
+        )  # fmt: skip
+    for endpoint, result in runs.items():
+        assert result["summary"]["errors"] == 0, endpoint
+        for r in result["requests"]:
+            assert r["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
+            assert r["ttft_ms"] > 0 and len(r["itl_ms"]) == r["completion_tokens"] - 1
+            assert 0 < r["server_timings"]["e2e_ms"] <= r["e2e_ms"]
+    tokens = {e: [r["completion_tokens"] for r in result["requests"]] for e, result in runs.items()}
+    assert tokens["grpc"] == tokens["openai"]  # greedy: the same completions through either door
