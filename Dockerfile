@@ -70,6 +70,6 @@ USER 10001:10001
 # gRPC: verifier 50051 (Generation), proposer 50061, controller 50071 — each with health and
 # reflection; their plaintext probe ports with TLS on (--health-port): 50052, 50062, 50072.
 # Prometheus /metrics: verifier 9400, controller 9401, proposer 9402.
-EXPOSE 50051 50052 50061 50062 50071 50072 9400 9401 9402
+EXPOSE 50051 50052 50061 50062 50071 50072 8000 9400 9401 9402
 ENTRYPOINT ["smartspec"]
 CMD ["--help"]

@@ -49,6 +49,8 @@ NAMESPACE = "smartspec"
 VERIFIER = "smartspec-verifier"
 VERIFIER_LABELS = {"app.kubernetes.io/name": "smartspec", "app.kubernetes.io/component": "verifier"}
 GRPC_PORT = 50051
+# The OpenAI-compatible HTTP API of the verifier.
+HTTP_PORT = 8000
 METRICS_PORT = 9400
 PROPOSER = "smartspec-proposer"
 PROPOSER_LABELS = {"app.kubernetes.io/name": "smartspec", "app.kubernetes.io/component": "proposer"}
@@ -104,6 +106,7 @@ def verifier_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smartspec verifier", add_help=False, allow_abbrev=False)
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], required=True)
@@ -748,9 +751,9 @@ def test_service_selects_the_verifier_pods(name):
     assert service["spec"]["selector"].items() <= pod_labels.items()
     container = verifier_container(objects)
     ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert set(ports) == {"grpc", "metrics"}
+    assert set(ports) == {"grpc", "http", "metrics"}
     assert ports["grpc"]["appProtocol"] == "grpc"
-    for port_name, number in (("grpc", GRPC_PORT), ("metrics", METRICS_PORT)):
+    for port_name, number in (("grpc", GRPC_PORT), ("http", HTTP_PORT), ("metrics", METRICS_PORT)):
         target = ports[port_name].get("targetPort", ports[port_name]["port"])
         resolved = container_port(container, target) if isinstance(target, str) else target
         assert resolved == number, f"Service port {port_name} reaches {resolved}, not {number}"
@@ -1413,8 +1416,12 @@ def reachability(objects: list[dict]) -> set[tuple[str, str, str]]:
 
 
 INTENDED_REACHABILITY = (
-    # Clients, from anywhere: every pod of another namespace, and the operator's here.
-    {(s, "verifier", f"{GRPC_PORT}/TCP") for s in ("client", "operator", "monitoring", "other-namespace", "kube-dns")}
+    # Clients, from anywhere: every pod of another namespace, and the operator's here; gRPC and HTTP.
+    {
+        (s, "verifier", f"{port}/TCP")
+        for s in ("client", "operator", "monitoring", "other-namespace", "kube-dns")
+        for port in (GRPC_PORT, HTTP_PORT)
+    }
     | {
         ("verifier", "proposer", f"{PROPOSER_PORT}/TCP"),
         ("verifier", "controller", f"{CONTROLLER_PORT}/TCP"),

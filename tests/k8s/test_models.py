@@ -137,12 +137,12 @@ def test_model_components_change_the_model_settings_and_volumes_alone(name):
     stay as they were."""
     objects = rendered(name)
     under = rendered("gpu" if name == "llama-8b" else "base")
-    # The example overlay sizes the caches for its models as well.
-    sized = name == "llama-8b"
+    # The example overlay also sizes the caches for its models, and names the target for HTTP clients.
+    example = name == "llama-8b"
+    verifier_extra = {"SMARTSPEC_KV_CACHE_TOKENS", "SMARTSPEC_MAX_MODEL_LEN", "SMARTSPEC_SERVED_MODEL_NAME"}
     expected = {
-        "verifier": {"SMARTSPEC_MODEL"}
-        | ({"SMARTSPEC_KV_CACHE_TOKENS", "SMARTSPEC_MAX_MODEL_LEN"} if sized else set()),
-        "proposer": {"SMARTSPEC_DRAFT"} | ({"SMARTSPEC_KV_CACHE_TOKENS"} if sized else set()),
+        "verifier": {"SMARTSPEC_MODEL"} | (verifier_extra if example else set()),
+        "proposer": {"SMARTSPEC_DRAFT"} | ({"SMARTSPEC_KV_CACHE_TOKENS"} if example else set()),
         "controller": set(),
     }
     for component in COMPONENTS:
@@ -245,6 +245,9 @@ def test_llama_fill_job_writes_what_the_overlay_serves():
     # REPO=DIRECTORY for each model; the directories are where the overlay's settings point.
     written = dict(argument.split("=", 1) for argument in container["args"])
     assert set(written.values()) == {LLAMA_TARGET, LLAMA_DRAFT}
+    # The HTTP API answers to the target's Hub id, the one the Job downloads.
+    served_name = real("llama-8b", "verifier")["ok"]["served_model_name"]
+    assert written[served_name] == LLAMA_TARGET
     assert all(repo.rsplit("/", 1)[1] == directory.rsplit("/", 1)[1] for repo, directory in written.items())
     assert all(mount_holding(container, directory) is mount for directory in written.values())
     assert mount["mountPath"] == mount_holding(component_container(served, "verifier"), LLAMA_TARGET)["mountPath"]
