@@ -29,7 +29,7 @@ from runtime import models
 from runtime.models import Placement
 from smartspec.certs import local_ca
 from smartspec.supervise import Supervisor
-from verifier_svc.server import SpeculationConfig, VerifierConfig
+from verifier_svc.server import SpeculationConfig, VerifierConfig, model_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kind.add_argument("--ngram", action="store_true", help="proposers draft by n-gram prompt lookup")
     parser.add_argument("--replicas", type=int, default=1, help="proposer processes")
     parser.add_argument("--port", type=int, default=50051, help="verifier gRPC port")
+    parser.add_argument(
+        "--http-port", type=int, default=8000, help="the verifier's OpenAI-compatible HTTP API (0 = off)"
+    )
     parser.add_argument("--proposer-port", type=int, default=50061, help="first proposer port")
     parser.add_argument("--controller-port", type=int, default=50071, help="controller gRPC port")
     parser.add_argument(
@@ -125,6 +128,7 @@ def commands(args: argparse.Namespace, certs: dict | None = None) -> list[tuple[
             cost_profile=args.cost_profile,
         ),
         server=ServerConfig(port=args.port, metrics_port=args.metrics_port, tls=tls),
+        http_port=args.http_port,
         step_log=args.step_log,
         client=client,
     )
@@ -174,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
         f"smartspec stack up: verifier on 127.0.0.1:{args.port}, controller on 127.0.0.1:{args.controller_port} "
         f"({args.replicas} proposer{'s' if args.replicas > 1 else ''}); Ctrl-C stops it"
     ]
+    if args.http_port:
+        scheme = "https" if certs is not None else "http"
+        lines.append(
+            f"OpenAI-compatible API: {scheme}://127.0.0.1:{args.http_port}/v1 (model {model_name(args.model)})"
+        )
     if certs is not None:
         lines.append(
             f"mTLS on every hop; clients connect with --tls-ca {client.tls_ca} "

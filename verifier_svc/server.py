@@ -162,6 +162,11 @@ class VerifierConfig:
         return EngineConfig(self.cache, self.scheduler, self.speculation.parsed_policy(), self.placement.graph_mode())
 
 
+def model_name(model: str) -> str:
+    """What the HTTP API calls a --model value by default: its file or directory name."""
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+
+
 class Verifier:
     """A running verifier; `drain()` is what SIGTERM triggers."""
 
@@ -240,9 +245,7 @@ class Verifier:
 
     @property
     def served_model_name(self) -> str:
-        if self.config.served_model_name:
-            return self.config.served_model_name
-        return os.path.basename(os.path.normpath(self.config.model)).removesuffix(".gguf")
+        return self.config.served_model_name or model_name(self.config.model)
 
     async def _track_load(self, every_s: float = 0.1) -> None:
         """Readiness follows the waiting queue: NOT_SERVING once it is full (new calls would get

@@ -66,7 +66,7 @@ def test_up_restarts_a_killed_proposer_and_controller_under_load(
                 *(sys.executable, "-m", "smartspec.cli", "up", "--ngram", "--replicas", "2"),
                 *("--port", str(port), "--proposer-port", str(proposer_port)),
                 *("--controller-port", str(controller_port), "--metrics-port", "0", "--policy", "fixed:3"),
-                *("--cost-profile", "none"),  # a fixed policy plans with no cost model: start faster
+                *("--cost-profile", "none", "--http-port", "0"),  # a fixed policy plans with no cost model
             ],
             stdout=out,
             stderr=err,

@@ -73,7 +73,7 @@ def test_greedy_over_http_equals_grpc_and_hugging_face(stack, reference):
 def test_logprobs_equal_the_targets_log_softmax(stack, reference, speculation):
     """Within 1e-4 of Hugging Face's log-softmax for every greedy token, and the same top-5 sets,
     whether the token was an accepted draft or decided by the target alone."""
-    api, _, _ = stack
+    api, stub, _ = stack
     model, tokenizer = reference
     proposed = 0
     for prompt in STACK_PROMPTS[:3]:
@@ -96,6 +96,21 @@ def test_logprobs_equal_the_targets_log_softmax(stack, reference, speculation):
             assert {tokenizer.decode([t]) for t in top.indices.tolist()} == set(lp.top_logprobs[i])
             for t, value in zip(top.indices.tolist(), top.values.tolist()):
                 assert lp.top_logprobs[i][tokenizer.decode([t])] == pytest.approx(value, abs=1e-4)
+        mode = pb.SPECULATION_MODE_FIXED if speculation["mode"] == "fixed" else pb.SPECULATION_MODE_OFF
+        over_grpc = [
+            entry
+            for chunk in stub.Generate(
+                pb.GenerateRequest(
+                    prompt_token_ids={"ids": ids}, max_new_tokens=20, ignore_eos=True, logprobs=5,
+                    speculation={"mode": mode, "k": speculation.get("k", 0)},
+                )
+            )
+            for entry in chunk.logprobs
+        ]  # fmt: skip
+        assert len(over_grpc) == len(generated)
+        for i, entry in enumerate(over_grpc):  # the gRPC door returns the same numbers
+            assert entry.logprob == pytest.approx(lp.token_logprobs[i], abs=1e-6)
+            assert {t.token_id for t in entry.top} == set(expected[i].topk(5).indices.tolist())
     if speculation["mode"] == "fixed":
         assert proposed > 0  # drafts really went through the verifier
 
