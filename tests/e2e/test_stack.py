@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import openai
 import pytest
 from greedy_reference import STACK_PROMPTS, assert_same_greedy, hf_greedy
 
@@ -51,6 +52,8 @@ def test_up_stack_is_lossless(proposer, mtls, unused_tcp_port, smollm2_tokenizer
             "0",
             "--policy",
             "off",
+            "--http-port",
+            str(port + 3),
         ]
     )
     reference = smollm2_pair[1]
@@ -122,6 +125,15 @@ def test_up_stack_is_lossless(proposer, mtls, unused_tcp_port, smollm2_tokenizer
                 time.sleep(0.5)
                 for p, want, (got, _) in zip(ids, expected, pool.map(lambda p: generate(p, 0), ids)):
                     assert_same_greedy(reference, p, got, want)
+            if not mtls:  # the stack's OpenAI-compatible door: the same engine, the same greedy output
+                api = openai.OpenAI(base_url=f"http://127.0.0.1:{port + 3}/v1", api_key="-", max_retries=0)
+                for p in ids[:2]:
+                    out = api.completions.create(
+                        model="smollm2", prompt=p, max_tokens=NEW_TOKENS, temperature=0,
+                        extra_body={"speculation": {"mode": "fixed", "k": 3}},
+                    )  # fmt: skip
+                    via_grpc = generate(p, 3)[0]
+                    assert out.choices[0].text == smollm2_tokenizer.decode(via_grpc, skip_special_tokens=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0
