@@ -272,3 +272,21 @@ def test_bench_drives_both_doors_with_the_same_requests(http_server):
             assert 0 < r["server_timings"]["e2e_ms"] <= r["e2e_ms"]
     tokens = {e: [r["completion_tokens"] for r in result["requests"]] for e, result in runs.items()}
     assert tokens["grpc"] == tokens["openai"]  # greedy: the same completions through either door
+
+
+def test_drain_lets_an_http_stream_finish_and_stops_listening(http_server):
+    """SIGTERM's drain: the port stops taking connections at once, a stream in flight runs to its
+    end within the grace period, then the server stops."""
+    server = http_server()
+    stream = client(server).completions.create(
+        model=MODEL, prompt="a", max_tokens=60, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = iter(stream)
+    next(chunks)
+    drained = server.submit(server.verifier.drain(grace_seconds=30))
+    wait_for(lambda: server.verifier.draining)
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    with pytest.raises(openai.APIConnectionError):  # a new connection finds nothing listening
+        client(server).models.list()
+    drained.result(timeout=30)
