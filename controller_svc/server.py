@@ -7,6 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from controller.demand import ProposerDemand
 from controller.policy import Policy
 from controller.state import ControllerState
 from controller_svc.servicer import ControllerMetrics, ControllerServicer
@@ -34,6 +35,17 @@ class ControllerConfig:
     verifier_idle_s: float = field(
         default=300.0, metadata={"help": "a verifier silent this long is forgotten (its goodput and metric labels)"}
     )
+    proposer_window_s: float = field(
+        default=30.0,
+        metadata={"help": "the sliding window of steps the proposer demand and capacity are measured over, in s"},
+    )
+    proposer_target_utilization: float = field(
+        default=0.7,
+        metadata={"help": "busy fraction of each proposer replica that smartspec_proposer_replicas_wanted aims at"},
+    )
+    min_proposers: int = field(
+        default=1, metadata={"help": "smartspec_proposer_replicas_wanted never asks for fewer (with no demand: this)"}
+    )
     grace_seconds: float = field(
         default=10.0, metadata={"help": "on SIGTERM, how long verifiers' streams may stay before they are cut"}
     )
@@ -58,7 +70,8 @@ class Controller:
     def __init__(self, config: ControllerConfig):
         self.config = config
         self.state = ControllerState(Policy.parse(config.policy))
-        self.metrics = ControllerMetrics()
+        demand = ProposerDemand(config.proposer_window_s, config.proposer_target_utilization, config.min_proposers)
+        self.metrics = ControllerMetrics(demand=demand)
         endpoints = [a.strip() for a in (config.proposers or "").split(",") if a.strip()]
         self.servicer = ControllerServicer(self.state, self.metrics, endpoints)
         self.port = 0

@@ -10,7 +10,10 @@ import time
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from controller.demand import ProposerDemand
 from controller.policy import MAX_K
 from controller.state import ControllerState
 from protocol.controller import MODE_FROM_PB, policy_to_pb, step_from_pb
@@ -20,9 +23,51 @@ from protocol.v1 import controller_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
+class ProposerDemandCollector(Collector):
+    """The proposer fleet's sizing rates (controller/demand.py), computed when scraped so that a
+    window that emptied reads as such. Capacity and replicas-wanted have no sample until they are
+    known: an autoscaler finding none holds the fleet as it is rather than act on a guess."""
+
+    def __init__(self, demand: ProposerDemand, clock=time.monotonic):
+        self.demand, self.clock = demand, clock
+
+    def collect(self):
+        rates = self.demand.rates(self.clock())
+        window = f"over the last {self.demand.window_s:g} s of steps"
+        families = [
+            (
+                "demand",
+                rates.demand_tps,
+                f"Draft tokens per second the verifiers' planners asked for (sum of k), {window}.",
+            ),
+            ("served", rates.served_tps, f"Draft tokens per second the proposers returned, {window}."),
+            (
+                "capacity",
+                rates.capacity_tps,
+                "Draft tokens one proposer replica serves per second of its own drafting time (a replica busy "
+                f"all the time), over the last {self.demand.window_s:g} s of steps that drafted: kept while none do.",
+            ),
+        ]
+        for name, value, text in families:
+            family = GaugeMetricFamily(f"smartspec_proposer_{name}_tokens_per_second", text)
+            if value is not None:
+                family.add_metric([], value)
+            yield family
+        wanted = GaugeMetricFamily(
+            "smartspec_proposer_replicas_wanted",
+            "Proposer replicas for the demand: ceil(demand / (capacity * --proposer-target-utilization)), "
+            "at least --min-proposers.",
+        )
+        if rates.replicas_wanted is not None:
+            wanted.add_metric([], rates.replicas_wanted)
+        yield wanted
+
+
 class ControllerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, demand: ProposerDemand | None = None):
         self.registry = r = registry or CollectorRegistry()
+        self.demand = demand or ProposerDemand()
+        r.register(ProposerDemandCollector(self.demand))
         self.goodput = Gauge(
             "smartspec_goodput_tokens_per_second",
             "Tokens emitted per second of step time over a verifier's recent steps.",
@@ -106,6 +151,7 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     def forget(self, verifier_id: str, reason: str) -> None:
         """Drops what is kept per verifier, its metric labels included."""
+        self.metrics.demand.forget(verifier_id)
         if self.state.forget(verifier_id):
             self.metrics.forgotten.labels(reason).inc()
         with contextlib.suppress(KeyError):  # never labelled, or removed already
@@ -154,7 +200,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                     return str(e)
                 verifier_id = report.verifier_id
                 steps = [step_from_pb(s) for s in report.steps]
-                self.state.ingest(verifier_id, steps, time.monotonic())
+                now = time.monotonic()
+                self.state.ingest(verifier_id, steps, now)
+                self.metrics.demand.observe(verifier_id, steps, now)
                 for step in steps:
                     for k in step.planned_k:
                         self.metrics.chosen_k.observe(k)
