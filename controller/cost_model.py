@@ -21,12 +21,15 @@ step's verify time, and reports the median absolute relative error.
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from controller.step import StepRecord
+from controller.window import RowWindow
 
 TOKEN_KNOTS = (
     *range(1, 18),
@@ -65,6 +68,22 @@ WINDOW_STEPS = 1024  # steps kept for fitting
 HUBER_RELATIVE = 0.05  # steps off the fit by more than this fraction weigh less (Huber)
 HUBER_ITERATIONS = 3  # reweightings after the least-squares fit, where the Huber fit is asked for
 ERROR_WINDOW = 256  # steps the prediction error is reported over
+_KNOTS = np.asarray(TOKEN_KNOTS, dtype=np.float64)
+
+
+def _curvature_rows(x: np.ndarray) -> np.ndarray:
+    """Slope changes between neighbouring knots (m - 2 rows over the m knots and the two extra
+    columns), relative to the knot's size so that small and large knots weigh alike."""
+    m = len(x)
+    curv = np.zeros((m - 2, m + 2))
+    for i in range(m - 2):
+        left, right = x[i + 1] - x[i], x[i + 2] - x[i + 1]
+        curv[i, i], curv[i, i + 1], curv[i, i + 2] = 1 / left, -(1 / left + 1 / right), 1 / right
+        curv[i] *= x[i + 1]
+    return curv
+
+
+_CURVATURE = _curvature_rows(_KNOTS)  # fixed by the knots: built once
 
 
 @dataclass(frozen=True)
@@ -82,11 +101,38 @@ class CostParams:
 
     def verify_ms(self, batch_size: int, tokens, kv_tokens) -> np.ndarray:
         """Predicted target step time; `tokens` and `kv_tokens` broadcast (arrays allowed)."""
-        f = np.interp(tokens, TOKEN_KNOTS, self.verify_ms_at_knots)
+        f = np.interp(tokens, _KNOTS, self._knot_ms)
         ms = f + self.verify_ms_per_request * batch_size + self.verify_ms_per_kv_token * np.asarray(kv_tokens)
         # A young fit from a few steps at one shape can reach zero elsewhere; no step is free,
         # and tokens per millisecond must stay finite.
         return np.maximum(ms, MIN_STEP_MS)
+
+    @functools.cached_property
+    def _knot_ms(self) -> np.ndarray:  # what np.interp would convert the knots to on every call
+        return np.asarray(self.verify_ms_at_knots, dtype=np.float64)
+
+    @functools.cached_property
+    def _knot_table(self) -> tuple[list[float], list[float], list[float]]:
+        """The knots, f there and the slope after each, as floats for `verify_ms_at`."""
+        xs, ys = list(TOKEN_KNOTS), [float(v) for v in self.verify_ms_at_knots]
+        return xs, ys, [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(xs) - 1)]
+
+    def verify_ms_at(self, batch_size: int, tokens: int, kv_tokens: int) -> float:
+        """`verify_ms` of one step shape, to the last bit (np.interp's arithmetic), without an array
+        call's fixed cost: the engine and the simulator ask it every step."""
+        xs, ys, slopes = self._knot_table
+        if tokens <= xs[0]:
+            f = ys[0]
+        elif tokens >= xs[-1]:
+            f = ys[-1]
+        else:
+            j = bisect.bisect_right(xs, tokens) - 1
+            f = ys[j] if xs[j] == tokens else slopes[j] * (tokens - xs[j]) + ys[j]
+            if f != f:  # NaN one way (an infinite knot): np.interp tries the other
+                f = slopes[j] * (tokens - xs[j + 1]) + ys[j + 1]
+                f = ys[j] if f != f and ys[j] == ys[j + 1] else f
+        ms = f + self.verify_ms_per_request * batch_size + self.verify_ms_per_kv_token * kv_tokens
+        return max(ms, MIN_STEP_MS)  # as np.maximum: a NaN stays NaN
 
     def propose_ms(self, max_k, sum_k) -> np.ndarray:
         """Proposal time for drafts of depth max_k and sum_k tokens in all (0 when nothing is drafted)."""
@@ -109,21 +155,20 @@ class CostModelFitter:
     huber_iterations: int = 0
 
     def __post_init__(self):
-        self._verify: deque[StepRecord] = deque(maxlen=WINDOW_STEPS)
-        self._propose: deque[StepRecord] = deque(maxlen=WINDOW_STEPS)
+        # The window's numbers, not its records: a refit reads them as arrays.
+        self._verify = RowWindow(WINDOW_STEPS, 4)  # (batched tokens, verify ms, batch size, KV tokens)
+        self._propose = RowWindow(WINDOW_STEPS, 4)  # (propose ms, draft steps, draft tokens, draft ms)
         self._errors: deque[float] = deque(maxlen=ERROR_WINDOW)
+        self._a, self._b, self._system_prior = np.empty((0, 0)), np.empty(0), None  # see `_system`
         self._since_fit = 0
         self._seen = 0
         self.params = self.prior
 
     def observe(self, step: StepRecord) -> None:
-        if step.verify_ms > 0:
-            predicted = float(self.params.verify_ms(step.batch_size, step.num_batched_tokens, step.num_kv_tokens))
-            if self.params.num_steps:
-                self._errors.append(abs(predicted - step.verify_ms) / step.verify_ms)
-            self._verify.append(step)
-        if step.draft_steps > 0 and step.propose_ms > 0:
-            self._propose.append(step)
+        if step.verify_ms > 0 and self.params.num_steps:
+            predicted = self.params.verify_ms_at(step.batch_size, step.num_batched_tokens, step.num_kv_tokens)
+            self._errors.append(abs(predicted - step.verify_ms) / step.verify_ms)
+        self._keep(step)
         self._seen += 1
         self._since_fit += 1
         # Refit at once while the model is young, then every refit_every steps.
@@ -137,11 +182,14 @@ class CostModelFitter:
     def seed(self, steps: list[StepRecord]) -> CostParams:
         """Steps measured before serving (a profile or a calibration): fitted, not scored."""
         for step in steps:
-            if step.verify_ms > 0:
-                self._verify.append(step)
-            if step.draft_steps > 0 and step.propose_ms > 0:
-                self._propose.append(step)
+            self._keep(step)
         return self.refit()
+
+    def _keep(self, step: StepRecord) -> None:
+        if step.verify_ms > 0:
+            self._verify.append((step.num_batched_tokens, step.verify_ms, step.batch_size, step.num_kv_tokens))
+        if step.draft_steps > 0 and step.propose_ms > 0:
+            self._propose.append((step.propose_ms, step.draft_steps, step.draft_tokens, step.draft_ms))
 
     def relative_error(self) -> float:
         """Median absolute relative error of verify-time predictions over recent steps."""
@@ -160,43 +208,33 @@ class CostModelFitter:
         return self.params
 
     def _fit_verify(self) -> tuple[np.ndarray, float, float]:
-        table = np.array(
-            [(r.num_batched_tokens, r.verify_ms, r.batch_size, r.num_kv_tokens) for r in self._verify],
-            dtype=np.float64,
-        )
+        table = self._verify.rows()
         tokens, y, batch, kv = table.T
-        rows = range(len(table))
-        x = np.asarray(TOKEN_KNOTS, dtype=np.float64)
-        m = len(x)
+        n, m, x = len(table), len(_KNOTS), _KNOTS
+        # The system's rows: the steps, then the curvature and prior rows (`_system`).
+        a, b = self._system(n)
         # Hat basis: each step's f(N_tok) interpolates its two neighbouring knots.
-        hat = np.zeros((len(rows), m))
+        hat = a[:n, :m]
+        hat[:] = 0.0
         j = np.clip(np.searchsorted(x, tokens, side="right") - 1, 0, m - 2)
         w = np.clip((tokens - x[j]) / (x[j + 1] - x[j]), 0.0, 1.0)
-        hat[np.arange(len(rows)), j] = 1 - w
-        hat[np.arange(len(rows)), j + 1] = w
+        hat[np.arange(n), j] = 1 - w
+        hat[np.arange(n), j + 1] = w
         extra = np.stack([batch, kv], axis=1)
         scale = np.maximum(extra.max(axis=0), 1.0)
-        design = np.hstack([hat, extra / scale])
+        a[:n, m:] = extra / scale
+        b[:n] = y
         # Curvature rows: slope changes between knots cost CURVATURE_PENALTY (in ms per token).
-        curv = np.zeros((m - 2, m + 2))
-        for i in range(m - 2):
-            left, right = x[i + 1] - x[i], x[i + 2] - x[i + 1]
-            curv[i, i], curv[i, i + 1], curv[i, i + 2] = 1 / left, -(1 / left + 1 / right), 1 / right
-            curv[i] *= x[i + 1]  # relative slope change, so small and large knots weigh alike
         # The straight-line prior yields where steps were seen: a cliff in the kernels
         # (a change of kernel or blocking at some row count) must stay a cliff, not be smoothed over.
         counts = hat.sum(axis=0)  # steps seen at each knot, split by interpolation weight
-        curv /= 1.0 + counts[1:-1, None]
-        prior = np.maximum(np.asarray(self.prior.verify_ms_at_knots), 1e-3)
-        pull = np.hstack([np.diag(PRIOR_WEIGHT / prior), np.zeros((m, 2))])  # relative: big knots weigh alike
-        a = np.vstack([design, CURVATURE_PENALTY * curv, pull])
-        b = np.concatenate([y, np.zeros(m - 2), np.full(m, PRIOR_WEIGHT)])
+        a[n : n + m - 2] = CURVATURE_PENALTY * (_CURVATURE / (1.0 + counts[1:-1, None]))
         # Noise on shared cores is one-sided (a step is slowed, never sped up), and least
         # squares follows the slow outliers above the typical step. Huber reweightings (when
         # asked for), from the residuals of the fit before, cap their pull. Steps within
         # HUBER_RELATIVE of the fit keep full weight, so the balance with the penalty rows
         # (and a cliff between knots) stays as it was.
-        n = len(rows)
+        design = a[:n].copy() if self.huber_iterations else a[:n]
         coef = _solve_knots(a, b, m)
         for _ in range(self.huber_iterations):
             relative = np.abs(design @ coef - y) / y
@@ -206,6 +244,19 @@ class CostModelFitter:
         knots = _rising(np.maximum(coef[:m], 0.0), counts + 1e-3)
         per_request, per_kv = coef[m:] / scale
         return knots, float(per_request), float(per_kv)
+
+    def _system(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The fit's least-squares system for n steps, kept between refits: n step rows, m - 2
+        curvature rows, m rows pulling each knot toward the prior (relative, so that big knots
+        weigh alike). What does not depend on the steps is written when the buffers are made."""
+        m = len(TOKEN_KNOTS)
+        if len(self._b) != n + 2 * m - 2 or self._system_prior is not self.prior:
+            prior = np.maximum(np.asarray(self.prior.verify_ms_at_knots), 1e-3)
+            pull = np.hstack([np.diag(PRIOR_WEIGHT / prior), np.zeros((m, 2))])
+            self._a = np.vstack([np.empty((n + m - 2, m + 2)), pull])
+            self._b = np.concatenate([np.empty(n), np.zeros(m - 2), np.full(m, PRIOR_WEIGHT)])
+            self._system_prior = self.prior
+        return self._a, self._b
 
     def _fit_propose(self) -> tuple[float, float, float]:
         """propose_ms = rtt + draft_step * max k + per_token * sum k.
@@ -217,7 +268,7 @@ class CostModelFitter:
         beyond that, timeouts included: a proposer that times out under load
         costs its deadline, and the fit must see that.
         """
-        table = np.array([(r.propose_ms, r.draft_steps, r.draft_tokens, r.draft_ms) for r in self._propose])
+        table = self._propose.rows()
         waited, a, drafted = table[:, 0], table[:, 1:3], table[:, 3]
         reported = drafted > 0
         if reported.any():
@@ -246,8 +297,11 @@ def _solve_knots(a: np.ndarray, b: np.ndarray, m: int) -> np.ndarray:
 
 def _rising(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The closest non-decreasing sequence in weighted least squares (pool adjacent violators)."""
+    alone = values * weights / weights  # each knot's own block, as the pooling below computes it
+    if not (alone[:-1] > alone[1:]).any():  # nothing to pool (the usual case)
+        return alone
     blocks: list[list[float]] = []  # [weighted sum, weight, count]
-    for v, w in zip(values, weights):
+    for v, w in zip(values.tolist(), weights.tolist()):
         blocks.append([v * w, w, 1])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
             s, w2, n = blocks.pop()

@@ -239,3 +239,42 @@ def test_shared_gpu_profile_loads_per_model():
     assert samples and all(s.verify_ms > 0 for s in samples)
     with pytest.raises(ValueError, match="no model"):
         load_profile(f"{path}#nope")
+
+
+def test_verify_ms_at_is_verify_ms_to_the_bit():
+    """The one-shape path the engine and the simulator call every step gives what the array
+    path gives, bit for bit: on knots, between them, outside the table, for fitted and prior models."""
+    rng = np.random.default_rng(5)
+    fitter = CostModelFitter()
+    for s in live_steps(rng, gpu_like, 300):
+        fitter.observe(s)
+    models = [fitter.refit(), linear_prior(20.0, 40.0), CostParams(tuple(rng.uniform(0, 50, len(TOKEN_KNOTS))), 0.3)]
+    shapes = [(b, t, kv) for b in (1, 7, 64) for t in (0, 1, 2, 17, 18, 19, 100, 8191, 8192, 9000) for kv in (0, 5000)]
+    shapes += [(int(b), int(t), int(kv)) for b, t, kv in rng.integers(1, [64, 10_000, 200_000], size=(500, 3))]
+    for p in models:
+        for b, t, kv in shapes:
+            assert p.verify_ms_at(b, t, kv) == float(p.verify_ms(b, t, kv)), (p, b, t, kv)
+
+
+def test_the_fit_is_the_window_it_keeps():
+    """Steps beyond the window leave no trace: a fitter that saw 2.5 windows of steps fits what
+    a fresh one seeded with the last window alone fits, to the bit (the window's buffer wraps twice)."""
+    from controller.cost_model import WINDOW_STEPS
+
+    rng = np.random.default_rng(6)
+    rows = []
+    for s in live_steps(rng, gpu_like, WINDOW_STEPS * 5 // 2):
+        ks = rng.integers(1, 6, s.batch_size)  # every step drafts, so both windows hold the same steps
+        draft = 2.0 * ks.max() + 0.1 * ks.sum()
+        rows.append(step(s.batch_size, s.num_batched_tokens, s.num_kv_tokens, s.verify_ms, ks, draft + 1.0, draft))
+    seen = CostModelFitter()
+    for r in rows:
+        seen.observe(r)
+    a, b = seen.refit(), CostModelFitter().seed(rows[-WINDOW_STEPS:])
+    assert a.verify_ms_at_knots == b.verify_ms_at_knots
+    assert (a.verify_ms_per_request, a.verify_ms_per_kv_token) == (b.verify_ms_per_request, b.verify_ms_per_kv_token)
+    assert (a.draft_step_ms, a.draft_ms_per_token, a.proposer_rtt_ms) == (
+        b.draft_step_ms,
+        b.draft_ms_per_token,
+        b.proposer_rtt_ms,
+    )
