@@ -78,26 +78,27 @@ def plan(
     if uniform:
         return _plan_uniform(gains, allowed, caps, cost, batch, base)
     flat_gain = gains[allowed]
-    flat_depth = np.broadcast_to(depth, gains.shape)[allowed]
-    order = np.argsort(-flat_gain, kind="stable")
-    flat_gain, flat_depth = flat_gain[order], flat_depth[order]
+    if not flat_gain.size:
+        return np.zeros(n, dtype=np.int64)
+    owners, position = np.nonzero(allowed)  # row-major, as gains[allowed]; position = depth - 1
+    order = (-flat_gain).argsort(kind="stable")
+    flat_gain, position, owners = flat_gain[order], position[order], owners[order]
     # Row m-1: the marginals usable at depth m, in descending order (others contribute 0).
-    usable = flat_depth[None, :] <= depth[:, None]  # [k_max, n_allowed]
-    tokens = np.cumsum(np.where(usable, flat_gain[None, :], 0.0), axis=1)
-    spent = np.cumsum(usable, axis=1)
-    t = cost.verify_ms(batch.batch_size, batch.base_tokens + spent, batch.kv_tokens + spent) + cost.propose_ms(
-        np.broadcast_to(depth[:, None], spent.shape), spent
-    )
-    g = np.where(usable, (base + tokens) / t, -np.inf)
-    ks = np.zeros(n, dtype=np.int64)
-    off_ms = float(cost.verify_ms(batch.batch_size, batch.base_tokens, batch.kv_tokens))
-    if g.size == 0 or g.max() <= base / off_ms:
-        return ks
-    m, s = np.unravel_index(int(np.argmax(g)), g.shape)
-    chosen = np.flatnonzero(usable[m, : s + 1])  # the marginals summed into tokens[m, s]
-    owners = np.broadcast_to(np.arange(n)[:, None], gains.shape)[allowed][order]
-    np.add.at(ks, owners[chosen], 1)
-    return ks
+    usable = position[None, :] < depth[:, None]  # [k_max, n_allowed]
+    tokens = np.where(usable, flat_gain[None, :], 0.0).cumsum(axis=1)
+    spent = usable.cumsum(axis=1)
+    # T(m, S) = verify(S) + propose(m, S): verify depends on S alone, so it is evaluated once
+    # per S (entries where spent is 0 are unusable, and masked below).
+    count = np.arange(1, len(flat_gain) + 1)
+    verify = cost.verify_ms(batch.batch_size, batch.base_tokens + count, batch.kv_tokens + count)
+    draft = (cost.proposer_rtt_ms + cost.draft_step_ms * depth)[:, None] + cost.draft_ms_per_token * spent
+    g = np.where(usable, (base + tokens) / (verify[spent - 1] + draft), -np.inf)
+    best = int(g.argmax())  # the first maximum, as g.max() would find it
+    off_ms = cost.verify_ms_at(batch.batch_size, batch.base_tokens, batch.kv_tokens)
+    if g.flat[best] <= base / off_ms:
+        return np.zeros(n, dtype=np.int64)
+    m, s = divmod(best, g.shape[1])
+    return np.bincount(owners[: s + 1][usable[m, : s + 1]], minlength=n)  # the marginals summed into tokens[m, s]
 
 
 def _plan_uniform(gains, allowed, caps, cost, batch, base) -> np.ndarray:

@@ -81,3 +81,46 @@ def test_empty_and_disabled():
     cost = CostParams(tuple(1.0 for _ in TOKEN_KNOTS))
     assert plan(np.array([]), np.array([]), cost, Batch(0, 0, 0), 8).tolist() == []
     assert plan(np.array([0.9]), np.array([8]), cost, Batch(1, 1, 1), 0).tolist() == [0]
+
+
+def grid_plan(rates, caps, cost, batch, k_max, other_tokens=0.0):
+    """The search written out over the whole (depth, spent) grid, each step time from
+    `verify_ms` and `propose_ms` on the grid: what `plan` must choose, tie for tie."""
+    n = len(rates)
+    rates, caps = np.clip(rates, 0.0, 1.0), np.minimum(caps, k_max)
+    depth = np.arange(1, k_max + 1)
+    gains = rates[:, None] ** depth[None, :]
+    allowed = depth[None, :] <= caps[:, None]
+    base = other_tokens + n
+    flat_gain, flat_depth = gains[allowed], np.broadcast_to(depth, gains.shape)[allowed]
+    order = np.argsort(-flat_gain, kind="stable")
+    flat_gain, flat_depth = flat_gain[order], flat_depth[order]
+    usable = flat_depth[None, :] <= depth[:, None]
+    tokens = np.cumsum(np.where(usable, flat_gain[None, :], 0.0), axis=1)
+    spent = np.cumsum(usable, axis=1)
+    t = cost.verify_ms(batch.batch_size, batch.base_tokens + spent, batch.kv_tokens + spent) + cost.propose_ms(
+        np.broadcast_to(depth[:, None], spent.shape), spent
+    )
+    g = np.where(usable, (base + tokens) / t, -np.inf)
+    ks = np.zeros(n, dtype=np.int64)
+    if g.size == 0 or g.max() <= base / float(cost.verify_ms(batch.batch_size, batch.base_tokens, batch.kv_tokens)):
+        return ks
+    m, s = np.unravel_index(int(np.argmax(g)), g.shape)
+    owners = np.broadcast_to(np.arange(n)[:, None], gains.shape)[allowed][order]
+    np.add.at(ks, owners[np.flatnonzero(usable[m, : s + 1])], 1)
+    return ks
+
+
+def test_the_search_chooses_what_the_full_grid_chooses():
+    """`plan` evaluates each step time once per number of drafts instead of over the whole grid:
+    the same k for every request, including ties (repeated rates, rates of 0 and 1, flat costs)."""
+    rng = np.random.default_rng(1)
+    for trial in range(600):
+        n, k_max = int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        cost = random_cost(rng) if trial % 3 else CostParams(tuple(30.0 for _ in TOKEN_KNOTS), proposer_rtt_ms=0.5)
+        rates = rng.choice([0.0, 0.5, 0.7, 1.0], n) if trial % 4 == 0 else rng.beta(7, 3, n)
+        caps = rng.integers(0, k_max + 1, n)
+        batch = Batch(n + int(rng.integers(0, 4)), n + int(rng.integers(0, 300)), int(rng.integers(10, 20000)))
+        other = float(rng.integers(0, 3))
+        expected = grid_plan(rates, caps, cost, batch, k_max, other)
+        assert plan(rates, caps, cost, batch, k_max, other_tokens=other).tolist() == expected.tolist()
