@@ -47,6 +47,8 @@ class _History:
         self._cum: list[tuple[float, float]] = [(0.0, 0.0)]  # (accepted, tested) totals after each step
 
     def faded(self) -> tuple[float, float]:
+        if not self.idle_steps:  # a factor of 1 changes nothing
+            return self.accepted, self.tested
         f = IDLE_DECAY**self.idle_steps
         return self.accepted * f, self.tested * f
 
@@ -56,10 +58,11 @@ class _History:
             self.idle_steps = 0
         self.accepted += accepted
         self.tested += tested
-        self._cum.append((self.accepted, self.tested))
-        if len(self._cum) > 2 * SPLITS[-1]:
-            del self._cum[: SPLITS[-1]]
-        split = self._change_point()
+        cum = self._cum
+        cum.append((self.accepted, self.tested))
+        if len(cum) > 2 * SPLITS[-1]:
+            del cum[: SPLITS[-1]]
+        split = self._change_point() if len(cum) > SPLITS[0] and self.tested >= 2 * MIN_TRIALS else 0
         if split:
             base_a, base_t = self._cum[-1 - split]
             self.accepted -= base_a
@@ -72,22 +75,24 @@ class _History:
         self._cum = [(a * factor, t * factor) for a, t in self._cum]
 
     def _change_point(self) -> int:
-        """Steps back to the most significant change, or 0 when the history is one rate."""
+        """Steps back to the most significant change, or 0 when the history is one rate; for a
+        history longer than the shortest split with 2 * MIN_TRIALS trials (`add` checks)."""
         cum = self._cum
-        if len(cum) <= SPLITS[0] or self.tested < 2 * MIN_TRIALS:
-            return 0
+        n = len(cum)
         best, best_z = 0, CHANGE_Z
         total_a, total_t = self.accepted, self.tested
         pooled = min(max(total_a / total_t, 0.02), 0.98)
         spread = pooled * (1 - pooled)
+        sqrt = math.sqrt
         for split in SPLITS:
-            if split >= len(cum):
+            if split >= n:
                 break
             base_a, base_t = cum[-1 - split]
-            recent_a, recent_t = total_a - base_a, total_t - base_t
+            recent_t = total_t - base_t
             if recent_t < MIN_TRIALS or base_t < MIN_TRIALS:
                 continue
-            z = abs(recent_a / recent_t - base_a / base_t) / math.sqrt(spread * (1 / recent_t + 1 / base_t))
+            recent_a = total_a - base_a
+            z = abs(recent_a / recent_t - base_a / base_t) / sqrt(spread * (1 / recent_t + 1 / base_t))
             if z > best_z:
                 best, best_z = split, z
         return best
@@ -120,18 +125,24 @@ class AcceptanceEstimator:
 
     def observe(self, request_id: str | None, proposed: int, accepted: int) -> None:
         """One request's draft outcome in a step; request_id None feeds the global prior only."""
-        tested = num_tested(proposed, accepted)
-        if tested == 0:
-            return
-        g = self._global
-        g.accepted = g.accepted * self._prior_decay**tested + accepted
-        g.tested = g.tested * self._prior_decay**tested + tested
-        if request_id is None:
-            return
-        history = self._requests.get(request_id)
-        if history is None:
-            self._requests[request_id] = history = _History()
-        history.add(accepted, tested)
+        self.observe_all(((request_id, proposed, accepted),))
+
+    def observe_all(self, drafts) -> None:
+        """`observe` for each (request id, proposed, accepted) in turn: a step's drafts at once."""
+        g, decay, requests = self._global, self._prior_decay, self._requests
+        for request_id, proposed, accepted in drafts:
+            tested = accepted + 1 if accepted < proposed else accepted  # num_tested
+            if tested == 0:
+                continue
+            d = decay**tested
+            g.accepted = g.accepted * d + accepted
+            g.tested = g.tested * d + tested
+            if request_id is None:
+                continue
+            history = requests.get(request_id)
+            if history is None:
+                requests[request_id] = history = _History()
+            history.add(accepted, tested)
 
     def idle(self, request_id: str) -> None:
         """A step in which the request drafted nothing."""
@@ -146,14 +157,17 @@ class AcceptanceEstimator:
         return (accepted + w * self.prior) / (tested + w)
 
     def rates(self, request_ids: list[str]) -> np.ndarray:
-        prior, w = self.prior, self.prior_weight
-        out = np.full(len(request_ids), prior)
-        for i, request_id in enumerate(request_ids):
-            history = self._requests.get(request_id)
-            if history is not None:
+        prior, w, requests = self.prior, self.prior_weight, self._requests
+        weighted = w * prior
+        out = []
+        for request_id in request_ids:
+            history = requests.get(request_id)
+            if history is None:
+                out.append(prior)
+            else:
                 accepted, tested = history.faded()
-                out[i] = (accepted + w * prior) / (tested + w)
-        return out
+                out.append((accepted + weighted) / (tested + w))
+        return np.array(out, dtype=np.float64)
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)

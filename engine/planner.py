@@ -64,8 +64,11 @@ class SpecPlanner:
         policy = self.policy
         ks = [0] * len(items)
         auto, other_tokens, forced = [], 0.0, 0
+        new_tokens = kv_tokens = 0
         for i, item in enumerate(items):
             seq = item.seq
+            new_tokens += item.num_new
+            kv_tokens += seq.num_computed + item.num_new
             room = draft_room(item)
             own = seq.policy or policy
             if own.mode == Mode.OFF or room <= 0:
@@ -76,32 +79,26 @@ class SpecPlanner:
                     forced += ks[i]
                     other_tokens += float(expected_tokens(self.acceptance.rate(seq.request_id), ks[i]))
             else:
-                auto.append((i, min(seq.draft_cap, room)))
+                auto.append((i, min(seq.draft_cap, room), seq.request_id))
         if auto:
-            ids = [items[i].seq.request_id for i, _ in auto]
-            batch = Batch(
-                len(items),
-                sum(it.num_new for it in items) + forced,
-                sum(it.seq.num_computed + it.num_new for it in items),
-            )
+            ids = [request_id for _, _, request_id in auto]
             chosen = plan_goodput(
                 self.acceptance.rates(ids),
-                np.array([c for _, c in auto]),
+                np.array([cap for _, cap, _ in auto]),
                 self.cost,
-                batch,
+                Batch(len(items), new_tokens + forced, kv_tokens),
                 policy.k_max,
                 uniform=policy.mode == Mode.UNIFORM,
                 other_tokens=other_tokens,
             )
-            for (i, cap), k, request_id in zip(auto, chosen, ids):
-                ks[i] = int(k)
+            for (i, cap, request_id), k in zip(auto, chosen.tolist()):
+                ks[i] = k
                 if k == 0 and cap > 0:
                     self.acceptance.idle(request_id)
         return ks
 
     def observe(self, step: StepRecord) -> None:
-        for request_id, proposed, accepted in step.drafts:
-            self.acceptance.observe(request_id, proposed, accepted)
+        self.acceptance.observe_all(step.drafts)
         self.fitter.observe(step)
 
     def release(self, request_id: str) -> None:

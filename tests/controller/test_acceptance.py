@@ -94,3 +94,30 @@ def test_release_forgets_the_request():
     est.release("r")
     assert len(est) == 0
     assert est.rate("r") == pytest.approx(est.prior)
+
+
+def test_a_steps_drafts_at_once_are_each_observed_in_turn():
+    """`observe_all` (what the planner calls with a step's drafts) learns exactly what one
+    `observe` per draft learns, change points, idle fading and the global prior included."""
+    rng = np.random.default_rng(9)
+    one, batch = AcceptanceEstimator(), AcceptanceEstimator()
+    ids = [f"r{i}" for i in range(6)]
+    rates = dict(zip(ids, rng.uniform(0.1, 0.95, len(ids))))
+    for step in range(400):
+        if step == 200:
+            rates["r0"], rates["r1"] = 0.05, 0.99  # changes the split tests must find
+        drafts = []
+        for request in ids:
+            if rng.random() < 0.1:
+                one.idle(request)
+                batch.idle(request)
+            else:
+                k = int(rng.integers(1, 9))
+                drafts.append((request, k, geometric_draft(rng, rates[request], k)))
+        drafts.append((None, 3, 1))
+        for d in drafts:
+            one.observe(*d)
+        batch.observe_all(drafts)
+        assert one.rates(ids).tolist() == batch.rates(ids).tolist()
+        assert one.prior == batch.prior
+    assert one.rate("r0") < 0.3 and one.rate("r1") > 0.8  # the changes were found, so both paths ran them
