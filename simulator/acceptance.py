@@ -18,6 +18,7 @@ Draws come from the simulation's seeded generator, so a run is reproducible.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,10 +36,14 @@ class RequestProcess:
             rate = self.rates[0]
             if rate <= 0.0 or rate >= 1.0:
                 return k if rate >= 1.0 else 0
-            return min(k, int(math.log(1.0 - rng.random()) / math.log(rate)))
+            return min(k, int(math.log(1.0 - rng.random()) / self._log_rate))
         rates = self.rates[:k] if len(self.rates) >= k else self.rates + self.rates[-1:] * (k - len(self.rates))
         kept = rng.random(k) < np.asarray(rates)
         return int(k if kept.all() else kept.argmin())
+
+    @functools.cached_property
+    def _log_rate(self) -> float:  # asked at every verification of the request's drafts
+        return math.log(self.rates[0])
 
 
 @dataclass(frozen=True)

@@ -46,18 +46,20 @@ class SimExecutor:
 
     def execute(self, sched: SchedulerOutput) -> tuple[list[Verified | None], float]:
         items = sched.items
-        tokens = sum(it.num_new + (len(it.draft.token_ids) if it.draft else 0) for it in items)
-        kv = sum(it.seq.num_computed + it.num_new for it in items)
-        self.clock.advance_ms(float(self.cost.verify_ms(len(items), tokens, kv)))
-        self.num_steps += 1
+        tokens = kv = 0
         results: list[Verified | None] = []
+        processes, rng = self.processes, self.rng
         for it in items:
+            k = len(it.draft.token_ids) if it.draft else 0
+            tokens += it.num_new + k
+            kv += it.seq.num_computed + it.num_new
             if not it.sample:
                 results.append(None)  # a prefill chunk
                 continue
-            k = len(it.draft.token_ids) if it.draft else 0
-            accepted = self.processes[it.seq.request_id].accepted(self.rng, k) if k else 0
+            accepted = processes[it.seq.request_id].accepted(rng, k) if k else 0
             results.append(Verified([TOKEN] * (accepted + 1), accepted))
+        self.clock.advance_ms(float(self.cost.verify_ms_at(len(items), tokens, kv)))
+        self.num_steps += 1
         return results, 0.0
 
 
@@ -133,9 +135,12 @@ class ProposerPool:
     def propose(self, now: float, requests: list[DraftRequest], verifier: int = 0):
         """Per request whether drafts came back; the verifier's wait (ms); the slowest draft time (ms)."""
         groups: dict[int, list[int]] = {}
-        for i, r in enumerate(requests):
-            key = r.request_id if self.pin == "request" else f"verifier-{verifier}"
-            groups.setdefault(self.replica_for(key, now), []).append(i)
+        if self.replicas == 1 and requests:  # one replica: nothing to choose
+            groups[0] = list(range(len(requests)))
+        elif self.replicas > 1:
+            for i, r in enumerate(requests):
+                key = r.request_id if self.pin == "request" else f"verifier-{verifier}"
+                groups.setdefault(self.replica_for(key, now), []).append(i)
         served = [False] * len(requests)
         wait = draft = 0.0
         for replica, idxs in groups.items():
@@ -179,14 +184,18 @@ class SimProposer:
     async def propose(self, requests: list[DraftRequest]) -> Proposal:
         served, wait_ms, draft_ms = self.pool.propose(self.clock.now, requests, self.verifier)
         self.clock.advance_ms(wait_ms)
-        drafts = [self._draft(r) if ok else None for r, ok in zip(requests, served)]
+        drafts: list[Draft | None] = []
+        processes = self.processes
+        for r, ok in zip(requests, served):
+            if not ok:
+                drafts.append(None)
+                continue
+            process = processes.get(r.request_id)
+            if process is not None and len(r.token_ids) in process.no_match:
+                drafts.append(Draft([]))  # no match: the engine asks for at most one token next step
+            else:
+                drafts.append(Draft([TOKEN] * r.k))
         return Proposal(drafts, draft_ms=draft_ms, failures=0 if all(served) else 1)
-
-    def _draft(self, request: DraftRequest) -> Draft:
-        process = self.processes.get(request.request_id)
-        if process is not None and len(request.token_ids) in process.no_match:
-            return Draft([])  # no match: the engine asks for at most one token next step
-        return Draft([TOKEN] * request.k)
 
     def release(self, request_ids: list[str]) -> None:
         pass

@@ -99,7 +99,7 @@ class PaperController(PeerPlanner):
         rates = []
         for k in range(self.k_max + 1):
             emitted = len(items) - decoding + decoding * float(expected_tokens(self.rate, k))
-            ms = float(cost.verify_ms(len(items), tokens + decoding * k, kv + decoding * k))
+            ms = cost.verify_ms_at(len(items), tokens + decoding * k, kv + decoding * k)
             ms += float(cost.propose_ms(k, decoding * k)) if k else 0.0
             rates.append(emitted / ms)
         best = int(np.argmax(rates[1:])) + 1 if self.k_max else 0

@@ -208,8 +208,8 @@ def _count(v: SimVerifier) -> None:
     v.steps += 1
     record = v.engine.last_step
     if record is not None:
-        v.drafting += sum(1 for k in record.planned_k if k)
-        v.planned += sum(record.planned_k)
+        v.drafting += len(record.planned_k) - record.planned_k.count(0)
+        v.planned += record.draft_tokens
         v.draft_ms += record.draft_ms
 
 
