@@ -64,10 +64,13 @@ class ProposerDemandCollector(Collector):
 
 
 class ControllerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, demand: ProposerDemand | None = None):
+    def __init__(
+        self, registry: CollectorRegistry | None = None, demand: ProposerDemand | None = None, clock=time.monotonic
+    ):
+        """`clock`: the time the proposer rates are read at, on the clock reports are stamped with."""
         self.registry = r = registry or CollectorRegistry()
         self.demand = demand or ProposerDemand()
-        r.register(ProposerDemandCollector(self.demand))
+        r.register(ProposerDemandCollector(self.demand, clock))
         self.goodput = Gauge(
             "smartspec_goodput_tokens_per_second",
             "Tokens emitted per second of step time over a verifier's recent steps.",
