@@ -12,7 +12,7 @@ sliding window of wall-clock time (`window_s`, 30 s by default) and the replica 
 - served: draft tokens the proposers returned per second, over the same steps (cheap, and the
   gap to demand shows drafts lost to timeouts and to proposers that found nothing to propose).
 - capacity: draft tokens ONE proposer replica serves per second of drafting: the tokens proposed
-  in steps that reported a drafting time, divided by the sum of those times (draft_ms, the
+  in steps that reported a drafting time, divided by the sum of those times (draft_busy_ms, the
   proposer's own time for the exchange, without the network or queueing), over the steps that
   ended within `window_s` of the latest such step. That is the rate of a replica busy 100% of
   the time, at the exchange sizes the window saw.
@@ -25,12 +25,10 @@ sliding window of wall-clock time (`window_s`, 30 s by default) and the replica 
       exchange's time counts once, so their times add up as the replica's busy time does; no
       batching across verifiers is assumed (none happens).
     * One step's requests spread over several replicas (verifiers pin each request to a replica
-      by rendezvous hashing): the step reports the slowest replica's time, so its tokens are
-      counted against one replica's time though several drafted them in parallel. The part of
-      drafting time that grows with tokens is then overstated up to the number of replicas the
-      step reached (the lockstep part is not: one replica would draft all of them in about the
-      same steps). Capacity is exact with one replica, and an overestimate, so fewer replicas
-      are asked for, as the step's requests spread over more of them.
+      by rendezvous hashing): the step reports the replicas' drafting times summed
+      (draft_busy_ms), so tokens drafted in parallel are counted against the time each replica
+      spent. A step from a verifier that reports only the slowest replica's time (draft_ms)
+      is counted with that, which overstates capacity when its requests spread over replicas.
   Its window ends at the latest drafting, not now: while nothing is drafted (speculation turned
   off) capacity keeps the value of the last full window of drafting, as the replicas did not get
   slower meanwhile, instead of thinning out to the last few steps. Drafting time that yielded no
@@ -121,8 +119,9 @@ class ProposerDemand:
             for end, step in zip(reversed(ends), steps):
                 proposed = sum(p for _, p, _ in step.drafts)
                 asked.add(end, sum(step.planned_k), proposed)
-                if step.draft_ms > 0:
-                    self._drafted.add(end, proposed, step.draft_ms)
+                busy_ms = step.draft_busy_ms or step.draft_ms
+                if busy_ms > 0:
+                    self._drafted.add(end, proposed, busy_ms)
             asked.drop_until(arrived - self.window_s)
             if self._drafted.steps:
                 self._drafted.drop_until(self._drafted.steps[-1][0] - self.window_s)

@@ -27,6 +27,9 @@ class StepRecord:
     drafts: tuple[tuple[str, int, int], ...] = ()
     propose_ms: float = 0.0  # proposal time the engine waited
     draft_ms: float = 0.0  # drafting time the proposers reported (0: none, e.g. a timeout)
+    # The same summed over the replicas that drafted (draft_ms is the slowest one's, what the
+    # step waited for); 0 from a verifier that does not report it.
+    draft_busy_ms: float = 0.0
     proposer_failures: int = 0  # proposers (replicas) that failed this step; not sent to the controller
     step_ms: float = 0.0  # the whole step, scheduling to emitted tokens
     emitted_tokens: int = 0

@@ -174,6 +174,7 @@ class Engine:
             sample_ms=sample_ms,
             propose_ms=propose_ms,
             draft_ms=proposal.draft_ms,
+            draft_busy_ms=proposal.draft_ms if proposal.busy_ms is None else proposal.busy_ms,
             proposer_failures=proposal.failures,
             planned_k=tuple(it.k for it in sched.items),
             drafts=tuple(

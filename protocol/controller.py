@@ -97,6 +97,7 @@ def step_to_pb(step: StepRecord) -> pb.StepMetrics:
         verify_ms=step.verify_ms,
         propose_ms=step.propose_ms,
         draft_ms=step.draft_ms,
+        draft_busy_ms=step.draft_busy_ms,
         step_ms=step.step_ms,
         emitted_tokens=step.emitted_tokens,
         draft_steps=step.draft_steps,
@@ -117,6 +118,7 @@ def step_from_pb(msg: pb.StepMetrics) -> StepRecord:
         drafts=tuple(("", p, a) for p, a in zip(msg.proposed, msg.accepted)),
         propose_ms=msg.propose_ms,
         draft_ms=msg.draft_ms,
+        draft_busy_ms=msg.draft_busy_ms,
         step_ms=msg.step_ms,
         emitted_tokens=msg.emitted_tokens,
     )

@@ -62,6 +62,9 @@ class DraftRequest:
 class Proposal:
     drafts: list[Draft | None] = field(default_factory=list)  # per request in order; None: none this step
     draft_ms: float = 0.0  # drafting time the proposer reports, without any network hop
+    # Drafting time summed over the replicas that served the step (draft_ms is the slowest
+    # one's, what the step waited for); None: one proposer, the same as draft_ms.
+    busy_ms: float | None = None
     failures: int = 0  # replicas that failed (their requests got None)
 
 

@@ -178,9 +178,8 @@ class ProposerClient:
         calls = [self._propose_on(self.replicas[a], idxs, requests, results) for a, idxs in groups.items()]
         # Replicas are asked concurrently; one replica (the usual case) needs no tasks.
         draft_ms = await asyncio.gather(*calls) if len(calls) > 1 else [await calls[0]]
-        return Proposal(
-            results, max((ms for ms in draft_ms if ms is not None), default=0.0), failures=draft_ms.count(None)
-        )
+        served = [ms for ms in draft_ms if ms is not None]
+        return Proposal(results, max(served, default=0.0), failures=draft_ms.count(None), busy_ms=sum(served))
 
     def release(self, request_ids) -> None:
         """Queues releases for the replicas holding these requests (sent with their next exchange)."""

@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/controller.proto\x12\x0csmartspec.v1\"\x8c\x02\n\tCostModel\x12\x1a\n\x12verify_token_knots\x18\x01 \x03(\x01\x12\x1a\n\x12verify_ms_at_knots\x18\x02 \x03(\x01\x12\x1e\n\x16verify_ms_per_kv_token\x18\x03 \x01(\x01\x12\x17\n\x0fproposer_rtt_ms\x18\x06 \x01(\x01\x12\x1d\n\x15verify_relative_error\x18\x07 \x01(\x01\x12\x1d\n\x15verify_ms_per_request\x18\x08 \x01(\x01\x12\x15\n\rdraft_step_ms\x18\t \x01(\x01\x12\x1a\n\x12\x64raft_ms_per_token\x18\n \x01(\x01\x12\x11\n\tnum_steps\x18\x0b \x01(\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\xc3\x01\n\x06Policy\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.smartspec.v1.PolicyMode\x12\t\n\x01k\x18\x02 \x01(\x05\x12\r\n\x05k_max\x18\x03 \x01(\x05\x12+\n\ncost_model\x18\x04 \x01(\x0b\x32\x17.smartspec.v1.CostModel\x12\x18\n\x10\x61\x63\x63\x65ptance_prior\x18\x05 \x01(\x01\x12\x1f\n\x17\x61\x63\x63\x65ptance_prior_weight\x18\x06 \x01(\x01\x12\x0f\n\x07version\x18\x07 \x01(\x04\"\xc5\x02\n\x0bStepMetrics\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x1a\n\x12num_batched_tokens\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_tokens\x18\x04 \x01(\x03\x12\x1a\n\x12num_prefill_tokens\x18\x05 \x01(\x05\x12\x10\n\x08proposed\x18\x06 \x03(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x03(\x05\x12\x11\n\tverify_ms\x18\x08 \x01(\x01\x12\x12\n\npropose_ms\x18\t \x01(\x01\x12\x10\n\x08\x64raft_ms\x18\n \x01(\x01\x12\x0f\n\x07step_ms\x18\x0b \x01(\x01\x12\x16\n\x0e\x65mitted_tokens\x18\x0c \x01(\x05\x12\x13\n\x0b\x64raft_steps\x18\r \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x0e \x01(\x05\x12\x11\n\tplanned_k\x18\x0f \x03(\x05\"O\n\x0eVerifierReport\x12\x13\n\x0bverifier_id\x18\x01 \x01(\t\x12(\n\x05steps\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.StepMetrics\"7\n\x11ProposerEndpoints\x12\x11\n\taddresses\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"l\n\x10\x43ontrollerUpdate\x12$\n\x06policy\x18\x01 \x01(\x0b\x32\x14.smartspec.v1.Policy\x12\x32\n\tendpoints\x18\x02 \x01(\x0b\x32\x1f.smartspec.v1.ProposerEndpoints\"\x12\n\x10GetPolicyRequest\"T\n\x10SetPolicyRequest\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.smartspec.v1.PolicyMode\x12\t\n\x01k\x18\x02 \x01(\x05\x12\r\n\x05k_max\x18\x03 \x01(\x05*\x93\x01\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPOLICY_MODE_OFF\x10\x01\x12\x15\n\x11POLICY_MODE_FIXED\x10\x02\x12\x19\n\x15POLICY_MODE_SMARTSPEC\x10\x03\x12!\n\x1dPOLICY_MODE_SMARTSPEC_UNIFORM\x10\x04\x32\xdf\x01\n\nController\x12K\n\x07\x43onnect\x12\x1c.smartspec.v1.VerifierReport\x1a\x1e.smartspec.v1.ControllerUpdate(\x01\x30\x01\x12\x41\n\tGetPolicy\x12\x1e.smartspec.v1.GetPolicyRequest\x1a\x14.smartspec.v1.Policy\x12\x41\n\tSetPolicy\x12\x1e.smartspec.v1.SetPolicyRequest\x1a\x14.smartspec.v1.Policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/controller.proto\x12\x0csmartspec.v1\"\x8c\x02\n\tCostModel\x12\x1a\n\x12verify_token_knots\x18\x01 \x03(\x01\x12\x1a\n\x12verify_ms_at_knots\x18\x02 \x03(\x01\x12\x1e\n\x16verify_ms_per_kv_token\x18\x03 \x01(\x01\x12\x17\n\x0fproposer_rtt_ms\x18\x06 \x01(\x01\x12\x1d\n\x15verify_relative_error\x18\x07 \x01(\x01\x12\x1d\n\x15verify_ms_per_request\x18\x08 \x01(\x01\x12\x15\n\rdraft_step_ms\x18\t \x01(\x01\x12\x1a\n\x12\x64raft_ms_per_token\x18\n \x01(\x01\x12\x11\n\tnum_steps\x18\x0b \x01(\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\xc3\x01\n\x06Policy\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.smartspec.v1.PolicyMode\x12\t\n\x01k\x18\x02 \x01(\x05\x12\r\n\x05k_max\x18\x03 \x01(\x05\x12+\n\ncost_model\x18\x04 \x01(\x0b\x32\x17.smartspec.v1.CostModel\x12\x18\n\x10\x61\x63\x63\x65ptance_prior\x18\x05 \x01(\x01\x12\x1f\n\x17\x61\x63\x63\x65ptance_prior_weight\x18\x06 \x01(\x01\x12\x0f\n\x07version\x18\x07 \x01(\x04\"\xdc\x02\n\x0bStepMetrics\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x1a\n\x12num_batched_tokens\x18\x03 \x01(\x05\x12\x15\n\rnum_kv_tokens\x18\x04 \x01(\x03\x12\x1a\n\x12num_prefill_tokens\x18\x05 \x01(\x05\x12\x10\n\x08proposed\x18\x06 \x03(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x03(\x05\x12\x11\n\tverify_ms\x18\x08 \x01(\x01\x12\x12\n\npropose_ms\x18\t \x01(\x01\x12\x10\n\x08\x64raft_ms\x18\n \x01(\x01\x12\x0f\n\x07step_ms\x18\x0b \x01(\x01\x12\x16\n\x0e\x65mitted_tokens\x18\x0c \x01(\x05\x12\x13\n\x0b\x64raft_steps\x18\r \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x0e \x01(\x05\x12\x11\n\tplanned_k\x18\x0f \x03(\x05\x12\x15\n\rdraft_busy_ms\x18\x10 \x01(\x01\"O\n\x0eVerifierReport\x12\x13\n\x0bverifier_id\x18\x01 \x01(\t\x12(\n\x05steps\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.StepMetrics\"7\n\x11ProposerEndpoints\x12\x11\n\taddresses\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"l\n\x10\x43ontrollerUpdate\x12$\n\x06policy\x18\x01 \x01(\x0b\x32\x14.smartspec.v1.Policy\x12\x32\n\tendpoints\x18\x02 \x01(\x0b\x32\x1f.smartspec.v1.ProposerEndpoints\"\x12\n\x10GetPolicyRequest\"T\n\x10SetPolicyRequest\x12&\n\x04mode\x18\x01 \x01(\x0e\x32\x18.smartspec.v1.PolicyMode\x12\t\n\x01k\x18\x02 \x01(\x05\x12\r\n\x05k_max\x18\x03 \x01(\x05*\x93\x01\n\nPolicyMode\x12\x1b\n\x17POLICY_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPOLICY_MODE_OFF\x10\x01\x12\x15\n\x11POLICY_MODE_FIXED\x10\x02\x12\x19\n\x15POLICY_MODE_SMARTSPEC\x10\x03\x12!\n\x1dPOLICY_MODE_SMARTSPEC_UNIFORM\x10\x04\x32\xdf\x01\n\nController\x12K\n\x07\x43onnect\x12\x1c.smartspec.v1.VerifierReport\x1a\x1e.smartspec.v1.ControllerUpdate(\x01\x30\x01\x12\x41\n\tGetPolicy\x12\x1e.smartspec.v1.GetPolicyRequest\x1a\x14.smartspec.v1.Policy\x12\x41\n\tSetPolicy\x12\x1e.smartspec.v1.SetPolicyRequest\x1a\x14.smartspec.v1.Policyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartspec.v1.controller_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICYMODE']._serialized_start=1199
-  _globals['_POLICYMODE']._serialized_end=1346
+  _globals['_POLICYMODE']._serialized_start=1222
+  _globals['_POLICYMODE']._serialized_end=1369
   _globals['_COSTMODEL']._serialized_start=48
   _globals['_COSTMODEL']._serialized_end=316
   _globals['_POLICY']._serialized_start=319
   _globals['_POLICY']._serialized_end=514
   _globals['_STEPMETRICS']._serialized_start=517
-  _globals['_STEPMETRICS']._serialized_end=842
-  _globals['_VERIFIERREPORT']._serialized_start=844
-  _globals['_VERIFIERREPORT']._serialized_end=923
-  _globals['_PROPOSERENDPOINTS']._serialized_start=925
-  _globals['_PROPOSERENDPOINTS']._serialized_end=980
-  _globals['_CONTROLLERUPDATE']._serialized_start=982
-  _globals['_CONTROLLERUPDATE']._serialized_end=1090
-  _globals['_GETPOLICYREQUEST']._serialized_start=1092
-  _globals['_GETPOLICYREQUEST']._serialized_end=1110
-  _globals['_SETPOLICYREQUEST']._serialized_start=1112
-  _globals['_SETPOLICYREQUEST']._serialized_end=1196
-  _globals['_CONTROLLER']._serialized_start=1349
-  _globals['_CONTROLLER']._serialized_end=1572
+  _globals['_STEPMETRICS']._serialized_end=865
+  _globals['_VERIFIERREPORT']._serialized_start=867
+  _globals['_VERIFIERREPORT']._serialized_end=946
+  _globals['_PROPOSERENDPOINTS']._serialized_start=948
+  _globals['_PROPOSERENDPOINTS']._serialized_end=1003
+  _globals['_CONTROLLERUPDATE']._serialized_start=1005
+  _globals['_CONTROLLERUPDATE']._serialized_end=1113
+  _globals['_GETPOLICYREQUEST']._serialized_start=1115
+  _globals['_GETPOLICYREQUEST']._serialized_end=1133
+  _globals['_SETPOLICYREQUEST']._serialized_start=1135
+  _globals['_SETPOLICYREQUEST']._serialized_end=1219
+  _globals['_CONTROLLER']._serialized_start=1372
+  _globals['_CONTROLLER']._serialized_end=1595
 # @@protoc_insertion_point(module_scope)

@@ -61,7 +61,7 @@ class Policy(_message.Message):
     def __init__(self, mode: _Optional[_Union[PolicyMode, str]] = ..., k: _Optional[int] = ..., k_max: _Optional[int] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ..., acceptance_prior: _Optional[float] = ..., acceptance_prior_weight: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
 
 class StepMetrics(_message.Message):
-    __slots__ = ("step_id", "batch_size", "num_batched_tokens", "num_kv_tokens", "num_prefill_tokens", "proposed", "accepted", "verify_ms", "propose_ms", "draft_ms", "step_ms", "emitted_tokens", "draft_steps", "draft_tokens", "planned_k")
+    __slots__ = ("step_id", "batch_size", "num_batched_tokens", "num_kv_tokens", "num_prefill_tokens", "proposed", "accepted", "verify_ms", "propose_ms", "draft_ms", "step_ms", "emitted_tokens", "draft_steps", "draft_tokens", "planned_k", "draft_busy_ms")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class StepMetrics(_message.Message):
     DRAFT_STEPS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PLANNED_K_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_BUSY_MS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     batch_size: int
     num_batched_tokens: int
@@ -92,7 +93,8 @@ class StepMetrics(_message.Message):
     draft_steps: int
     draft_tokens: int
     planned_k: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_batched_tokens: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ..., proposed: _Optional[_Iterable[int]] = ..., accepted: _Optional[_Iterable[int]] = ..., verify_ms: _Optional[float] = ..., propose_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., step_ms: _Optional[float] = ..., emitted_tokens: _Optional[int] = ..., draft_steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., planned_k: _Optional[_Iterable[int]] = ...) -> None: ...
+    draft_busy_ms: float
+    def __init__(self, step_id: _Optional[int] = ..., batch_size: _Optional[int] = ..., num_batched_tokens: _Optional[int] = ..., num_kv_tokens: _Optional[int] = ..., num_prefill_tokens: _Optional[int] = ..., proposed: _Optional[_Iterable[int]] = ..., accepted: _Optional[_Iterable[int]] = ..., verify_ms: _Optional[float] = ..., propose_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., step_ms: _Optional[float] = ..., emitted_tokens: _Optional[int] = ..., draft_steps: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., planned_k: _Optional[_Iterable[int]] = ..., draft_busy_ms: _Optional[float] = ...) -> None: ...
 
 class VerifierReport(_message.Message):
     __slots__ = ("verifier_id", "steps")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 RECORDED = sorted((REPO / "benchmarks" / "results").glob("simulate_validate_*/steps.jsonl.gz"))
 
 
-def record(planned=(), proposed=(), draft_ms=0.0, step_ms=10.0) -> StepRecord:
+def record(planned=(), proposed=(), draft_ms=0.0, step_ms=10.0, busy_ms=0.0) -> StepRecord:
     return StepRecord(
         batch_size=max(len(planned), 1),
         num_batched_tokens=1,
@@ -31,6 +31,7 @@ def record(planned=(), proposed=(), draft_ms=0.0, step_ms=10.0) -> StepRecord:
         planned_k=tuple(planned),
         drafts=tuple(("", p, 0) for p in proposed),
         draft_ms=draft_ms,
+        draft_busy_ms=busy_ms,
         step_ms=step_ms,
     )
 
@@ -169,6 +170,16 @@ def test_capacity_is_kept_through_windows_without_drafting_and_absent_before_any
     assert (rates.demand_tps, rates.capacity_tps, rates.replicas_wanted) == (0.0, pytest.approx(1200.0), 0)
     demand.observe("v", [record([8] * 300, [8] * 300)], arrived=6.0)  # 2400 tokens/s, untimed
     assert demand.rates(6.0).replicas_wanted == 2
+
+
+def test_capacity_counts_every_replicas_drafting_time_when_a_step_spread_over_several():
+    """Two replicas each drafted 6 tokens in 5 ms: the step waited 5 ms, the fleet was busy 10."""
+    demand = ProposerDemand(window_s=1.0)
+    demand.observe("v", [record([3] * 4, [3] * 4, draft_ms=5.0, busy_ms=10.0)], arrived=1.0)
+    assert demand.rates(1.0).capacity_tps == pytest.approx(1200.0)  # one replica: 12 tokens / 10 ms
+    older = ProposerDemand(window_s=1.0)  # a verifier that reports only the slowest replica's time
+    older.observe("v", [record([3] * 4, [3] * 4, draft_ms=5.0)], arrived=1.0)
+    assert older.rates(1.0).capacity_tps == pytest.approx(2400.0)
 
 
 @pytest.mark.parametrize(

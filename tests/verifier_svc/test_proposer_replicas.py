@@ -69,6 +69,11 @@ def test_requests_spread_over_replicas_and_stay_lossless(models):
         assert a.server.servicer.num_items > 0 and b.server.servicer.num_items > 0
         assert sum(f.speculation.proposed_tokens for f in finals) > 0
         assert sum(f.speculation.accepted_tokens for f in finals) > 0
+        # Steps whose requests went to both replicas: the fleet was busy for both drafting
+        # times, the step waited for the slower one.
+        steps = [s for s in verifier.verifier.loop.steps if s.draft_ms > 0]
+        assert all(s.draft_busy_ms >= s.draft_ms for s in steps)
+        assert any(s.draft_busy_ms > s.draft_ms for s in steps)
         client = verifier.verifier.engine.proposer
         deadline = time.monotonic() + 10  # an idle engine sends its releases without waiting for work
         while any(len(p.server.servicer.store) for p in (a, b)) and time.monotonic() < deadline:
