@@ -1,12 +1,14 @@
 """Renders of the components and overlays beyond those of test_manifests.py, and what the test
-files that check them share: strict validation, mounts, and one run of the real CLI parser over
-every container of every render here.
+files that check them share: strict validation, mounts, and the real CLI parser's answer for each
+container of each render here.
 
 Rendering needs `kubectl` (its built-in kustomize), as in test_manifests.py; no cluster is contacted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import posixpath
@@ -17,7 +19,7 @@ import kubernetes_validate
 import yaml
 
 from tests.k8s import test_manifests as manifests
-from tests.k8s.test_manifests import COMPONENTS, K8S, KUSTOMIZATIONS, effective, kustomize, real_parse
+from tests.k8s.test_manifests import COMPONENTS, K8S, KUSTOMIZATIONS, effective, kustomize
 
 BASE = K8S / "base"
 GPU = K8S / "overlays" / "gpu"
@@ -143,7 +145,7 @@ def validation_error(obj: dict, version: str) -> str | None:
 # --- mounts -------------------------------------------------------------------------------
 
 
-def mount_of(container: dict, path: str) -> dict | None:
+def mount_holding(container: dict, path: str) -> dict | None:
     """The volumeMount that holds `path` (the deepest one), or None."""
     path = posixpath.normpath(path)
     holding = [
@@ -159,14 +161,32 @@ def mount_of(container: dict, path: str) -> dict | None:
 _real: dict[tuple[str, str], dict] = {}
 
 
+def parse_with_environment(args: list[str], env: dict[str, str]) -> dict:
+    """The real `smartspec` parser's answer for `args` with exactly `env`'s SMARTSPEC_* variables (and
+    this process's others), as test_manifests.real_parse gives it: {"ok": values} or {"error": text}.
+    Here, not in a process of its own: this one has already imported most of what the parser
+    imports, a new interpreter would import it all again."""
+    from smartspec.cli import build_parser
+
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update({k: v for k, v in saved.items() if not k.startswith("SMARTSPEC_")})
+        os.environ.update(env)
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                return {"ok": vars(build_parser().parse_args(args))}
+        except SystemExit:
+            return {"error": errors.getvalue()}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def real(name: str, component: str) -> dict:
-    """The real `smartspec` parser's answer ({"ok": values} or {"error": text}) for a container of a
-    render here: all of them parsed in one process, the first time one is asked for."""
-    if not _real:
-        keys = [(n, c) for n in sorted(RENDERS) for c in sorted(COMPONENTS)]
-        cases = []
-        for n, c in keys:
-            config = effective(rendered(n), c)
-            cases.append((config.args, config.env))
-        _real.update(zip(keys, real_parse(cases), strict=True))
+    """The real parser's answer for a container of a render here (its args and environment)."""
+    if (name, component) not in _real:
+        config = effective(rendered(name), component)
+        _real[name, component] = parse_with_environment(config.args, config.env)
     return _real[name, component]

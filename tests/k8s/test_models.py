@@ -6,6 +6,7 @@ No cluster, storage or registry here: whether a claim or an image holds a loadab
 the pods to find out at start (they fail to start, with the path in the error).
 """
 
+import os
 import re
 from functools import cache
 
@@ -15,14 +16,13 @@ from tests.k8s.renders import (
     IMAGE_VOLUME_RENDERS,
     LLAMA,
     MIN_IMAGE_VOLUME_VERSION,
+    mount_holding,
     new_objects,
+    parse_with_environment,
     pod_spec,
     real,
     rendered,
     validation_error,
-)
-from tests.k8s.renders import (
-    mount_of as mount_holding,
 )
 from tests.k8s.test_manifests import (
     COMPONENTS,
@@ -91,6 +91,17 @@ def test_real_cli_accepts_every_setting(name, component):
     if component in MODEL_SETTING:
         flag = MODEL_SETTING[component].removeprefix("SMARTSPEC_").lower()
         assert values[flag] == config.settings[MODEL_SETTING[component]]
+
+
+def test_the_real_parser_reads_exactly_the_environment_it_is_given():
+    """What the tests above rely on: the settings come from the container's environment, a key that
+    names no flag is refused, and the test process's own environment is left as it was."""
+    before = dict(os.environ)
+    assert parse_with_environment(["verifier"], {"SMARTSPEC_MAX_NUM_SEQS": "3"})["ok"]["max_num_seqs"] == 3
+    refused = parse_with_environment(["verifier"], {"SMARTSPEC_MAX_NUM_SEQ": "3"})
+    assert "SMARTSPEC_MAX_NUM_SEQ names no flag" in refused["error"]
+    assert parse_with_environment(["proposer"], {"SMARTSPEC_DRAFT": "/models/d"})["ok"]["draft"] == "/models/d"
+    assert dict(os.environ) == before
 
 
 @needs_kubectl
