@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from tests.k8s.renders import (
+    AUTOSCALING_HPA,
+    AUTOSCALING_KEDA,
     BASE,
     OTHER_NAMESPACE,
     VERIFIER_HEADLESS,
@@ -342,6 +344,22 @@ def test_keda_queries_sum_the_verifiers_of_their_namespace(name):
         [selector] = parse(query).selectors
         assert selector.equals("namespace") == namespace, f"{query} reads namespace {selector.equals('namespace')}"
         assert selector.within[0] == "sum"
+
+
+@pytest.mark.parametrize("component", [AUTOSCALING_HPA, AUTOSCALING_KEDA, VERIFIER_HEADLESS])
+def test_replacements_touch_the_components_own_objects_alone(component):
+    """Each target is picked by kind and name: another component's autoscaler (the proposers') in the
+    same kustomization is left as it is, whichever is listed first."""
+    kustomization = yaml.safe_load((component / "kustomization.yaml").read_text())
+    targets = [t for r in kustomization.get("replacements", []) for t in r["targets"]]
+    assert targets
+    own = {
+        doc["metadata"]["name"]
+        for f in kustomization.get("resources", [])
+        for doc in yaml.safe_load_all((component / f).read_text())
+    }
+    for target in targets:
+        assert set(target["select"]) == {"kind", "name"} and target["select"]["name"] in own, target["select"]
 
 
 # --- the headless Service ------------------------------------------------------------------
