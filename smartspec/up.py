@@ -29,7 +29,8 @@ from runtime import models
 from runtime.models import Placement
 from smartspec.certs import local_ca
 from smartspec.supervise import Supervisor
-from verifier_svc.server import SpeculationConfig, VerifierConfig, model_name
+from verifier_svc.http import model_name
+from verifier_svc.server import SpeculationConfig, VerifierConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
+import weakref
 from contextlib import aclosing
 
 from aiohttp import web
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def model_name(model: str) -> str:
+    """What the API calls a --model value by default: its file or directory name."""
+    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
+
+
 def _error(status: int, message: str, kind: str, param_: str | None = None, code: str | None = None, **headers):
     return web.json_response(error_body(message, kind, param_, code), status=status, headers=headers or None)
 
@@ -45,14 +52,19 @@ class OpenAIFront:
         model: str,
         api_keys: TokenFile | None = None,
         draining=lambda: False,
+        max_connection_age_s: float = 0.0,
     ):
         self.loop, self.prompts, self.limits, self.model = loop, prompts, limits, model
         self.api_keys = api_keys
         self.draining = draining
         self.created = int(time.time())
+        # Like gRPC's GOAWAY at --max-connection-age-s: a keep-alive connection older than this is
+        # closed after its current response, so clients reconnect and spread over new replicas.
+        self.max_connection_age_s = max_connection_age_s
+        self._opened: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def app(self, max_body_bytes: int) -> web.Application:
-        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._errors, self._auth])
+        app = web.Application(client_max_size=max_body_bytes, middlewares=[self._age, self._errors, self._auth])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -66,6 +78,15 @@ class OpenAIFront:
         except web.HTTPException as exc:  # routing (404, 405) and a body past the limit (413)
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
             return _error(exc.status, exc.reason, kind, code=str(exc.status))
+
+    @web.middleware
+    async def _age(self, request: web.Request, handler):
+        transport = request.transport  # the connection's; None once the client has gone
+        opened = self._opened.setdefault(transport, time.monotonic()) if transport is not None else None
+        response = await handler(request)
+        if self.max_connection_age_s and opened is not None and time.monotonic() - opened > self.max_connection_age_s:
+            response.force_close()
+        return response
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):

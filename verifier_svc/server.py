@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -29,7 +28,7 @@ from runtime import models
 from runtime.cpu_linear import describe
 from runtime.models import Placement
 from verifier_svc.controller_client import ControllerClient
-from verifier_svc.http import HttpServer, OpenAIFront
+from verifier_svc.http import HttpServer, OpenAIFront, model_name
 from verifier_svc.loop import ServingLoop
 from verifier_svc.metrics import Metrics
 from verifier_svc.prompts import PromptTokenizer
@@ -162,11 +161,6 @@ class VerifierConfig:
         return EngineConfig(self.cache, self.scheduler, self.speculation.parsed_policy(), self.placement.graph_mode())
 
 
-def model_name(model: str) -> str:
-    """What the HTTP API calls a --model value by default: its file or directory name."""
-    return os.path.basename(os.path.normpath(model)).removesuffix(".gguf")
-
-
 class Verifier:
     """A running verifier; `drain()` is what SIGTERM triggers."""
 
@@ -236,7 +230,15 @@ class Verifier:
         self.http = None
         if self.config.http_port:
             keys = TokenFile(self.config.api_keys_file) if self.config.api_keys_file else None
-            front = OpenAIFront(self.loop, self.prompts, limits, self.served_model_name, keys, lambda: self.draining)
+            front = OpenAIFront(
+                self.loop,
+                self.prompts,
+                limits,
+                self.served_model_name,
+                keys,
+                lambda: self.draining,
+                config.max_connection_age_s,
+            )
             self.http = HttpServer(front, config.max_message_bytes, self.config.grace_seconds + 2.0)
             self.http_port = await self.http.start(config.host, self.config.http_port, config.tls.ssl_context())
             log.info("OpenAI-compatible API on %s:%d", config.host, self.http_port)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -290,3 +291,22 @@ def test_drain_lets_an_http_stream_finish_and_stops_listening(http_server):
     with pytest.raises(openai.APIConnectionError):  # a new connection finds nothing listening
         client(server).models.list()
     drained.result(timeout=30)
+
+
+def test_keep_alive_connections_past_their_age_are_closed_after_a_response(http_server):
+    """As gRPC's GOAWAY at --max-connection-age-s: a client on an old connection reconnects (and a
+    load balancer may send it elsewhere); a young connection is kept."""
+    import http.client
+
+    server = http_server(max_connection_age_s=0.5)
+    body = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 1})
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.base.rsplit(":", 1)[1]), timeout=30)
+    connection.request("POST", "/v1/completions", body)
+    first = connection.getresponse()
+    first.read()
+    assert first.getheader("Connection") != "close"
+    time.sleep(0.6)
+    connection.request("POST", "/v1/completions", body)
+    aged = connection.getresponse()
+    aged.read()
+    assert aged.status == 200 and aged.getheader("Connection") == "close"
