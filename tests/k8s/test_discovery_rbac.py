@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 import yaml
 from kube_api_standin import KubeApiStandIn, endpoint, endpoint_slice
 from service_threads import wait_for
 
+from tests.k8s.renders import validation_error
 from tests.k8s.test_manifests import (
     COMPONENTS,
     K8S,
@@ -113,16 +113,8 @@ def calls_of_the_discovery_code(namespace: str) -> set[tuple[str, str, str, str]
 @pytest.mark.parametrize("version", VALIDATED_VERSIONS)
 @pytest.mark.parametrize("name", sorted(RENDERS))
 def test_every_object_validates_strictly(name, version):
-    for obj in rendered(name):
-        label = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-        try:
-            validated = kubernetes_validate.validate(obj, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            path = ".".join(str(p) for p in e.path)
-            pytest.fail(f"{name}: {label} invalid for {version} at {path}: {e.message}")
-        except kubernetes_validate.SchemaNotFoundError as e:
-            pytest.fail(f"{name}: {label}: {e.message}")
-        assert validated == version.rsplit(".", 1)[0]
+    errors = [e for e in (validation_error(o, version) for o in rendered(name)) if e]
+    assert not errors, f"{name}: {errors}"
 
 
 @needs_kubectl
