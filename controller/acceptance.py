@@ -21,6 +21,7 @@ CHANGE_Z = 4.5  # disagreement, in standard errors, that counts as a change
 SPLITS = (8, 12, 16, 24, 32, 48, 64, 96, 128)  # candidate change points, in steps back
 MIN_TRIALS = 8.0  # trials each side of a split needs before a change can be declared
 IDLE_DECAY = 0.9  # per step without drafts: history fades toward the prior, so the request is tried again
+_SPLITS_BACK = tuple((split, -1 - split) for split in SPLITS)  # each split with its index in the running totals
 
 
 def num_tested(proposed: int, accepted: int) -> int:
@@ -84,15 +85,14 @@ class _History:
         pooled = min(max(total_a / total_t, 0.02), 0.98)
         spread = pooled * (1 - pooled)
         sqrt = math.sqrt
-        for split in SPLITS:
+        for split, back in _SPLITS_BACK:
             if split >= n:
                 break
-            base_a, base_t = cum[-1 - split]
+            base_a, base_t = cum[back]
             recent_t = total_t - base_t
             if recent_t < MIN_TRIALS or base_t < MIN_TRIALS:
                 continue
-            recent_a = total_a - base_a
-            z = abs(recent_a / recent_t - base_a / base_t) / sqrt(spread * (1 / recent_t + 1 / base_t))
+            z = abs((total_a - base_a) / recent_t - base_a / base_t) / sqrt(spread * (1 / recent_t + 1 / base_t))
             if z > best_z:
                 best, best_z = split, z
         return best
