@@ -24,9 +24,7 @@ from smartspec import dial, plots
 from smartspec.dial import Dial
 from smartspec.openai_load import OpenAITarget
 from smartspec.prompts import load_prompts
-from smartspec.report import RequestRecord, format_table, summarize
-
-NO_FINISH = "NO_FINISH"  # error name for a stream that ended without a last chunk
+from smartspec.report import RequestRecord, StreamClock, format_table, summarize
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,32 +158,16 @@ def build_request(
 async def _send(
     stub: pb_grpc.GenerationStub, request: pb.GenerateRequest, record: RequestRecord, start: float, metadata=()
 ) -> None:
-    sent = time.perf_counter()
-    record.send_s = sent - start
-    last_token_at = None
-    tokens = 0
+    clock = StreamClock(record, start)
     try:
         async for chunk in stub.Generate(request, metadata=metadata):
-            now = time.perf_counter()
             record.request_id = record.request_id or chunk.request_id
-            n = len(chunk.token_ids)
-            if n and last_token_at is None:
-                record.ttft_ms = (now - sent) * 1e3
-            elif n:
-                # A chunk of several tokens stands for several steps; spread its gap over them.
-                record.itl_ms.extend([(now - last_token_at) * 1e3 / n] * n)
-            if n:
-                tokens, last_token_at = tokens + n, now
+            clock.tokens_arrived(len(chunk.token_ids))
             if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 _record_last_chunk(record, chunk)
     except grpc.aio.AioRpcError as e:
         record.error = e.code().name
-    record.e2e_ms = (time.perf_counter() - sent) * 1e3
-    if record.error is None and record.finish_reason is None:
-        record.error = NO_FINISH
-    record.completion_tokens = record.completion_tokens or tokens
-    if record.ttft_ms is not None and record.completion_tokens > 1:
-        record.tpot_ms = (record.e2e_ms - record.ttft_ms) / (record.completion_tokens - 1)
+    clock.ended()
 
 
 def _record_last_chunk(record: RequestRecord, chunk: pb.GenerateResponse) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import ssl
-import time
 
 import aiohttp
 
 from protocol.v1 import generation_pb2 as pb
 from smartspec.dial import Dial
-from smartspec.report import RequestRecord
+from smartspec.report import RequestRecord, StreamClock
 
 _MODES = {pb.SPECULATION_MODE_AUTO: "auto", pb.SPECULATION_MODE_OFF: "off", pb.SPECULATION_MODE_FIXED: "fixed"}
 
@@ -69,9 +68,7 @@ class OpenAITarget:
 
     async def send(self, request: pb.GenerateRequest, record: RequestRecord, start: float) -> None:
         path, body = request_body(request, self.model)
-        sent = time.perf_counter()
-        record.send_s = sent - start
-        last_token_at, tokens = None, 0
+        clock = StreamClock(record, start)
         try:
             async with self.session.post(self.base + path, json=body) as response:
                 if response.status != 200:
@@ -82,29 +79,18 @@ class OpenAITarget:
                         if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                             continue
                         chunk = json.loads(line[len(b"data: ") :])
-                        now = time.perf_counter()
                         if "error" in chunk:
                             record.error = "INTERNAL"
                             break
                         record.request_id = record.request_id or chunk["id"]
-                        n = chunk["usage"]["completion_tokens"] - tokens if chunk.get("usage") else 0
-                        if n and last_token_at is None:
-                            record.ttft_ms = (now - sent) * 1e3
-                        elif n:  # a chunk of several tokens stands for several steps
-                            record.itl_ms.extend([(now - last_token_at) * 1e3 / n] * n)
-                        if n:
-                            tokens, last_token_at = tokens + n, now
+                        if chunk.get("usage"):
+                            clock.tokens_arrived(chunk["usage"]["completion_tokens"] - clock.tokens)
                         choice = chunk["choices"][0] if chunk["choices"] else {}
                         if choice.get("finish_reason"):
                             _record_last_chunk(record, chunk)
         except aiohttp.ClientError as exc:
             record.error = type(exc).__name__
-        record.e2e_ms = (time.perf_counter() - sent) * 1e3
-        if record.error is None and record.finish_reason is None:
-            record.error = "NO_FINISH"
-        record.completion_tokens = record.completion_tokens or tokens
-        if record.ttft_ms is not None and record.completion_tokens > 1:
-            record.tpot_ms = (record.e2e_ms - record.ttft_ms) / (record.completion_tokens - 1)
+        clock.ended()
 
 
 def _record_last_chunk(record: RequestRecord, chunk: dict) -> None:

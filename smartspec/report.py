@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,40 @@ class RequestRecord:
     rounds: list[tuple[int, int, int]] = field(default_factory=list)  # (k, proposed, accepted) per round
     server_timings: dict[str, float] | None = None
     error: str | None = None
+
+
+NO_FINISH = "NO_FINISH"  # error name for a stream that ended without a last chunk
+
+
+class StreamClock:
+    """One streamed request as the client sees it, whichever door: time to the first token,
+    the gaps between tokens, then end-to-end and time per output token."""
+
+    def __init__(self, record: RequestRecord, start: float):
+        self.record = record
+        self.sent = time.perf_counter()
+        record.send_s = self.sent - start
+        self.last_token_at: float | None = None
+        self.tokens = 0
+
+    def tokens_arrived(self, n: int) -> None:
+        if not n:
+            return
+        now = time.perf_counter()
+        if self.last_token_at is None:
+            self.record.ttft_ms = (now - self.sent) * 1e3
+        else:  # a chunk of several tokens stands for several steps: its gap is spread over them
+            self.record.itl_ms.extend([(now - self.last_token_at) * 1e3 / n] * n)
+        self.tokens, self.last_token_at = self.tokens + n, now
+
+    def ended(self) -> None:
+        r = self.record
+        r.e2e_ms = (time.perf_counter() - self.sent) * 1e3
+        if r.error is None and r.finish_reason is None:
+            r.error = NO_FINISH
+        r.completion_tokens = r.completion_tokens or self.tokens
+        if r.ttft_ms is not None and r.completion_tokens > 1:
+            r.tpot_ms = (r.e2e_ms - r.ttft_ms) / (r.completion_tokens - 1)
 
 
 def summarize(records: list[RequestRecord], duration_s: float) -> dict:
