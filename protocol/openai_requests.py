@@ -30,7 +30,7 @@ _NEUTRAL = {
     "presence_penalty": (0, 0.0, None),
     "best_of": (1, None),
     "echo": (False, None),
-    "logit_bias": (None,),
+    "logit_bias": (None, {}),
     "suffix": (None, ""),
     "user": None,  # any value: an end-user id for abuse tracking, which this server does not do
     "parallel_tool_calls": None,
@@ -72,7 +72,7 @@ def parse(raw: bytes, chat: bool, served_model: str) -> OpenAIRequest:
     allowed = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
     for name, value in body.items():
         if name in _NEUTRAL:
-            if _NEUTRAL[name] is not None and value not in _NEUTRAL[name] and value != {}:
+            if _NEUTRAL[name] is not None and value not in _NEUTRAL[name]:
                 raise InvalidRequest(name, "not supported by this server (only its neutral value)")
         elif name not in allowed:
             raise InvalidRequest(name, "unrecognized request argument")

@@ -93,6 +93,7 @@ def test_chat_refusals_name_the_field(fields, named):
         ({"best_of": 2}, "best_of"),
         ({"echo": True}, "echo"),
         ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"frequency_penalty": {}}, "frequency_penalty"),
     ],
 )
 def test_completion_refusals_name_the_field(fields, named):
