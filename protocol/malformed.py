@@ -13,6 +13,10 @@ class _Malformed:
 MALFORMED = _Malformed()
 
 
+class _Refused(Exception):
+    """Raised where a malformed request is read; the call is aborted where the handler runs."""
+
+
 class RefuseMalformed(grpc.aio.ServerInterceptor):
     """Bytes that are not the method's message (wire format corrupt, invalid UTF-8 in a string)
     end the call INVALID_ARGUMENT; gRPC would answer UNKNOWN, the status of a server bug."""
@@ -41,31 +45,40 @@ class RefuseMalformed(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _guard(behavior, request_streaming: bool, response_streaming: bool):
+        # A handler may read its request stream from another task (the controller's Connect
+        # does) while its own task sends; aborting from the reader would race that send
+        # (TOO_MANY_OPERATIONS). The reader raises instead and the handler's task aborts.
         async def refuse(context):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request is not a well-formed message")
 
-        async def checked(requests, context):
+        async def checked(requests):
             async for request in requests:
                 if request is MALFORMED:
-                    await refuse(context)
+                    raise _Refused
                 yield request
 
         def arguments(request, context):
-            return (checked(request, context) if request_streaming else request), context
+            return (checked(request) if request_streaming else request), context
 
         if response_streaming:
 
             async def streaming(request, context):
                 if request is MALFORMED:
                     await refuse(context)
-                async for response in behavior(*arguments(request, context)):
-                    yield response
+                try:
+                    async for response in behavior(*arguments(request, context)):
+                        yield response
+                except _Refused:
+                    await refuse(context)
 
             return streaming
 
         async def unary(request, context):
             if request is MALFORMED:
                 await refuse(context)
-            return await behavior(*arguments(request, context))
+            try:
+                return await behavior(*arguments(request, context))
+            except _Refused:
+                await refuse(context)
 
         return unary
