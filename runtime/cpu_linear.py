@@ -18,6 +18,12 @@ here (or the one forced with `--cpu-linear`):
   is, the product is up to 4x slower.
 - `packed`: oneDNN's inner product over a copy of W packed once for its blocking
   (the kernel torch's own compiler uses for frozen CPU linears). float32 only.
+  oneDNN builds (and JIT-compiles) a primitive for every row count it meets and
+  keeps up to 1,024 of them, a few hundred KiB each: fed exact counts, every new
+  prefill length grew the process by megabytes until the cache filled. Row
+  counts above 16 are padded to four significant bits (at most 1/8 more rows,
+  8 counts per octave), so a server meets a few dozen counts per weight shape
+  and its memory stops growing once it has.
 
 The packed copy is made on the first packed product, and again whenever the
 weight is replaced or changed in place (its storage or version counter moved; a
@@ -42,6 +48,14 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 def padded_rows(n: int) -> int:
     """Rows the transposed product is computed with for n <= MAX_ROWS input rows."""
     return max(2, 1 << (n - 1).bit_length())
+
+
+def packed_rows(n: int) -> int:
+    """Rows the packed product is computed with for n input rows."""
+    if n <= 16:
+        return n
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
 
 
 def kernels_for(dtype: torch.dtype) -> tuple[str, ...]:
@@ -92,9 +106,11 @@ def product(weight, bias, rows: torch.Tensor, kernel: str, packed: torch.Tensor 
     """rows [n, in] times weight^T plus bias by the named product: [n, out]. `packed`: pack(weight)."""
     if kernel == "linear":
         return F.linear(rows, weight, bias)
-    if kernel == "packed":
-        return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
     n = rows.shape[0]
+    if kernel == "packed":
+        if n < packed_rows(n):
+            rows = torch.cat([rows, rows.new_zeros(packed_rows(n) - n, rows.shape[1])])
+        return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")[:n]
     if 0 < n < padded_rows(n) and n <= MAX_ROWS:
         rows = torch.cat([rows, rows.new_zeros(padded_rows(n) - n, rows.shape[1])])
     # A transposed view (the output of the layer before) as the right operand takes

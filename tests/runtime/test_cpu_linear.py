@@ -7,7 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from runtime.cpu_linear import CHOICES, KERNELS, MAX_ROWS, ONEDNN, CpuLinear, describe, kernels_for, padded_rows
+from runtime.cpu_linear import (
+    CHOICES,
+    KERNELS,
+    MAX_ROWS,
+    ONEDNN,
+    CpuLinear,
+    describe,
+    kernels_for,
+    packed_rows,
+    padded_rows,
+)
 from runtime.cpu_linear_select import use_cpu_linear
 
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
@@ -17,6 +27,18 @@ HERE = kernels_for(torch.float32)  # the products this torch build has
 @pytest.mark.parametrize("n,rows", [(0, 2), (1, 2), (2, 2), (3, 4), (4, 4), (5, 8), (13, 16), (33, 64), (64, 64)])
 def test_padded_rows(n, rows):
     assert padded_rows(n) == rows
+
+
+@pytest.mark.parametrize("n,rows", [(1, 1), (16, 16), (17, 18), (33, 36), (100, 104), (1000, 1024), (1025, 1152)])
+def test_packed_rows(n, rows):
+    assert packed_rows(n) == rows
+
+
+def test_packed_rows_pad_at_most_an_eighth_and_meet_few_counts():
+    """oneDNN keeps a primitive per row count: a server's step sizes must map to few counts."""
+    counts = [packed_rows(n) for n in range(1, 4097)]
+    assert all(n <= rows <= n * 9 / 8 for n, rows in enumerate(counts, 1))
+    assert len(set(counts)) == 16 + 8 * 8  # exact to 16, then 8 per octave up to 4,096
 
 
 def pair(kernel="transposed", in_f=7, out_f=11, bias=True):
