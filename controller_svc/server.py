@@ -12,7 +12,7 @@ from controller.policy import Policy
 from controller.state import ControllerState
 from controller_svc.servicer import ControllerMetrics, ControllerServicer
 from protocol import serving
-from protocol.security import token_auth
+from protocol.auth import guard
 from protocol.serving import ServerConfig
 from protocol.v1 import controller_pb2, controller_pb2_grpc
 
@@ -56,6 +56,14 @@ class ControllerConfig:
     verifier_tokens_file: str | None = field(
         default=None, metadata={"help": "tokens (one per line) a verifier must present to Connect (unset: open)"}
     )
+    admin_identities_file: str | None = field(
+        default=None,
+        metadata={"help": "client-certificate identities (SAN or CN, one per line) that hold the admin role (mTLS)"},
+    )
+    verifier_identities_file: str | None = field(
+        default=None,
+        metadata={"help": "client-certificate identities (SAN or CN, one per line) that may Connect as verifiers"},
+    )
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,14 +86,15 @@ class Controller:
 
     async def start(self) -> None:
         server = self.config.server
-        auth = token_auth(
+        auth = guard(
             {
                 f"/{SERVICE_NAME}/SetPolicy": ("admin",),
                 f"/{SERVICE_NAME}/GetPolicy": ("admin", "verifier"),
                 f"/{SERVICE_NAME}/Connect": ("verifier",),
             },
-            admin=self.config.admin_tokens_file,
-            verifier=self.config.verifier_tokens_file,
+            tokens={"admin": self.config.admin_tokens_file, "verifier": self.config.verifier_tokens_file},
+            identities={"admin": self.config.admin_identities_file, "verifier": self.config.verifier_identities_file},
+            client_ca=server.tls.tls_client_ca,
         )
         self.serving = await serving.start_server(
             controller_pb2_grpc.add_ControllerServicer_to_server, self.servicer, SERVICE_NAME, server, auth

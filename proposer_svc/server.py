@@ -14,7 +14,7 @@ from drafting.config import DraftConfig
 from proposer_svc.metrics import ProposerMetrics
 from proposer_svc.servicer import ProposerServicer
 from protocol import serving
-from protocol.security import token_auth
+from protocol.auth import guard
 from protocol.serving import ServerConfig
 from protocol.v1 import proposer_pb2, proposer_pb2_grpc
 from runtime.models import Placement
@@ -41,6 +41,10 @@ class ProposerConfig:
     )
     verifier_tokens_file: str | None = field(
         default=None, metadata={"help": "tokens (one per line) a verifier must present to draft here (unset: open)"}
+    )
+    verifier_identities_file: str | None = field(
+        default=None,
+        metadata={"help": "client-certificate identities (SAN or CN, one per line) that may draft here (mTLS)"},
     )
 
     @staticmethod
@@ -75,7 +79,12 @@ class ProposerServer:
             self.servicer,
             SERVICE_NAME,
             config,
-            token_auth({SERVICE_NAME: ("verifier",)}, verifier=self.config.verifier_tokens_file),
+            guard(
+                {SERVICE_NAME: ("verifier",)},
+                tokens={"verifier": self.config.verifier_tokens_file},
+                identities={"verifier": self.config.verifier_identities_file},
+                client_ca=config.tls.tls_client_ca,
+            ),
         )
         self.health, self.port = self.serving.health, self.serving.port
         self.metrics_server = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import grpc
 from google.protobuf.message import DecodeError
 
+from protocol.handlers import kind, rebuild
+
 
 class _Malformed:
     """What a request that does not parse becomes, for the handler to refuse."""
@@ -33,15 +35,9 @@ class RefuseMalformed(grpc.aio.ServerInterceptor):
             except DecodeError:
                 return MALFORMED
 
-        kind = (
-            ("stream" if handler.request_streaming else "unary")
-            + "_"
-            + ("stream" if handler.response_streaming else "unary")
-        )
-        behavior = getattr(handler, kind)
-        make = getattr(grpc, f"{kind}_rpc_method_handler")
-        return make(self._guard(behavior, handler.request_streaming, handler.response_streaming),
-                    deserialize, handler.response_serializer)  # fmt: skip
+        behavior = getattr(handler, kind(handler))
+        guarded = self._guard(behavior, handler.request_streaming, handler.response_streaming)
+        return rebuild(handler, guarded, deserialize)
 
     @staticmethod
     def _guard(behavior, request_streaming: bool, response_streaming: bool):

@@ -5,21 +5,15 @@
   handshake, so a rotated Kubernetes Secret takes effect without a restart.
 - Clients: `--tls-ca` (the CA that signed the server) and optionally
   `--tls-client-cert/--tls-client-key`; without `--tls-ca` a client speaks plaintext.
-- Bearer tokens: a server may require one per method (`TokenAuth`): tokens are read from
-  files, one per line, re-read when the file changes, and compared in constant time. A
-  call without a known token gets UNAUTHENTICATED; a known token without the method's role
-  gets PERMISSION_DENIED; neither says more. Health and reflection stay open: probes
-  carry no credentials.
+- Bearer tokens, client side: `read_token` and `bearer`. What a server accepts, and from
+  whom, is `protocol.auth`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,110 +192,3 @@ def read_token(path: str | None) -> str | None:
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying the token (none without one)."""
     return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-class TokenFile:
-    """The tokens of a file (one per line, `#` comments), re-read when it changes. Only their
-    digests are kept; a presented token is digested and compared with each in constant time."""
-
-    def __init__(self, path: str):
-        self.files = WatchedFiles(path)
-        self.digests: list[bytes] = []
-        self._reload()
-        if not self.digests:
-            raise ValueError(f"{path}: no tokens in the file")
-
-    def _reload(self) -> None:
-        (text,) = self.files.read()
-        lines = (line.strip() for line in text.decode().splitlines())
-        self.digests = [_digest(t) for t in lines if t and not t.startswith("#")]
-
-    def accepts(self, token: str) -> bool:
-        if self.files.changed():
-            try:
-                self._reload()
-            except OSError:
-                pass
-        presented = _digest(token)
-        found = False
-        for d in self.digests:  # no early exit: the time does not say which token matched
-            found |= hmac.compare_digest(presented, d)
-        return found
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-class TokenAuth(grpc.aio.ServerInterceptor):
-    """Methods guarded by bearer tokens: `rules` maps a method's full name (or a service's,
-    `/package.Service/`) to the roles allowed to call it; `roles` maps a role to its tokens.
-    Methods no rule names are open."""
-
-    def __init__(self, roles: dict[str, TokenFile], rules: dict[str, tuple[str, ...]]):
-        self.roles, self.rules = roles, rules
-
-    def required(self, method: str) -> tuple[str, ...] | None:
-        if method in self.rules:
-            return self.rules[method]
-        return self.rules.get(method[: method.rfind("/") + 1])
-
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        allowed = self.required(details.method)
-        if allowed is None:
-            return await continuation(details)
-        token = _presented(details.invocation_metadata or ())
-        held = {role for role, tokens in self.roles.items() if token is not None and tokens.accepts(token)}
-        if not held:
-            return _refusal(await continuation(details), grpc.StatusCode.UNAUTHENTICATED, "missing or unknown token")
-        if not held & set(allowed):
-            return _refusal(await continuation(details), grpc.StatusCode.PERMISSION_DENIED, "not allowed")
-        return await continuation(details)
-
-
-def token_auth(rules: dict[str, tuple[str, ...]], **files: str | None) -> TokenAuth | None:
-    """Guards for the roles that have a token file (`role=path`); a rule whose roles have none
-    stays open, and with no file at all there is nothing to guard (None). `rules` name a
-    service (`package.Service`, every method) or a method (`/package.Service/Method`)."""
-    roles = {role: TokenFile(path) for role, path in files.items() if path}
-    active = {}
-    for target, allowed in rules.items():
-        held = tuple(r for r in allowed if r in roles)
-        if held:
-            active[target if target.startswith("/") else f"/{target}/"] = held
-    return TokenAuth(roles, active) if active else None
-
-
-def _presented(metadata) -> str | None:
-    for key, value in metadata:
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :].strip()
-    return None
-
-
-def _refusal(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str):
-    """A handler of the same shape as the method's that ends the call with `code`."""
-
-    async def unary(request_or_iterator, context):
-        await context.abort(code, message)
-
-    async def streaming(request_or_iterator, context):
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    if handler is None:
-        return None
-    make: Callable
-    if handler.request_streaming and handler.response_streaming:
-        make, behaviour = grpc.stream_stream_rpc_method_handler, streaming
-    elif handler.request_streaming:
-        make, behaviour = grpc.stream_unary_rpc_method_handler, unary
-    elif handler.response_streaming:
-        make, behaviour = grpc.unary_stream_rpc_method_handler, streaming
-    else:
-        make, behaviour = grpc.unary_unary_rpc_method_handler, unary
-    return make(
-        behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )

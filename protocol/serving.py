@@ -22,8 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from protocol.auth import Auth
 from protocol.malformed import RefuseMalformed
-from protocol.security import ServerTLS, TokenAuth
+from protocol.security import ServerTLS
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
@@ -142,7 +143,7 @@ class Serving:
 
 
 async def start_server(
-    add_servicer, servicer, service_name: str, config: ServerConfig, auth: TokenAuth | None = None
+    add_servicer, servicer, service_name: str, config: ServerConfig, auth: Auth | None = None
 ) -> Serving:
     """A started grpc.aio server with the servicer, health (SERVING) and reflection, on TLS when
     the config has a certificate, with `auth` guarding its methods."""

@@ -23,10 +23,10 @@ from aiohttp import web
 
 from engine.output import FinishReason
 from engine.scheduler import QueueFull
+from protocol.auth import TokenFile
 from protocol.generation import InvalidRequest, Limits, ValidRequest, needs_tokenizer, validate
 from protocol.openai_requests import NotFound, OpenAIRequest, chat_prompt_bytes, param, parse
 from protocol.openai_responses import Choice, error_body, sse
-from protocol.security import TokenFile
 from verifier_svc.loop import ServingLoop
 from verifier_svc.prompts import PromptTokenizer
 

@@ -20,8 +20,9 @@ from engine.config import CacheConfig, EngineConfig
 from engine.engine import Engine
 from engine.scheduler import SchedulerConfig
 from protocol import serving
+from protocol.auth import TokenFile, guard
 from protocol.generation import Limits
-from protocol.security import ClientTLS, TokenFile, read_token, token_auth
+from protocol.security import ClientTLS, read_token
 from protocol.serving import ServerConfig
 from protocol.v1 import generation_pb2, generation_pb2_grpc
 from runtime import models
@@ -222,7 +223,7 @@ class Verifier:
         self.servicer = GenerationServicer(self.loop, self.prompts, limits)
         if config.metrics_port:
             self.metrics_server, _ = self.metrics.serve(config.metrics_port, config.host)
-        auth = token_auth({SERVICE_NAME: ("client",)}, client=self.config.api_keys_file)
+        auth = guard({SERVICE_NAME: ("client",)}, tokens={"client": self.config.api_keys_file})
         self.serving = await serving.start_server(
             generation_pb2_grpc.add_GenerationServicer_to_server, self.servicer, SERVICE_NAME, config, auth
         )

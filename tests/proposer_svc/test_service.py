@@ -7,10 +7,12 @@ import urllib.request
 
 import grpc
 import pytest
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from service_threads import LoopThread, wait_for
 
 from proposer_svc.server import ProposerConfig, ProposerServer
+from protocol.security import ClientTLS, ServerTLS
 from protocol.serving import ServerConfig
 from protocol.v1 import proposer_pb2 as pb
 from protocol.v1 import proposer_pb2_grpc as pb_grpc
@@ -170,3 +172,39 @@ def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(proposer, 
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
     [ok] = exchange(stub, pb.ProposeRequest(items=[item("z", [1, 1], 2, full=True)]))
     assert ok.results[0].status == pb.PROPOSE_STATUS_OK
+
+
+def test_only_listed_verifier_certificates_may_draft(tmp_path):
+    """mTLS: a client certificate whose identity is on --verifier-identities-file drafts; one
+    from the same CA that is not listed gets UNAUTHENTICATED."""
+    ca = trustme.CA()
+
+    def pair(name: str, identity: str) -> tuple[str, str]:
+        cert = ca.issue_cert(identity)
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / f"{name}.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / f"{name}.key"))
+        return str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key")
+
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "verifiers").write_text("verifier.smartspec\n")
+    tls = ServerTLS(*pair("server", "localhost"), str(tmp_path / "ca.pem"))
+    config = ProposerConfig(server=ServerConfig(port=0, tls=tls), verifier_identities_file=str(tmp_path / "verifiers"))
+    loop = LoopThread()
+    server = ProposerServer(config)
+    loop.run(server.start())
+    try:
+        request = pb.ProposeRequest(step_id=1, items=[item("r", [1, 2, 3, 1, 2], 5)])
+        for name, identity, expected in [
+            ("v", "verifier.smartspec", None),
+            ("x", "other.smartspec", "UNAUTHENTICATED"),
+        ]:
+            client = ClientTLS(str(tmp_path / "ca.pem"), *pair(name, identity))
+            with client.channel(f"localhost:{server.port}") as channel:
+                try:
+                    (reply,) = exchange(pb_grpc.ProposerStub(channel), request)
+                    assert expected is None and reply.step_id == 1
+                except grpc.RpcError as err:
+                    assert err.code().name == expected
+    finally:
+        loop.run(server.stop(0))
+        loop.stop()

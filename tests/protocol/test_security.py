@@ -3,6 +3,7 @@ sockets, with certificates from a test CA (trustme)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -14,6 +15,7 @@ from service_threads import LoopThread
 
 from controller.cost_model import TOKEN_KNOTS
 from controller_svc.server import Controller, ControllerConfig
+from protocol.auth import guard
 from protocol.controller import cost_from_pb, policy_from_pb
 from protocol.security import ClientTLS, ServerTLS, bearer
 from protocol.serving import ServerConfig
@@ -47,8 +49,8 @@ def start():
         t.close()
 
 
-def write_pair(ca: trustme.CA, tmp_path, name: str) -> tuple[str, str]:
-    cert = ca.issue_cert("localhost", "127.0.0.1")
+def write_pair(ca: trustme.CA, tmp_path, name: str, *identities: str, common_name=None) -> tuple[str, str]:
+    cert = ca.issue_cert(*(identities or ("localhost", "127.0.0.1")), common_name=common_name)
     cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
     cert.private_key_pem.write_to_path(str(key_path))
     cert.cert_chain_pems[0].write_to_path(str(cert_path))
@@ -148,6 +150,68 @@ def test_tokens_guard_set_policy_and_connect_and_leave_health_open(start, tmp_pa
         with pytest.raises(grpc.RpcError):
             stub.SetPolicy(request, timeout=5, metadata=bearer("admin-secret"))
         assert stub.SetPolicy(request, timeout=5, metadata=bearer("new-admin-secret")).k == 2
+
+
+def test_certificate_identities_hold_roles_beside_tokens(start, tmp_path):
+    """mTLS identities on allow-lists: a subject alternative name or the common name holds a
+    role; an identity on no list holds none; a token still works; the lists are re-read."""
+    ca = trustme.CA()
+    cert, key = write_pair(ca, tmp_path, "server")
+    admins, verifiers, tokens = tmp_path / "admins", tmp_path / "verifiers", tmp_path / "tokens"
+    admins.write_text("# operators\nops.smartspec\n")
+    verifiers.write_text("verifier-0.smartspec\nverifier-by-cn\n")
+    tokens.write_text("admin-secret\n")
+    server = start(
+        server=ServerConfig(port=0, tls=ServerTLS(cert, key, write_ca(ca, tmp_path, "clients"))),
+        admin_identities_file=str(admins),
+        verifier_identities_file=str(verifiers),
+        admin_tokens_file=str(tokens),
+    )
+    trust = write_ca(ca, tmp_path, "ca")
+
+    def client(*identities, common_name=None) -> ClientTLS:
+        return ClientTLS(trust, *write_pair(ca, tmp_path, identities[0], *identities, common_name=common_name))
+
+    ops, verifier = client("ops.smartspec"), client("verifier-0.smartspec")
+    by_cn, stranger = client("unlisted.smartspec", common_name="verifier-by-cn"), client("stranger.smartspec")
+    request = pb.SetPolicyRequest(mode=pb.POLICY_MODE_FIXED, k=3)
+
+    def call(tls: ClientTLS, method: str, token=None):
+        with tls.channel(server.address, "localhost") as channel:
+            stub = pb_grpc.ControllerStub(channel)
+            try:
+                if method == "Connect":
+                    reports = iter([pb.VerifierReport(verifier_id="v")])
+                    next(iter(stub.Connect(reports, timeout=5, metadata=bearer(token))))
+                else:
+                    message = request if method == "SetPolicy" else pb.GetPolicyRequest()
+                    getattr(stub, method)(message, timeout=5, metadata=bearer(token))
+            except grpc.RpcError as err:
+                assert "smartspec" not in err.details()  # refusals name no identity
+                return err.code().name
+        return "OK"
+
+    assert call(ops, "SetPolicy") == "OK" and call(ops, "GetPolicy") == "OK"
+    assert call(verifier, "SetPolicy") == "PERMISSION_DENIED"
+    assert call(verifier, "Connect") == "OK" and call(by_cn, "Connect") == "OK"
+    assert call(verifier, "GetPolicy") == "OK"
+    assert call(stranger, "SetPolicy") == "UNAUTHENTICATED" and call(stranger, "Connect") == "UNAUTHENTICATED"
+    assert call(stranger, "SetPolicy", token="admin-secret") == "OK"
+    assert healthy(server.address, stranger) == grpc.StatusCode.OK
+    with admins.open("a") as f:  # the list is re-read when it changes
+        f.write("stranger.smartspec\n")
+    assert call(stranger, "SetPolicy") == "OK"
+
+
+def test_identities_are_refused_without_client_certificates_or_entries(tmp_path):
+    listed, empty = tmp_path / "identities", tmp_path / "empty"
+    listed.write_text("ops.smartspec\n")
+    empty.write_text("# none yet\n")
+    config = ControllerConfig(server=ServerConfig(port=0), admin_identities_file=str(listed))
+    with pytest.raises(ValueError, match="--admin-identities-file needs --tls-client-ca"):
+        asyncio.run(Controller(config).start())  # refused before anything listens
+    with pytest.raises(ValueError, match="no identities"):
+        guard({"s.S": ("admin",)}, identities={"admin": str(empty)}, client_ca="ca.pem")
 
 
 def test_without_token_files_the_controller_stays_open(start):
