@@ -19,11 +19,12 @@ here (or the one forced with `--cpu-linear`):
 - `packed`: oneDNN's inner product over a copy of W packed once for its blocking
   (the kernel torch's own compiler uses for frozen CPU linears). float32 only.
   oneDNN builds (and JIT-compiles) a primitive for every row count it meets and
-  keeps up to 1,024 of them, a few hundred KiB each: fed exact counts, every new
-  prefill length grew the process by megabytes until the cache filled. Row
-  counts above 16 are padded to four significant bits (at most 1/8 more rows,
-  8 counts per octave), so a server meets a few dozen counts per weight shape
-  and its memory stops growing once it has.
+  keeps up to 1,024 of them, a few hundred KiB each: fed a step's exact row
+  count, every new prefill length grew the process by megabytes. So rows go in
+  chunks of at most PACKED_CHUNK, the last padded to four significant bits (at
+  most 1/8 more rows): every product meets one of PACKED_COUNTS, 48 counts, and
+  `prebuild` runs each once per weight shape when the layers are switched, so a
+  server's memory is flat from its first request and no request waits for a JIT.
 
 The packed copy is made on the first packed product, and again whenever the
 weight is replaced or changed in place (its storage or version counter moved; a
@@ -41,6 +42,7 @@ from torch import nn
 KERNELS = ("linear", "transposed", "packed")
 CHOICES = ("auto", *KERNELS)
 MAX_ROWS = 64  # row counts above this use the product chosen for MAX_ROWS
+PACKED_CHUNK = 256  # the packed product's most rows per call
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -56,6 +58,9 @@ def packed_rows(n: int) -> int:
         return n
     step = 1 << (n.bit_length() - 4)
     return -(-n // step) * step
+
+
+PACKED_COUNTS = tuple(sorted({packed_rows(n) for n in range(1, PACKED_CHUNK + 1)}))
 
 
 def kernels_for(dtype: torch.dtype) -> tuple[str, ...]:
@@ -102,21 +107,50 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+def onednn_linear(rows: torch.Tensor, packed: torch.Tensor, bias) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
 def product(weight, bias, rows: torch.Tensor, kernel: str, packed: torch.Tensor | None = None) -> torch.Tensor:
     """rows [n, in] times weight^T plus bias by the named product: [n, out]. `packed`: pack(weight)."""
     if kernel == "linear":
         return F.linear(rows, weight, bias)
     n = rows.shape[0]
     if kernel == "packed":
+        if n > PACKED_CHUNK:
+            chunks = rows.split(PACKED_CHUNK)
+            return torch.cat([product(weight, bias, chunk, kernel, packed) for chunk in chunks])
         if n < packed_rows(n):
             rows = torch.cat([rows, rows.new_zeros(packed_rows(n) - n, rows.shape[1])])
-        return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")[:n]
+        return onednn_linear(rows, packed, bias)[:n]
     if 0 < n < padded_rows(n) and n <= MAX_ROWS:
         rows = torch.cat([rows, rows.new_zeros(padded_rows(n) - n, rows.shape[1])])
     # A transposed view (the output of the layer before) as the right operand takes
     # MKL's slow path: SmolLM2's down_proj at 2 rows, 120 -> 520 us.
     y = (weight @ rows.contiguous().t()).t()[:n]
     return y + bias if bias is not None else y
+
+
+@torch.inference_mode()
+def prebuild(model: nn.Module) -> int:
+    """Packs every layer that uses the packed product and runs that product once at each
+    count of PACKED_COUNTS it will meet, once per weight shape: oneDNN's primitives (and
+    the packed copies) exist before the first request. Returns how many products ran."""
+    shapes = set()
+    ran = 0
+    for m in model.modules():
+        if not isinstance(m, CpuLinear) or "packed" not in m.plan:
+            continue
+        packed = m.packed_weight()
+        shape = (m.out_features, m.in_features, m.weight.dtype, m.bias is not None)
+        if shape in shapes:
+            continue
+        shapes.add(shape)
+        for count in PACKED_COUNTS:
+            if m.plan[min(count, MAX_ROWS)] == "packed":
+                product(m.weight, m.bias, m.weight.new_zeros(count, m.in_features), "packed", packed)
+                ran += 1
+    return ran
 
 
 def describe(model: nn.Module) -> list[tuple[str, str, str]]:

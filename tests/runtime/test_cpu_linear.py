@@ -12,6 +12,8 @@ from runtime.cpu_linear import (
     KERNELS,
     MAX_ROWS,
     ONEDNN,
+    PACKED_CHUNK,
+    PACKED_COUNTS,
     CpuLinear,
     describe,
     kernels_for,
@@ -39,6 +41,31 @@ def test_packed_rows_pad_at_most_an_eighth_and_meet_few_counts():
     counts = [packed_rows(n) for n in range(1, 4097)]
     assert all(n <= rows <= n * 9 / 8 for n, rows in enumerate(counts, 1))
     assert len(set(counts)) == 16 + 8 * 8  # exact to 16, then 8 per octave up to 4,096
+
+
+@needs_onednn
+@torch.inference_mode()
+def test_the_packed_product_meets_only_the_prebuilt_counts(monkeypatch):
+    """oneDNN keeps a primitive per row count: any number of rows, chunked and padded, reaches
+    it as one of PACKED_COUNTS, and prebuild ran each of those counts for each shape."""
+    from runtime import cpu_linear
+
+    met = []
+
+    def recording(rows, packed, bias):
+        met.append(rows.shape[0])
+        return real(rows, packed, bias)
+
+    real = cpu_linear.onednn_linear
+    ref, fast = pair("packed", in_f=33, out_f=70)
+    monkeypatch.setattr(cpu_linear, "onednn_linear", recording)
+    assert cpu_linear.prebuild(nn.Sequential(fast, copy.deepcopy(fast))) == len(PACKED_COUNTS)  # one per shape
+    assert sorted(met) == sorted(PACKED_COUNTS)
+    met.clear()
+    for n in (1, 17, 255, 256, 257, 600, 1500):
+        x = torch.randn(n, 33)
+        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert set(met) <= set(PACKED_COUNTS) and max(met) == PACKED_CHUNK
 
 
 def pair(kernel="transposed", in_f=7, out_f=11, bias=True):
