@@ -23,7 +23,7 @@ here (or the one forced with `--cpu-linear`):
   count, every new prefill length grew the process by megabytes. So rows go in
   chunks of at most PACKED_CHUNK, the last padded to four significant bits (at
   most 1/8 more rows): every product meets one of PACKED_COUNTS, 48 counts, and
-  `prebuild` runs each once per weight shape when the layers are switched, so a
+  `prebuild` runs each once per weight shape when a model runner is built, so a
   server's memory is flat from its first request and no request waits for a JIT.
 
 The packed copy is made on the first packed product, and again whenever the

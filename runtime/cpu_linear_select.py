@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from runtime import model_thread
-from runtime.cpu_linear import CHOICES, MAX_ROWS, CpuLinear, describe, kernels_for, pack, prebuild, product
+from runtime.cpu_linear import CHOICES, MAX_ROWS, CpuLinear, describe, kernels_for, pack, product
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,4 @@ def _use_cpu_linear(model: nn.Module, choice: str, selector) -> int:
         m.plan = plan
     if layers:
         log.info("cpu_linear %s: %s", choice, "; ".join(f"{s} rows {r}: {k}" for s, r, k in describe(model)))
-        start = time.perf_counter()
-        ran = prebuild(model)
-        log.info("cpu_linear: %d packed products prebuilt in %.2f s", ran, time.perf_counter() - start)
     return len(layers)
