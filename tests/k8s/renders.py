@@ -142,6 +142,11 @@ def validation_error(obj: dict, version: str) -> str | None:
     return None
 
 
+def validation_errors(objects: list[dict], version: str) -> list[str]:
+    """Why each of `objects` that does not validate strictly against `version` fails."""
+    return [e for e in (validation_error(o, version) for o in objects) if e]
+
+
 # --- mounts -------------------------------------------------------------------------------
 
 

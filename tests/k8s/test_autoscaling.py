@@ -27,6 +27,7 @@ from tests.k8s.renders import (
     real,
     rendered,
     validation_error,
+    validation_errors,
 )
 from tests.k8s.service_metrics import exported, parse, problems
 from tests.k8s.test_manifests import (
@@ -96,7 +97,7 @@ def test_autoscaling_renders_validate_strictly(name, version):
     objects = new_objects(rendered(name))
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "Service"} <= kinds and kinds & {"HorizontalPodAutoscaler", "ScaledObject"}, kinds
-    errors = [e for e in (validation_error(o, version) for o in objects) if e]
+    errors = validation_errors(objects, version)
     assert not errors, errors
 
 

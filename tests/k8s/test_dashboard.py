@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.k8s.renders import MONITORING, OTHER_NAMESPACE, new_objects, rendered, validation_error
+from tests.k8s.renders import MONITORING, OTHER_NAMESPACE, new_objects, rendered, validation_errors
 from tests.k8s.service_metrics import Selector, exported, parse, problems
 from tests.k8s.test_manifests import VALIDATED_VERSIONS, find, needs_kubectl
 
@@ -137,7 +137,7 @@ def test_dashboard_config_map_is_for_the_grafana_sidecar(name):
 @pytest.mark.parametrize("version", VALIDATED_VERSIONS)
 def test_monitoring_objects_validate_strictly(version):
     objects = new_objects(rendered("monitoring"))
-    errors = [e for e in (validation_error(o, version) for o in objects) if e]
+    errors = validation_errors(objects, version)
     assert not errors, errors
 
 

@@ -21,7 +21,7 @@ import yaml
 from kube_api_standin import KubeApiStandIn, endpoint, endpoint_slice
 from service_threads import wait_for
 
-from tests.k8s.renders import validation_error
+from tests.k8s.renders import validation_errors
 from tests.k8s.test_manifests import (
     COMPONENTS,
     K8S,
@@ -113,7 +113,7 @@ def calls_of_the_discovery_code(namespace: str) -> set[tuple[str, str, str, str]
 @pytest.mark.parametrize("version", VALIDATED_VERSIONS)
 @pytest.mark.parametrize("name", sorted(RENDERS))
 def test_every_object_validates_strictly(name, version):
-    errors = [e for e in (validation_error(o, version) for o in rendered(name)) if e]
+    errors = validation_errors(rendered(name), version)
     assert not errors, f"{name}: {errors}"
 
 

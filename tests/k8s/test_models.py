@@ -23,6 +23,7 @@ from tests.k8s.renders import (
     real,
     rendered,
     validation_error,
+    validation_errors,
 )
 from tests.k8s.test_manifests import (
     COMPONENTS,
@@ -60,7 +61,7 @@ def versions_for(name: str) -> tuple[str, ...]:
 def test_model_renders_validate_strictly(name, version):
     objects = new_objects(rendered(name))
     assert objects, f"{name} changes nothing"
-    errors = [e for e in (validation_error(o, version) for o in objects) if e]
+    errors = validation_errors(objects, version)
     assert not errors, errors
 
 
@@ -235,7 +236,7 @@ def llama_models() -> list[dict]:
 @needs_kubectl
 @pytest.mark.parametrize("version", VALIDATED_VERSIONS)
 def test_llama_claim_and_fill_job_validate_strictly(version):
-    errors = [e for e in (validation_error(o, version) for o in llama_models()) if e]
+    errors = validation_errors(llama_models(), version)
     assert not errors, errors
 
 

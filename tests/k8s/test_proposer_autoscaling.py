@@ -28,6 +28,7 @@ from tests.k8s.renders import (
     kustomize_over,
     new_objects,
     validation_error,
+    validation_errors,
 )
 from tests.k8s.service_metrics import exported, parse, problems
 from tests.k8s.test_autoscaling import (
@@ -165,7 +166,7 @@ def test_renders_validate_strictly(name, version):
     objects = new_objects(rendered(name))
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "ConfigMap"} <= kinds and kinds & {"HorizontalPodAutoscaler", "ScaledObject"}, kinds
-    errors = [e for e in (validation_error(o, version) for o in objects) if e]
+    errors = validation_errors(objects, version)
     assert not errors, errors
 
 
