@@ -52,4 +52,5 @@ class DraftConfig:
             min_confidence=self.min_confidence,
             head_vocab=head,
             graphs=placement.graph_mode(),
+            attention=placement.attention,
         )

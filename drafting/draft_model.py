@@ -67,11 +67,13 @@ class DraftModelBackend:
         min_confidence: float = 0.0,
         head_vocab: list[int] | None = None,
         graphs: str = "off",
+        attention: str = "auto",
     ):
         self.min_confidence = check_min_confidence(min_confidence)
         self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
-        self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs)  # its lockstep steps: small, many
+        # Its lockstep steps are small and many: the case graphs help most.
+        self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs, attention=attention)
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.top_k_cap = top_k_cap
         self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)

@@ -10,7 +10,10 @@ from engine.scheduler import SchedulerConfig
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    block_size: int = field(
+        default=16,
+        metadata={"help": "tokens per KV block (on a GPU some torch builds run the paged flash kernel only at 256)"},
+    )
     kv_cache_tokens: int = field(default=65536, metadata={"help": "KV cache capacity in tokens"})
 
     @property
@@ -24,3 +27,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     policy: Policy = Policy()
     graphs: str = "off"  # the model runner's: off | compile | cuda (runtime.graphs)
+    attention: str = "auto"  # the model runner's: auto | flash | sdpa (runtime.paged_flash)

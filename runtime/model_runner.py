@@ -13,6 +13,7 @@ from runtime.cpu_linear import prebuild
 from runtime.cpu_linear_select import use_cpu_linear
 from runtime.graphs import GraphRunner
 from runtime.kv_cache import KVCache
+from runtime.paged_flash import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,28 @@ def kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, batched_max_q: int = 16, graphs: str = "off"):
-        """`graphs`: "off" (eager), "compile" or "cuda": decode and verification steps through
-        `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly."""
-        model_thread.call(self._init, model, num_blocks, block_size, batched_max_q, graphs)
+ATTENTION = ("auto", "flash", "sdpa")
 
-    def _init(self, model, num_blocks: int, block_size: int, batched_max_q: int, graphs: str) -> None:
+
+class ModelRunner:
+    def __init__(
+        self,
+        model,
+        num_blocks: int,
+        block_size: int,
+        batched_max_q: int = 16,
+        graphs: str = "off",
+        attention: str = "auto",
+    ):
+        """`graphs`: "off" (eager), "compile" or "cuda": decode and verification steps through
+        `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly.
+        `attention`: "sdpa" (gathered blocks, `runtime.attention`), "flash" (the paged kernel,
+        `runtime.paged_flash`) or "auto": flash where it runs and agrees with dense attention."""
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        model_thread.call(self._init, model, num_blocks, block_size, batched_max_q, graphs, attention)
+
+    def _init(self, model, num_blocks: int, block_size: int, batched_max_q: int, graphs: str, attention: str) -> None:
         self.model = model
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = next(model.parameters()).device
@@ -45,7 +61,18 @@ class ModelRunner:
             layers, num_blocks, block_size, kv_heads, head_dim, next(model.parameters()).dtype, self.device
         )
         self.batched_max_q = batched_max_q
-        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q)
+        self.flash = self._choose_flash(attention, model.config, kv_heads, head_dim, block_size)
+        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.flash)
+
+    def _choose_flash(self, attention: str, config, kv_heads: int, head_dim: int, block_size: int) -> bool:
+        if attention == "sdpa":
+            return False
+        why = unavailable(config.num_attention_heads, kv_heads, head_dim, block_size, self.kv.k[0].dtype, self.device)
+        if why is not None and attention == "flash":
+            raise ValueError(why)
+        if why is not None and self.device.type == "cuda":
+            log.warning("attention: gathered blocks and SDPA, as %s", why)
+        return why is None
 
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Returns [sum(num_logits), vocab] float32 logits, items in order (run on the model thread)."""
@@ -65,7 +92,7 @@ class ModelRunner:
         return logits
 
     def _eager(self, items: list[ForwardItem]) -> torch.Tensor:
-        layout = StepLayout.build(items, self.kv, self.device, self.batched_max_q)
+        layout = StepLayout.build(items, self.kv, self.device, self.batched_max_q, flash=self.flash)
         out = self.model(
             input_ids=layout.input_ids,
             position_ids=layout.positions,

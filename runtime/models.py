@@ -41,6 +41,15 @@ class Placement:
         },
     )
 
+    attention: str = field(
+        default="auto",
+        metadata={
+            "help": "attention over the paged KV cache: auto (the paged flash kernel where it runs and agrees "
+            "with dense attention: CUDA, float16/bfloat16, a block size the torch build takes; else sdpa) | "
+            "flash | sdpa (gathered blocks and masked scaled_dot_product_attention)"
+        },
+    )
+
     def graph_mode(self) -> str:
         """The model runner's `graphs` setting this placement asks for."""
         if self.cuda_graphs not in ("auto", "on", "off"):

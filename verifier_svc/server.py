@@ -159,7 +159,9 @@ class VerifierConfig:
         return serving.from_args(VerifierConfig, args)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(self.cache, self.scheduler, self.speculation.parsed_policy(), self.placement.graph_mode())
+        placement = self.placement
+        policy = self.speculation.parsed_policy()
+        return EngineConfig(self.cache, self.scheduler, policy, placement.graph_mode(), placement.attention)
 
 
 class Verifier:

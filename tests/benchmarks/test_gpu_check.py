@@ -36,11 +36,12 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
     assert results["ceilings"]["copy_tb_s"] > 0
     assert set(results["models"]) == {"tiny-a", "tiny-b"}
     for model in results["models"].values():
-        assert model["floor_ms"] > 0 and model["mode"] == "off"
+        assert model["floor_ms"] > 0 and model["variant"] == "off/sdpa" and model["agreement"] == {}
+        assert model["flash"]["block_size"] is None and "CUDA" in model["flash"]["refused"]["256"]  # noted, skipped
         assert {(r["B"], r["q"]) for r in model["rows"]} == {(1, 1), (1, 5), (2, 1), (2, 5)}
         assert all(r["ms"] > 0 and r["ctx"] == 20 for r in model["rows"])
     steps = load_profile(f"{tmp_path / 'results.json'}#tiny-a")  # what the cost model and simulator read
     assert len(steps) == 4 and steps[0].verify_ms > 0
-    assert results["tpot"]["off"] > 0
+    assert set(results["tpot"]) == {"off/sdpa"} and results["tpot"]["off/sdpa"] > 0
     assert set(results["pair"]) == {"0", "1"} and all(v > 0 for v in results["pair"].values())
     assert results["bars"]["pair_best_k_over_off"]["value"] > 0

@@ -1,0 +1,160 @@
+"""The paged flash path: the step's offsets, lengths and tables, and the runner's choice.
+
+torch's paged varlen flash kernel runs on CUDA only, and no GPU exists where the suite
+runs. The tests whose names end in `_cpu_standin` put `standin_kernel` in its place: the
+kernel's documented contract written out in float64 (queries between cu_seq_q[i] and
+cu_seq_q[i + 1], the first seqused_k[i] keys of request i through its block table, a
+causal mask aligned to the end of both, grouped KV heads). They prove what this side
+controls: that the layout hands the kernel the right requests, lengths and pages, for
+the eager step and for the padded grid of the compiled and graph paths. The kernel itself
+is checked where it runs: `paged_flash.unavailable` compares it with dense attention on
+the device before a runner uses it, and `benchmarks/gpu_check.py` records that check.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runtime import paged_flash
+from runtime.attention import LAYOUT_KWARG, ForwardItem, PackedStep, StepLayout, paged_attention
+from runtime.kv_cache import KVCache
+from tests.runtime.test_attention import BS, H_KV, LAYERS, NUM_BLOCKS, D, H, allocate, check, reference, run_step
+
+
+def standin_kernel(query, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, **kw):
+    """varlen_attn's contract, for paged keys, in float64 (a CPU stand-in for the CUDA kernel)."""
+    assert kw["window_size"] == (-1, 0) and kw["block_table"].dtype == torch.int32
+    assert cu_seq_q.dtype == kw["seqused_k"].dtype == torch.int32
+    heads, kv_heads = query.shape[1], k_pages.shape[2]
+    assert kw["enable_gqa"] == (heads != kv_heads)
+    out = torch.zeros_like(query)
+    for i, (table, used) in enumerate(zip(kw["block_table"].tolist(), kw["seqused_k"].tolist())):
+        start, end = cu_seq_q[i].item(), cu_seq_q[i + 1].item()
+        assert end - start <= max_q and used <= max_k == len(table) * k_pages.shape[1]
+        keys = k_pages[table].flatten(0, 1)[:used].double().repeat_interleave(heads // kv_heads, dim=1)
+        values = v_pages[table].flatten(0, 1)[:used].double().repeat_interleave(heads // kv_heads, dim=1)
+        q = query[start:end].double()  # [n, H, D]
+        scores = torch.einsum("nhd,thd->hnt", q, keys) * kw["scale"]
+        last_seen = torch.arange(end - start).view(-1, 1) + used - (end - start)  # bottom-right aligned
+        scores = scores.masked_fill(torch.arange(used).view(1, -1) > last_seen, float("-inf"))
+        out[start:end] = torch.einsum("hnt,thd->nhd", torch.softmax(scores, -1), values).to(query.dtype)
+    return out
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setattr(paged_flash, "kernel", lambda: standin_kernel)
+
+
+def flash_step(kv, reqs, chunks, scale):
+    """run_step of test_attention through the flash layout."""
+    original = StepLayout.build
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StepLayout, "build", lambda items, kv, dev, q=16, widths=None: original(items, kv, dev, flash=True))
+        return run_step(kv, reqs, chunks, scale)
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_flash_layout_matches_per_request_reference_cpu_standin(standin, scale):
+    """Decode, verification across a block boundary, prefill chunks long and short, first
+    and over cached blocks: one kernel call per layer, each request's rows right."""
+    gen = torch.Generator().manual_seed(0)
+    spec = [(5, 1), (9, 3), (0, 20), (6, 18), (0, 3), (8, 16)]
+    reqs = allocate(spec, gen)
+    kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
+    fill = [(r, 0, ctx) for r, (ctx, _) in enumerate(spec) if ctx > 0]
+    layout, outs = flash_step(kv, reqs, fill, scale or D**-0.5)
+    check(outs, reqs, fill, scale or D**-0.5)
+    step = [(r, ctx, q) for r, (ctx, q) in enumerate(spec)]
+    layout, outs = flash_step(kv, reqs, step, scale or D**-0.5)
+    assert layout.batched is None and layout.spans == []  # nothing gathered, nothing masked on the host
+    assert layout.flash.max_q == 20 and layout.flash.cu_seq_q.tolist() == [0, 1, 4, 24, 42, 45, 61]
+    assert layout.flash.seqused_k.tolist() == [c + q for c, q in spec]
+    check(outs, reqs, step, scale or D**-0.5)
+
+
+def test_padded_grid_reads_ctx_plus_width_cpu_standin(standin):
+    """The graph path's padded step: each request 4 tokens wide, a dummy request added. The
+    kernel reads ctx + width keys, so a real query j still sees exactly keys 0 .. ctx + j."""
+    gen = torch.Generator().manual_seed(4)
+    spec = [(5, 1), (9, 3), (2, 2)]
+    reqs = allocate(spec, gen)
+    kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
+    flash_step(kv, reqs, [(r, 0, ctx) for r, (ctx, _) in enumerate(spec)], D**-0.5)
+    items = [ForwardItem([0] * q, c, reqs[r].table, q) for r, (c, q) in enumerate(spec)] + [ForwardItem([], 0, [], 0)]
+    packed = PackedStep.build(items, BS, kv.scratch_block, 4, [4] * 4, blocks=4)
+    layout = StepLayout.derive(packed.host, packed.shape, kv, flash=True)
+    assert layout.flash.seqused_k.tolist() == [9, 13, 6, 4] and layout.flash.max_k == 4 * BS
+    assert layout.flash.cu_seq_q.tolist() == [0, 4, 8, 12, 16]
+    for layer in range(LAYERS):
+        query, key, value = torch.zeros(1, H, 16, D), torch.zeros(1, H_KV, 16, D), torch.zeros(1, H_KV, 16, D)
+        for i, (c, q) in enumerate(spec):
+            query[0, :, 4 * i : 4 * i + q] = reqs[i].q[layer, :, c : c + q]
+            key[0, :, 4 * i : 4 * i + q] = reqs[i].k[layer, :, c : c + q]
+            value[0, :, 4 * i : 4 * i + q] = reqs[i].v[layer, :, c : c + q]
+        out, _ = paged_attention(
+            SimpleNamespace(layer_idx=layer), query, key, value, None, scaling=D**-0.5, **{LAYOUT_KWARG: layout}
+        )
+        for i, (c, q) in enumerate(spec):
+            r = reqs[i]
+            want = reference(r.q[layer, :, c : c + q], r.k[layer, :, : c + q], r.v[layer, :, : c + q], c, D**-0.5)
+            torch.testing.assert_close(out[0, 4 * i : 4 * i + q], want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_is_refused_where_it_cannot_run():
+    assert "CUDA" in paged_flash.unavailable(4, 2, 8, 16, torch.bfloat16, "cpu")
+    assert "float16 or bfloat16" in paged_flash.unavailable(4, 2, 8, 16, torch.float32, "cuda")
+
+
+def test_runner_attention_choice_on_cpu(small_vocab_dir):
+    from runtime.model_runner import ModelRunner
+    from runtime.models import load_model
+
+    model = load_model(small_vocab_dir)
+    assert ModelRunner(model, 8, BS).flash is False  # auto: the gathered path here
+    with pytest.raises(ValueError, match="CUDA"):
+        ModelRunner(model, 8, BS, attention="flash")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ModelRunner(model, 8, BS, attention="paged")
+
+
+def test_runner_steps_through_the_flash_path_cpu_standin(standin, small_vocab_dir, monkeypatch):
+    """A model's prefill, decode and verification steps give the same logits through the
+    flash layout as through the gathered one."""
+    import runtime.model_runner as model_runner
+    from runtime.models import load_model
+
+    model = load_model(small_vocab_dir)
+    sdpa = model_runner.ModelRunner(model, 16, BS, attention="sdpa")
+    monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
+    flash = model_runner.ModelRunner(model, 16, BS, attention="flash")
+    assert flash.flash and not sdpa.flash
+    gen = torch.Generator().manual_seed(5)
+    tables = [[3, 0, 7], [5, 1, 9]]
+    steps = [
+        [ForwardItem(torch.randint(12, (n,), generator=gen).tolist(), 0, t, 1) for t, n in zip(tables, (6, 9))],
+        [ForwardItem([4], 6, tables[0], 1), ForwardItem([2, 8, 5], 9, tables[1], 3)],  # decode + verification
+    ]
+    for items in steps:
+        want, got = sdpa.forward(items), flash.forward(items)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_graph_buckets_cover_what_the_kernel_reads(small_vocab_dir):
+    """A padded request makes the kernel read ctx + width keys: its table must reach that far,
+    and a step whose padding would run past the cache runs eagerly instead."""
+    from runtime.graphs import GraphRunner
+    from runtime.model_runner import ModelRunner
+    from runtime.models import load_model
+
+    model = load_model(small_vocab_dir)
+    kv = ModelRunner(model, 3, BS).kv
+    item = [ForwardItem([1, 2, 3], 5, [0, 1], 3)]  # 8 tokens: 2 blocks; padded to 4 wide, 9: 3 blocks
+    assert GraphRunner(model, kv, "compile", 16).bucket(item) == (1, 4, 2)
+    assert GraphRunner(model, kv, "compile", 16, flash=True).bucket(item) == (1, 4, 3)
+    full = [ForwardItem([1, 2, 3], 9, [0, 1, 2], 3)]  # 12 tokens fill the cache; padded, 13 would not
+    assert GraphRunner(model, kv, "compile", 16).bucket(full) == (1, 4, 3)
+    assert GraphRunner(model, kv, "compile", 16, flash=True).bucket(full) is None
