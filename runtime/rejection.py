@@ -77,15 +77,17 @@ def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified
         return []
     ks = [len(r.draft.token_ids) if r.draft else 0 for r in requests]
     assert logits.shape[0] == sum(ks) + len(ks), (logits.shape, ks)
+    if not any(ks) and all(r.params.greedy for r in requests):  # plain greedy decoding: the argmax is all
+        # A row's max is NaN when it holds one, +inf when it holds that: either is not finite.
+        top, token = logits.max(dim=1)
+        host = torch.where(top < float("inf"), token, -1).tolist()
+        results = [Verified([t], 0) if t >= 0 else Verified([], 0, NOT_FINITE) for t in host]
+        return _with_logprobs(logits, requests, list(range(len(ks))), results)
     bad_row = ~(logits < float("inf")).all(dim=1)  # NaN compares False too; -inf is a masked token
     owner = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks) + 1).to(logits.device)
     bad = (
         torch.zeros(len(ks), dtype=torch.long, device=logits.device).index_add_(0, owner, bad_row.long()).clamp_(max=1)
     )
-    if not any(ks) and all(r.params.greedy for r in requests):  # plain greedy decoding: the argmax is all
-        host = torch.stack([logits.argmax(dim=1), bad]).tolist()
-        results = [Verified([], 0, NOT_FINITE) if b else Verified([t], 0) for t, b in zip(*host)]
-        return _with_logprobs(logits, requests, list(range(len(ks))), results)
     # Softmax, sorting and the inverse CDF are per row, but a NaN row can index out of range
     # and fail the batch: such rows become zeros. Checking costs one synchronisation; the copy
     # is made only when one is there.

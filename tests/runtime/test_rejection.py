@@ -165,3 +165,20 @@ def test_logprobs_on_the_plain_greedy_path_with_zero_alternatives():
     assert got[0].logprobs[0].top == ()
     assert got[0].logprobs[0].logprob == pytest.approx(float(torch.log_softmax(logits[0], 0).max()), abs=1e-6)
     assert got[1].logprobs is None
+
+
+def test_plain_greedy_rows_that_are_not_finite_fail_alone():
+    """NaN or +inf anywhere in a row fails that request; -inf is a masked token, ties go to the
+    first maximum (as argmax)."""
+    from runtime.rejection import NOT_FINITE
+
+    logits = torch.tensor(
+        [
+            [0.0, 2.0, 2.0, -1.0],  # tie: the first
+            [0.0, float("nan"), 5.0, 1.0],
+            [float("inf"), 0.0, 1.0, 2.0],
+            [float("-inf"), -3.0, float("-inf"), -4.0],
+        ]
+    )
+    out = verify(logits, [SampleRequest(SamplingParams(), None, 0, 0)] * 4)
+    assert [(v.token_ids, v.error) for v in out] == [([1], ""), ([], NOT_FINITE), ([], NOT_FINITE), ([1], "")]
