@@ -67,12 +67,17 @@ class ModelRunner:
     def _choose_flash(self, attention: str, config, kv_heads: int, head_dim: int, block_size: int) -> bool:
         if attention == "sdpa":
             return False
-        why = unavailable(config.num_attention_heads, kv_heads, head_dim, block_size, self.kv.k[0].dtype, self.device)
-        if why is not None and attention == "flash":
+        geometry, dtype = (config.num_attention_heads, kv_heads, head_dim), self.kv.k[0].dtype
+        why = unavailable(*geometry, block_size, dtype, self.device)
+        if why is None:
+            return True
+        if self.device.type == "cuda" and unavailable(*geometry, 256, dtype, self.device) is None:
+            why += "; it runs with a block size of 256 (--block-size 256)"
+        if attention == "flash":
             raise ValueError(why)
-        if why is not None and self.device.type == "cuda":
+        if self.device.type == "cuda":
             log.warning("attention: gathered blocks and SDPA, as %s", why)
-        return why is None
+        return False
 
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Returns [sum(num_logits), vocab] float32 logits, items in order (run on the model thread)."""
