@@ -1,0 +1,157 @@
+"""The measurements behind `gpu_check.py`: models of known shapes with random weights, the
+device's copy bandwidth, `ModelRunner` step times per variant, and engine decoding at batch 1."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from controller.policy import Policy  # noqa: E402
+from engine.config import CacheConfig, EngineConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from runtime import model_thread, paged_flash  # noqa: E402
+from runtime.attention import ForwardItem  # noqa: E402
+from runtime.model_runner import ModelRunner, kv_shape  # noqa: E402
+from runtime.sampler import SamplingParams  # noqa: E402
+
+FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+SHAPES = {
+    name: dict(zip(FIELDS, sizes), vocab_size=vocab, **extra)
+    for name, sizes, vocab, extra in [
+        ("llama-7b", (4096, 11008, 32, 32, 32), 32000, {}),
+        ("llama-68m", (768, 3072, 2, 12, 12), 32000, {}),
+        ("smollm2-135m", (576, 1536, 30, 9, 3), 49152, {"tie_word_embeddings": True}),
+        # --tiny: the same code on a CPU in seconds
+        ("tiny-a", (64, 128, 2, 4, 2), 512, {}),
+        ("tiny-b", (32, 64, 1, 2, 2), 256, {}),
+    ]
+}
+BLOCK_SIZE = 16
+STEPS = asyncio.Runner()
+
+
+def random_model(name: str, dtype: torch.dtype, device: str):
+    return model_thread.call(_random_model, name, dtype, device)  # all torch work on one thread
+
+
+def _random_model(name: str, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=4096, **SHAPES[name])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: a 7B model in float32 first would double the memory
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, mib: int) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 5)."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() / statistics.median(times[1:])
+
+
+def flash_block(config, dtype, device: str) -> tuple[int | None, dict]:
+    """The smallest block size of 16 and 256 the paged flash kernel takes here (None: neither),
+    and why each smaller one was refused."""
+    refused = {}
+    _, kv_heads, head_dim = kv_shape(config)
+    for bs in (BLOCK_SIZE, 256):
+        why = model_thread.call(
+            paged_flash.unavailable, config.num_attention_heads, kv_heads, head_dim, bs, dtype, device
+        )
+        if why is None:
+            return bs, refused
+        refused[str(bs)] = why
+    return None, refused
+
+
+def step_times(model, args, variant: str, block_size: int) -> tuple[list[dict], torch.Tensor]:
+    """{B, q, ctx, ms} per shape (every request's context prefilled once, then each (B, q) step
+    timed), and the logits of the smallest batch's largest verification step."""
+    mode, attention = variant.split("/")
+    b_max, q_max = max(args.batch), max(args.q)
+    per_request = -(-(args.ctx + q_max) // block_size) + 1  # + 1: a padded grid reads up to 16 more
+    runner = ModelRunner(model, b_max * per_request, block_size, graphs=mode, attention=attention)
+    tables = [list(range(i * per_request, (i + 1) * per_request)) for i in range(b_max)]
+    with torch.inference_mode():
+        for start in range(0, b_max, 8):  # prefill, eagerly, 8 contexts at a time
+            runner._eager([ForwardItem([1] * args.ctx, 0, t, 0) for t in tables[start : start + 8]])
+    rows, probe = [], None
+    for b in args.batch:
+        for q in args.q:
+            items = [ForwardItem([7 + i % 5] * q, args.ctx, tables[i], q) for i in range(b)]
+            times = []
+            for _ in range(args.reps + 2):
+                start = time.perf_counter()
+                logits = runner.forward(items)  # synchronises a CUDA device before it returns
+                times.append((time.perf_counter() - start) * 1e3)
+            if probe is None and b == min(args.batch) and q == q_max:
+                probe = logits.cpu()
+            rows.append({"B": b, "q": q, "ctx": args.ctx, "ms": statistics.median(times[2:])})
+            print(f"  {variant:10s} B={b:3d} q={q}: {rows[-1]['ms']:8.2f} ms", flush=True)
+    return rows, probe
+
+
+def decode(model, tok, variant: str, block_size: int, new_tokens: int, prompt: str, proposer=None, k=0) -> dict:
+    """Batch-1 greedy decoding through the engine, first token excluded: ms per output token
+    (`tpot_ms`), per step (`round_ms`: one verification round when speculating) and tokens
+    per step."""
+    mode, attention = variant.split("/")
+    cache = CacheConfig(block_size=block_size, kv_cache_tokens=4096)
+    cfg = EngineConfig(cache, policy=Policy.fixed(k), graphs=mode, attention=attention)
+    engine = Engine(model, tok, cfg, proposer)
+    ids = [t % model.config.vocab_size for t in tok(prompt).input_ids]  # a --tiny model's vocabulary is smaller
+    engine.add_request("r", ids, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    first, made, rounds = None, 0, 0
+    while engine.has_work():
+        outs = STEPS.run(engine.step())
+        made += sum(len(o.token_ids) for o in outs)
+        rounds += first is not None
+        if first is None and made:
+            first, first_made = time.perf_counter(), made
+    elapsed, tokens = (time.perf_counter() - first) * 1e3, max(made - first_made, 1)
+    return {
+        "tpot_ms": elapsed / tokens,
+        "round_ms": elapsed / max(rounds, 1),
+        "tokens_per_round": tokens / max(rounds, 1),
+    }
+
+
+def variants(modes: list[str], attentions: list[str], flash_bs: int | None) -> dict[str, int]:
+    """{"mode/attention": block size} of the variants that can run here."""
+    return {
+        f"{mode}/{att}": flash_bs if att == "flash" else BLOCK_SIZE
+        for mode in modes
+        for att in attentions
+        if att != "flash" or flash_bs is not None
+    }
+
+
+def serving_variant(names) -> str:
+    """What a server here would run: graphs, with the flash kernel where it runs."""
+    return next((v for v in ("cuda/flash", "cuda/sdpa", "compile/sdpa") if v in names), list(names)[0])
