@@ -13,7 +13,8 @@ batch-1 TPOT, and the built-in pair's k.
    kernel, at the smallest block size of 16 and 256 it takes here; skipped, with the
    reason, where it cannot run). Median of `--reps` after two warm-up calls (the first
    captures the bucket's graph). Each variant's logits of one step are compared with
-   eager sdpa's: graphs and the flash kernel must compute the same model.
+   eager sdpa's: graphs and the flash kernel must compute the same model. At the shapes of
+   the bars (B, q) = (1, 1), (1, 5), (32, 1), a profile of the ops with the most device time.
 3. Batch-1 TPOT of SmolLM2-135M through `Engine.step()` greedy decoding (its shape with
    random weights, or the real model with `--target`), per variant.
 4. The built-in draft pair at batch 1, fixed k = 0..4 (`--ks`), with the in-process
@@ -25,9 +26,9 @@ batch-1 TPOT, and the built-in pair's k.
 
 Every section runs on its own: a failure is recorded under `errors` and the rest goes on;
 results.json is rewritten after each. It holds `info`, `ceilings`, `models` ({name:
-{shape, params, floor_ms, rows, variant, variants, agreement, flash}}: `rows` are the
-serving variant's (graphs, with flash where it runs) in the cost-profile format `{B, q,
-ctx, ms}`, so `load_profile("results.json#llama-7b")` seeds the cost model and the
+{shape, params, floor_ms, rows, variant, variants, agreement, flash, profiles}}: `rows`
+are the serving variant's (graphs, with flash where it runs) in the cost-profile format
+`{B, q, ctx, ms}`, so `load_profile("results.json#llama-7b")` seeds the cost model and the
 simulator with them), `tpot`, `pair`, `pair_projected`, `bars` (the targets this check
 exists for, each with its measured value) and `errors`. Budget: about 8 minutes on one
 H100/H200.
@@ -96,11 +97,11 @@ def measure_model(name: str, args, modes, attentions, dtype, bandwidth: float, s
     print(f"{name}: {weight_bytes / 1e9:.2f} GB of weights, floor {floor_ms:.2f} ms", flush=True)
     flash_bs, refused = flash_block(model.config, dtype, args.device)
     print(f"  flash: block size {flash_bs}, refused {refused}", flush=True)
-    rows, logits = {}, {}
+    rows, logits, profiles = {}, {}, {}
     for variant, bs in variants(modes, attentions, flash_bs).items():
         got = sections.run(f"{name} {variant}", step_times, model, args, variant, bs)
         if got is not None:
-            rows[variant], logits[variant] = got
+            rows[variant], logits[variant], profiles[variant] = got["rows"], got["logits"], got["profiles"]
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()  # the runner's cache and graphs went with it
     base = logits[next(iter(logits))]
@@ -115,6 +116,7 @@ def measure_model(name: str, args, modes, attentions, dtype, bandwidth: float, s
         # each variant's logits of one step against the first (eager, gathered) variant's
         "agreement": {v: ((x - base).abs().max() / base.abs().max()).item() for v, x in list(logits.items())[1:]},
         "flash": {"block_size": flash_bs, "refused": refused},
+        "profiles": profiles,  # per variant and shape: the ops with the most device time, per step
     }
 
 
@@ -200,6 +202,7 @@ def main() -> int:
     ap.add_argument("--ks", default="0,1,2,3,4")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU run of the same code")
     ap.add_argument("--copy-mib", type=int, default=1024)
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the op profiles")
     ap.add_argument("--output-dir", default="benchmarks/results/gpu_check")
     args = ap.parse_args()
     args.batch = [int(x) for x in args.batch.split(",")]

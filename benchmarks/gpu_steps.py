@@ -4,6 +4,7 @@ device's copy bandwidth, `ModelRunner` step times per variant, and engine decodi
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import sys
 import time
@@ -90,9 +91,38 @@ def flash_block(config, dtype, device: str) -> tuple[int | None, dict]:
     return None, refused
 
 
-def step_times(model, args, variant: str, block_size: int) -> tuple[list[dict], torch.Tensor]:
-    """{B, q, ctx, ms} per shape (every request's context prefilled once, then each (B, q) step
-    timed), and the logits of the smallest batch's largest verification step."""
+PROFILED = {(1, 1), (1, 5), (32, 1)}  # the shapes of the step bars: where the time goes, when one is missed
+
+
+def op_profile(fn, reps: int = 3, top: int = 12) -> list[dict]:
+    """The ops with the most device time (CPU time on a CPU) over `reps` calls of fn, per call."""
+    return model_thread.call(_op_profile, fn, reps, top)  # the thread the forwards run on
+
+
+def _op_profile(fn, reps: int, top: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(reps):
+            fn()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [
+        {
+            "op": e.key,
+            "calls": e.count / reps,
+            "device_ms": e.self_device_time_total / reps / 1e3,
+            "cpu_ms": e.self_cpu_time_total / reps / 1e3,
+        }
+        for e in events
+    ]
+
+
+def step_times(model, args, variant: str, block_size: int) -> dict:
+    """`rows`: {B, q, ctx, ms} per shape (every request's context prefilled once, then each
+    (B, q) step timed); `logits` of the smallest batch's largest verification step; with
+    `args.profile`, `profiles` of the PROFILED shapes' ops."""
     mode, attention = variant.split("/")
     b_max, q_max = max(args.batch), max(args.q)
     per_request = -(-(args.ctx + q_max) // block_size) + 1  # + 1: a padded grid reads up to 16 more
@@ -101,7 +131,7 @@ def step_times(model, args, variant: str, block_size: int) -> tuple[list[dict], 
     with torch.inference_mode():
         for start in range(0, b_max, 8):  # prefill, eagerly, 8 contexts at a time
             runner._eager([ForwardItem([1] * args.ctx, 0, t, 0) for t in tables[start : start + 8]])
-    rows, probe = [], None
+    rows, probe, profiles = [], None, {}
     for b in args.batch:
         for q in args.q:
             items = [ForwardItem([7 + i % 5] * q, args.ctx, tables[i], q) for i in range(b)]
@@ -114,7 +144,9 @@ def step_times(model, args, variant: str, block_size: int) -> tuple[list[dict], 
                 probe = logits.cpu()
             rows.append({"B": b, "q": q, "ctx": args.ctx, "ms": statistics.median(times[2:])})
             print(f"  {variant:10s} B={b:3d} q={q}: {rows[-1]['ms']:8.2f} ms", flush=True)
-    return rows, probe
+            if args.profile and (b, q) in PROFILED:
+                profiles[f"B={b} q={q}"] = op_profile(functools.partial(runner.forward, items))
+    return {"rows": rows, "logits": probe, "profiles": profiles}
 
 
 def decode(model, tok, variant: str, block_size: int, new_tokens: int, prompt: str, proposer=None, k=0) -> dict:

@@ -39,6 +39,8 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
         assert model["flash"]["block_size"] is None and "CUDA" in model["flash"]["refused"]["256"]  # noted, skipped
         assert {(r["B"], r["q"]) for r in model["rows"]} == {(1, 1), (1, 5), (2, 1), (2, 5)}
         assert all(r["ms"] > 0 and r["ctx"] == 20 for r in model["rows"])
+        ops = model["profiles"]["off/sdpa"]["B=1 q=5"]  # where a profiled step's time went
+        assert set(model["profiles"]["off/sdpa"]) == {"B=1 q=1", "B=1 q=5"} and ops[0]["cpu_ms"] > 0
     steps = load_profile(f"{tmp_path / 'results.json'}#tiny-a")  # what the cost model and simulator read
     assert len(steps) == 4 and steps[0].verify_ms > 0
     assert set(results["tpot"]) == {"off/sdpa"} and results["tpot"]["off/sdpa"] > 0
