@@ -7,8 +7,12 @@ to the next power of two. Every tensor shape of the forward then depends on the
 bucket alone, so:
 
 - `compile`: `torch.compile(fullgraph=True)` of layout derivation plus model,
-  per bucket. On a CPU this is the proof that nothing in the forward breaks the
-  graph (a host synchronisation or a tensor built from Python data would);
+  per bucket. On a CPU this is the proof that the forward is one graph with no
+  host read: a graph break fails the compile, and so does any operation whose
+  result depends on tensor data the host would have to wait for (`.item()`,
+  `.tolist()`, `nonzero`, boolean masks: torch traces these as unbacked
+  symbols rather than breaking) or a tensor built from Python data
+  (`host_reads`);
 - `cuda`: each bucket is captured once as a CUDA graph on first use and
   replayed: a step costs one host-to-device copy of the packed integers, one
   replay and the row selection, instead of one launch per operation.
@@ -24,6 +28,7 @@ import bisect
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from runtime.attention import LAYOUT_KWARG, ForwardItem, PackedStep, StepLayout, StepShape, keep_rows
 from runtime.cpu_linear import CpuLinear
@@ -31,6 +36,32 @@ from runtime.cpu_linear import CpuLinear
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 QUERY_BUCKETS = (1, 2, 4, 8, 16)
 MODES = ("off", "compile", "cuda")
+
+
+class HostRead(RuntimeError):
+    """The compiled forward would wait for the device, or copy Python data to it."""
+
+
+def host_reads(gm: torch.fx.GraphModule) -> list[str]:
+    """The nodes of a traced forward that read device data on the host (values with unbacked
+    symbols: sizes or scalars known only once the device has run) or build tensors from
+    Python data: what CUDA graph capture refuses, or what would replay stale."""
+    return [
+        node.format_node()
+        for node in gm.graph.nodes
+        if getattr(node.target, "__name__", "") in ("tensor", "as_tensor")
+        or free_unbacked_symbols(node.meta.get("example_value"))
+    ]
+
+
+def _inductor_without_host_reads(gm: torch.fx.GraphModule, example_inputs):
+    if found := host_reads(gm):
+        raise HostRead(
+            "the forward reads device data on the host or builds tensors from Python data: " + "; ".join(found)
+        )
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
 
 
 @dataclass
@@ -85,7 +116,9 @@ class GraphRunner:
         if self.mode == "compile":
             packed = step.to(self.kv.k[0].device)
             if self._compiled is None:
-                self._compiled = torch.compile(self._padded_forward, fullgraph=True, dynamic=False)
+                self._compiled = torch.compile(
+                    self._padded_forward, fullgraph=True, dynamic=False, backend=_inductor_without_host_reads
+                )
             logits = self._compiled(packed, step.shape)
         else:
             captured = self._captured.get(step.shape) or self._capture(step)

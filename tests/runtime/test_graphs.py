@@ -75,19 +75,32 @@ def test_steps_past_the_largest_bucket_run_eagerly(tiny_model):
     assert compiled.forward(long).shape == (1, V)
 
 
-def test_a_host_synchronisation_in_the_forward_breaks_the_compiled_graph(tiny_model, monkeypatch):
-    """The check has teeth: a `.item()` slipped into the attention layout fails the compile."""
+HOST_READS = {
+    # a device-to-host read guarding a branch: a graph break
+    "item-guard": lambda lengths: lengths.sum().item() >= 0 or None,
+    # reads torch traces as unbacked symbols instead of breaking the graph: still a host wait
+    "item": lambda lengths: lengths + int(lengths.max().item()) * 0,
+    "nonzero": lambda lengths: lengths + lengths.nonzero().sum() * 0,
+    "mask": lambda lengths: lengths + lengths[lengths > 0].sum() * 0,
+    # a tensor from Python data, copied to the device at every replay (or frozen into a graph)
+    "python-list": lambda lengths: lengths + torch.tensor([0] * len(lengths)),
+}
+
+
+@pytest.mark.parametrize("read", sorted(HOST_READS))
+def test_a_host_read_in_the_forward_fails_the_compile(tiny_model, monkeypatch, read):
+    """The check has teeth: any of these slipped into the attention layout fails the compile."""
     import runtime.attention as attention
 
-    real = attention._ragged
+    real, change = attention._ragged, HOST_READS[read]
 
-    def syncing(lengths, total):
-        assert int(lengths.sum().item()) >= 0  # a device-to-host read, as a careless change might add
-        return real(lengths, total)
+    def reading(lengths, total):
+        out = change(lengths)
+        return real(out if isinstance(out, torch.Tensor) else lengths, total)
 
     _, compiled = runners(tiny_model)
-    monkeypatch.setattr(attention, "_ragged", syncing)
-    with pytest.raises(Exception, match="(?i)graph break|item|unsupported"):
+    monkeypatch.setattr(attention, "_ragged", reading)
+    with pytest.raises(Exception, match="(?i)graph break|data-dependent|host|unsupported"):
         compiled.forward([ForwardItem([1], 3, [0, 1], 1)])
 
 

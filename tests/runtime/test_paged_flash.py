@@ -158,3 +158,69 @@ def test_graph_buckets_cover_what_the_kernel_reads(small_vocab_dir):
     full = [ForwardItem([1, 2, 3], 9, [0, 1, 2], 3)]  # 12 tokens fill the cache; padded, 13 would not
     assert GraphRunner(model, kv, "compile", 16).bucket(full) == (1, 4, 3)
     assert GraphRunner(model, kv, "compile", 16, flash=True).bucket(full) is None
+
+
+def traceable_standin(query, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, **kw):
+    """The same contract as `standin_kernel` in tensor operations only (no host reads), so a
+    forward through it compiles with fullgraph=True as the real kernel's custom op does."""
+    n, heads, _ = query.shape
+    kv_heads, used, table = k_pages.shape[2], kw["seqused_k"].long(), kw["block_table"].long()
+    t = torch.arange(n)
+    req = torch.searchsorted(cu_seq_q[1:].long(), t, right=True)  # each token's request
+    start, end = cu_seq_q.long()[req], cu_seq_q.long()[req + 1]
+    keys = k_pages[table[req]].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)  # [n, max_k, H, D]
+    values = v_pages[table[req]].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)
+    s = torch.arange(max_k)
+    j = (t - start).clamp(max=max_q - 1)  # a request's queries number at most max_q: the clamp never bites
+    last_seen = (j + used[req] - (end - start)).unsqueeze(1)  # bottom-right aligned causal mask
+    visible = (s.unsqueeze(0) <= last_seen) & (s.unsqueeze(0) < used[req].unsqueeze(1))  # [n, max_k]
+    scores = torch.einsum("nhd,nshd->nhs", query, keys) * kw["scale"]
+    scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+    return torch.einsum("nhs,nshd->nhd", torch.softmax(scores, -1), values)
+
+
+def test_graph_path_through_the_flash_layout_compiles_whole_cpu_standin(small_vocab_dir, monkeypatch):
+    """The padded flash step (offsets, lengths, int32 tables) compiles with fullgraph=True, so
+    nothing in it synchronises with the host or builds a tensor from Python data, and its
+    logits match the eager gathered path's."""
+    import runtime.model_runner as model_runner
+    from runtime.models import load_model
+
+    monkeypatch.setattr(paged_flash, "kernel", lambda: traceable_standin)
+    model = load_model(small_vocab_dir)
+    sdpa = model_runner.ModelRunner(model, 16, BS, attention="sdpa")
+    monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
+    compiled = model_runner.ModelRunner(model, 16, BS, graphs="compile", attention="flash")
+    tables = [[3, 0, 7], [5, 1, 9], [2, 4, 6]]
+    gen = torch.Generator().manual_seed(6)
+    prefill = [ForwardItem(torch.randint(12, (n,), generator=gen).tolist(), 0, t, 0) for t, n in zip(tables, (5, 6, 2))]
+    for runner in (sdpa, compiled):
+        runner.forward(prefill)
+    items = [
+        ForwardItem([4], 5, tables[0], 1),
+        ForwardItem([2, 8, 5], 6, tables[1], 3),
+        ForwardItem([9, 3], 2, tables[2], 2),
+    ]
+    assert compiled.graphs.bucket(items) == (4, 4, 4)  # 3 requests padded to 4, each 4 tokens wide
+    want, got = sdpa.forward(items), compiled.forward(items)
+    assert compiled.graphs.steps == 2  # the short prefill (padded to 8 wide) and the step
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_host_read_in_the_flash_layout_fails_the_compile_cpu_standin(small_vocab_dir, monkeypatch):
+    """The check has teeth on this path too: the kernel's max_q read from the device (instead
+    of the bucket's shape) fails the compile."""
+    import runtime.model_runner as model_runner
+    from runtime.models import load_model
+
+    monkeypatch.setattr(paged_flash, "kernel", lambda: traceable_standin)
+    monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
+    real = paged_flash.FlashStep.derive
+    monkeypatch.setattr(
+        paged_flash.FlashStep,
+        "derive",
+        staticmethod(lambda ctx, width, table, max_q, bs: real(ctx, width, table, int(width.max()), bs)),
+    )
+    compiled = model_runner.ModelRunner(load_model(small_vocab_dir), 16, BS, graphs="compile", attention="flash")
+    with pytest.raises(Exception, match="reads device data on the host"):
+        compiled.forward([ForwardItem([4, 2], 0, [3], 1)])
