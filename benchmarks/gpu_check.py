@@ -1,4 +1,4 @@
-"""One prepared GPU check: step times eager vs CUDA graphs, gathered vs flash attention,
+"""One prepared GPU check: step times eager vs CUDA graphs, gathered vs paged attention,
 batch-1 TPOT, and the built-in pair's k.
 
     python benchmarks/gpu_check.py [--device cuda] [--output-dir benchmarks/results/gpu_check]
@@ -9,11 +9,11 @@ batch-1 TPOT, and the built-in pair's k.
 2. `ModelRunner.forward` step time for B requests x q new tokens over a `--ctx`-token
    cached context, for Llama-2-7B and Llama-68M shapes built from their configs with
    random weights (no download), per variant `mode/attention`: runner mode `off` (eager)
-   or `cuda` (CUDA graphs), attention `sdpa` (gathered blocks) or `flash` (the paged
-   kernel, at the smallest block size of 16 and 256 it takes here; skipped, with the
-   reason, where it cannot run). Median of `--reps` after two warm-up calls (the first
+   or `cuda` (CUDA graphs), attention `sdpa` (gathered blocks) or a paged kernel (`flash`:
+   torch's, `triton`: this repository's; each at the smallest block size of 16 and 256 it
+   takes here, and skipped, with the reason, where it cannot run). Median of `--reps` after two warm-up calls (the first
    captures the bucket's graph). Each variant's logits of one step are compared with
-   eager sdpa's: graphs and the flash kernel must compute the same model. At the shapes of
+   eager sdpa's: graphs and the paged kernels must compute the same model. At the shapes of
    the bars (B, q) = (1, 1), (1, 5), (32, 1), a profile of the ops with the most device time.
 3. Batch-1 TPOT of SmolLM2-135M through `Engine.step()` greedy decoding (its shape with
    random weights, or the real model with `--target`), per variant.
@@ -26,8 +26,8 @@ batch-1 TPOT, and the built-in pair's k.
 
 Every section runs on its own: a failure is recorded under `errors` and the rest goes on;
 results.json is rewritten after each. It holds `info`, `ceilings`, `models` ({name:
-{shape, params, floor_ms, rows, variant, variants, agreement, flash, profiles}}: `rows`
-are the serving variant's (graphs, with flash where it runs) in the cost-profile format
+{shape, params, floor_ms, rows, variant, variants, agreement, paged, profiles}}: `rows`
+are the serving variant's (graphs, with a paged kernel where one runs) in the cost-profile format
 `{B, q, ctx, ms}`, so `load_profile("results.json#llama-7b")` seeds the cost model and the
 simulator with them), `tpot`, `pair`, `pair_projected`, `bars` (the targets this check
 exists for, each with its measured value) and `errors`. Budget: about 8 minutes on one
@@ -52,7 +52,7 @@ from gpu_steps import (  # noqa: E402
     SHAPES,
     copy_bandwidth,
     decode,
-    flash_block,
+    paged_blocks,
     random_model,
     serving_variant,
     step_times,
@@ -95,10 +95,10 @@ def measure_model(name: str, args, modes, attentions, dtype, bandwidth: float, s
     # Every weight is read once a step; a copy moves each byte twice (read + write).
     floor_ms = weight_bytes / (bandwidth / 2) * 1e3
     print(f"{name}: {weight_bytes / 1e9:.2f} GB of weights, floor {floor_ms:.2f} ms", flush=True)
-    flash_bs, refused = flash_block(model.config, dtype, args.device)
-    print(f"  flash: block size {flash_bs}, refused {refused}", flush=True)
+    blocks, refused = paged_blocks(attentions, model.config, dtype, args.device)
+    print(f"  paged kernels: block sizes {blocks}, refused {refused}", flush=True)
     rows, logits, profiles = {}, {}, {}
-    for variant, bs in variants(modes, attentions, flash_bs).items():
+    for variant, bs in variants(modes, attentions, blocks).items():
         got = sections.run(f"{name} {variant}", step_times, model, args, variant, bs)
         if got is not None:
             rows[variant], logits[variant], profiles[variant] = got["rows"], got["logits"], got["profiles"]
@@ -115,7 +115,7 @@ def measure_model(name: str, args, modes, attentions, dtype, bandwidth: float, s
         "variants": rows,
         # each variant's logits of one step against the first (eager, gathered) variant's
         "agreement": {v: ((x - base).abs().max() / base.abs().max()).item() for v, x in list(logits.items())[1:]},
-        "flash": {"block_size": flash_bs, "refused": refused},
+        "paged": {"block_sizes": blocks, "refused": refused},
         "profiles": profiles,  # per variant and shape: the ops with the most device time, per step
     }
 
@@ -192,7 +192,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--models", default="llama-7b,llama-68m")
     ap.add_argument("--modes", default="off,cuda", help="runner modes to compare: off | compile | cuda")
-    ap.add_argument("--attention", default="sdpa,flash", help="attentions to compare: sdpa | flash")
+    ap.add_argument("--attention", default="sdpa,flash,triton", help="attentions to compare: sdpa | flash | triton")
     ap.add_argument("--batch", default="1,8,32,64")
     ap.add_argument("--q", default="1,2,5,9")
     ap.add_argument("--ctx", type=int, default=512)
@@ -237,8 +237,7 @@ def main() -> int:
         target = load_model(args.target, args.dtype, args.device)
     else:
         target = random_model("tiny-a" if args.tiny else "smollm2-135m", dtype, args.device)
-    flash_bs, _ = flash_block(target.config, target.dtype, args.device)
-    runs = variants(modes, attentions, flash_bs)
+    runs = variants(modes, attentions, paged_blocks(attentions, target.config, target.dtype, args.device)[0])
     for v, bs in runs.items():
         got = sections.run(f"tpot {v}", decode, target, tok, v, bs, args.new_tokens, PROMPT)
         if got is not None:

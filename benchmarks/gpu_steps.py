@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from controller.policy import Policy  # noqa: E402
 from engine.config import CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
-from runtime import model_thread, paged_flash  # noqa: E402
+from runtime import model_thread, paged_kernels  # noqa: E402
 from runtime.attention import ForwardItem  # noqa: E402
 from runtime.model_runner import ModelRunner, kv_shape  # noqa: E402
 from runtime.sampler import SamplingParams  # noqa: E402
@@ -76,19 +76,21 @@ def copy_bandwidth(device: str, mib: int) -> float:
     return 2 * src.numel() / statistics.median(times[1:])
 
 
-def flash_block(config, dtype, device: str) -> tuple[int | None, dict]:
-    """The smallest block size of 16 and 256 the paged flash kernel takes here (None: neither),
-    and why each smaller one was refused."""
-    refused = {}
+def paged_blocks(attentions: list[str], config, dtype, device: str) -> tuple[dict, dict]:
+    """For each paged kernel asked for, the smallest block size of 16 and 256 it takes here
+    (None: neither), and why each size was refused."""
     _, kv_heads, head_dim = kv_shape(config)
-    for bs in (BLOCK_SIZE, 256):
-        why = model_thread.call(
-            paged_flash.unavailable, config.num_attention_heads, kv_heads, head_dim, bs, dtype, device
-        )
-        if why is None:
-            return bs, refused
-        refused[str(bs)] = why
-    return None, refused
+    geometry = (config.num_attention_heads, kv_heads, head_dim)
+    blocks, refused = {}, {}
+    for name in (a for a in attentions if a in paged_kernels.KERNELS):
+        blocks[name] = None
+        for bs in (BLOCK_SIZE, 256):
+            why = model_thread.call(paged_kernels.unavailable, name, *geometry, bs, dtype, device)
+            if why is None:
+                blocks[name] = bs
+                break
+            refused[f"{name} {bs}"] = why
+    return blocks, refused
 
 
 PROFILED = {(1, 1), (1, 5), (32, 1)}  # the shapes of the step bars: where the time goes, when one is missed
@@ -174,16 +176,17 @@ def decode(model, tok, variant: str, block_size: int, new_tokens: int, prompt: s
     }
 
 
-def variants(modes: list[str], attentions: list[str], flash_bs: int | None) -> dict[str, int]:
+def variants(modes: list[str], attentions: list[str], blocks: dict) -> dict[str, int]:
     """{"mode/attention": block size} of the variants that can run here."""
     return {
-        f"{mode}/{att}": flash_bs if att == "flash" else BLOCK_SIZE
+        f"{mode}/{att}": blocks.get(att) or BLOCK_SIZE
         for mode in modes
         for att in attentions
-        if att != "flash" or flash_bs is not None
+        if att == "sdpa" or blocks.get(att) is not None
     }
 
 
 def serving_variant(names) -> str:
-    """What a server here would run: graphs, with the flash kernel where it runs."""
-    return next((v for v in ("cuda/flash", "cuda/sdpa", "compile/sdpa") if v in names), list(names)[0])
+    """What a server here would run (--attention auto): graphs, with the first paged kernel that runs."""
+    order = ("cuda/flash", "cuda/triton", "cuda/sdpa", "compile/sdpa")
+    return next((v for v in order if v in names), list(names)[0])

@@ -27,4 +27,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     policy: Policy = Policy()
     graphs: str = "off"  # the model runner's: off | compile | cuda (runtime.graphs)
-    attention: str = "auto"  # the model runner's: auto | flash | sdpa (runtime.paged_flash)
+    attention: str = "auto"  # the model runner's: auto | flash | triton | sdpa (runtime.paged_kernels)

@@ -15,8 +15,8 @@ synchronisation, so the forward can be compiled whole or captured as a graph.
 - long prefill chunks attend one by one as spans (padding them would waste
   q_max x B attention), over a view of their consecutive blocks.
 
-On CUDA, `runtime.paged_flash` replaces both with one varlen flash call per
-layer that reads the pages itself (chosen by the model runner).
+On a GPU, a paged kernel (`runtime.paged_kernels`) replaces both with one call
+per layer that reads the pages itself (chosen by the model runner).
 
 A request may occupy more flat tokens than it has (`width` > q): the padded
 grid the compiled and graph paths use. Padding tokens write their K/V to a
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from runtime.kv_cache import KVCache, contiguous_runs
-from runtime.paged_flash import FlashStep, attend
+from runtime.paged_kernels import PagedStep, attend
 
 ATTN_IMPLEMENTATION = "smartspec_paged"
 LAYOUT_KWARG = "smartspec_layout"
@@ -166,7 +166,7 @@ class StepLayout:
     slots: torch.Tensor  # [N] cache slot of each new token
     batched: BatchedGroup | None
     spans: list[Span]
-    flash: FlashStep | None = None  # set: every request through the paged flash kernel instead
+    paged: PagedStep | None = None  # set: every request through a paged kernel instead
 
     @staticmethod
     def build(
@@ -175,20 +175,21 @@ class StepLayout:
         device,
         batched_max_q: int = 16,
         widths: list[int] | None = None,
-        flash: bool = False,
+        paged: str | None = None,
     ) -> StepLayout:
-        if flash:  # one kernel call takes every request: no spans
+        """`paged`: the paged kernel's name (runtime.paged_kernels), or None: gathered SDPA."""
+        if paged:  # one kernel call takes every request: no spans
             batched_max_q = max(widths or [len(it.token_ids) for it in items])
         step = PackedStep.build(items, kv.block_size, kv.scratch_block, batched_max_q, widths)
         spans = [_span(it, q, start, kv.block_size, device) for it, q, start in step.spans]
-        return StepLayout.derive(step.to(device), step.shape, kv, spans, flash)
+        return StepLayout.derive(step.to(device), step.shape, kv, spans, paged)
 
     @staticmethod
     def derive(
-        packed: torch.Tensor, shape: StepShape, kv: KVCache, spans: list[Span] = (), flash: bool = False
+        packed: torch.Tensor, shape: StepShape, kv: KVCache, spans: list[Span] = (), paged: str | None = None
     ) -> StepLayout:
         """Everything else from the packed integers, on their device: positions, slots, the
-        logits to keep and the batched group's indices and mask (or the flash kernel's offsets).
+        logits to keep and the batched group's indices and mask (or the paged kernel's offsets).
         Only tensor operations of shapes fixed by `shape`, so this traces, compiles and
         captures with the model."""
         b, nb, bs = shape.batch, shape.blocks, kv.block_size
@@ -207,9 +208,9 @@ class StepLayout:
         if shape.logits is not None:
             k_req, k_local = _ragged(num_logits, shape.logits)
             keep = start[k_req] + q[k_req] - num_logits[k_req] + k_local
-        batched = paged = None
-        if flash:
-            paged = FlashStep.derive(ctx, width, table, shape.q_max, bs)
+        batched = paged_step = None
+        if paged:
+            paged_step = PagedStep.derive(ctx, width, table, shape.q_max, bs, paged)
         elif shape.group_tokens:
             rows = (
                 (ctx, q, width, start, table)
@@ -217,7 +218,7 @@ class StepLayout:
                 else (x[grp] for x in (ctx, q, width, start, table))
             )
             batched = _batched(*rows, shape=shape, bs=bs)
-        return StepLayout(kv, input_ids.unsqueeze(0), pos.unsqueeze(0), keep, slots, batched, list(spans), paged)
+        return StepLayout(kv, input_ids.unsqueeze(0), pos.unsqueeze(0), keep, slots, batched, list(spans), paged_step)
 
 
 def keep_rows(packed: torch.Tensor, shape: StepShape, num_logits: int) -> torch.Tensor:
@@ -273,8 +274,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     layer = module.layer_idx
     q = query[0].transpose(0, 1)  # [N, H, D]
     layout.kv.write(layer, layout.slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
-    if layout.flash is not None:
-        return attend(q, layout.kv.k[layer], layout.kv.v[layer], layout.flash, scaling).unsqueeze(0), None
+    if layout.paged is not None:
+        return attend(q, layout.kv.k[layer], layout.kv.v[layer], layout.paged, scaling).unsqueeze(0), None
     g = layout.batched
     out = None
     if g is not None:

@@ -72,12 +72,12 @@ class _Captured:
 
 
 class GraphRunner:
-    def __init__(self, model, kv, mode: str, max_q: int, flash: bool = False):
+    def __init__(self, model, kv, mode: str, max_q: int, paged: str | None = None):
         if mode not in MODES[1:]:
             raise ValueError(f"graph mode must be one of {MODES[1:]}, got {mode!r}")
         if mode == "cuda" and kv.k[0].device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        self.model, self.kv, self.mode, self.flash = model, kv, mode, flash
+        self.model, self.kv, self.mode, self.paged = model, kv, mode, paged
         self.max_q = min(max_q, QUERY_BUCKETS[-1])
         self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
         self._compiled = None  # torch.compile of _padded_forward, made on first use
@@ -99,10 +99,10 @@ class GraphRunner:
         q = bisect.bisect_left(QUERY_BUCKETS, max(len(it.token_ids) for it in items))
         if b == len(BATCH_BUCKETS) or q == len(QUERY_BUCKETS) or QUERY_BUCKETS[q] > self.max_q:
             return None
-        # The flash kernel reads ctx + width cached tokens (runtime.paged_flash): the table covers them.
-        width = QUERY_BUCKETS[q] if self.flash else 0
+        # A paged kernel reads ctx + width cached tokens (runtime.paged_kernels): the table covers them.
+        width = QUERY_BUCKETS[q] if self.paged else 0
         need = max(-(-(it.ctx + max(len(it.token_ids), width)) // self.kv.block_size) for it in items)
-        if need > self.max_blocks:  # only near a full cache, for the flash kernel's padding reads
+        if need > self.max_blocks:  # only near a full cache, for a paged kernel's padding reads
             return None
         blocks = 1 << max(need - 1, 0).bit_length()
         return BATCH_BUCKETS[b], QUERY_BUCKETS[q], min(blocks, self.max_blocks)
@@ -128,7 +128,7 @@ class GraphRunner:
         return logits[keep_rows(packed, step.shape, sum(it.num_logits for it in items))]
 
     def _padded_forward(self, packed: torch.Tensor, shape: StepShape) -> torch.Tensor:
-        layout = StepLayout.derive(packed, shape, self.kv, flash=self.flash)
+        layout = StepLayout.derive(packed, shape, self.kv, paged=self.paged)
         out = self.model(
             input_ids=layout.input_ids,
             position_ids=layout.positions,

@@ -13,7 +13,7 @@ from runtime.cpu_linear import prebuild
 from runtime.cpu_linear_select import use_cpu_linear
 from runtime.graphs import GraphRunner
 from runtime.kv_cache import KVCache
-from runtime.paged_flash import unavailable
+from runtime.paged_kernels import KERNELS, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-ATTENTION = ("auto", "flash", "sdpa")
+ATTENTION = ("auto", *KERNELS, "sdpa")
 
 
 class ModelRunner:
@@ -41,8 +41,9 @@ class ModelRunner:
     ):
         """`graphs`: "off" (eager), "compile" or "cuda": decode and verification steps through
         `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly.
-        `attention`: "sdpa" (gathered blocks, `runtime.attention`), "flash" (the paged kernel,
-        `runtime.paged_flash`) or "auto": flash where it runs and agrees with dense attention."""
+        `attention`: "sdpa" (gathered blocks, `runtime.attention`), a paged kernel ("flash":
+        torch's, "triton": ours; `runtime.paged_kernels`), or "auto": the first of those that
+        runs here and agrees with dense attention, else sdpa."""
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         model_thread.call(self._init, model, num_blocks, block_size, batched_max_q, graphs, attention)
@@ -61,23 +62,29 @@ class ModelRunner:
             layers, num_blocks, block_size, kv_heads, head_dim, next(model.parameters()).dtype, self.device
         )
         self.batched_max_q = batched_max_q
-        self.flash = self._choose_flash(attention, model.config, kv_heads, head_dim, block_size)
-        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.flash)
+        self.paged = self._choose_paged(attention, model.config, kv_heads, head_dim, block_size)
+        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.paged)
 
-    def _choose_flash(self, attention: str, config, kv_heads: int, head_dim: int, block_size: int) -> bool:
+    def _choose_paged(self, attention: str, config, kv_heads: int, head_dim: int, block_size: int) -> str | None:
+        """The paged kernel's name, or None: gathered blocks and SDPA."""
         if attention == "sdpa":
-            return False
+            return None
         geometry, dtype = (config.num_attention_heads, kv_heads, head_dim), self.kv.k[0].dtype
-        why = unavailable(*geometry, block_size, dtype, self.device)
-        if why is None:
-            return True
-        if self.device.type == "cuda" and unavailable(*geometry, 256, dtype, self.device) is None:
-            why += "; it runs with a block size of 256 (--block-size 256)"
-        if attention == "flash":
-            raise ValueError(why)
+        reasons = []
+        for name in KERNELS if attention == "auto" else (attention,):
+            why = unavailable(name, *geometry, block_size, dtype, self.device)
+            if why is None:
+                if reasons and self.device.type == "cuda":
+                    log.info("attention: the paged %s kernel (%s)", name, "; ".join(reasons))
+                return name
+            if self.device.type == "cuda" and unavailable(name, *geometry, 256, dtype, self.device) is None:
+                why += "; it runs with a block size of 256 (--block-size 256)"
+            reasons.append(why)
+        if attention != "auto":
+            raise ValueError(reasons[0])
         if self.device.type == "cuda":
-            log.warning("attention: gathered blocks and SDPA, as %s", why)
-        return False
+            log.warning("attention: gathered blocks and SDPA, as %s", "; ".join(reasons))
+        return None
 
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Returns [sum(num_logits), vocab] float32 logits, items in order (run on the model thread)."""
@@ -97,7 +104,7 @@ class ModelRunner:
         return logits
 
     def _eager(self, items: list[ForwardItem]) -> torch.Tensor:
-        layout = StepLayout.build(items, self.kv, self.device, self.batched_max_q, flash=self.flash)
+        layout = StepLayout.build(items, self.kv, self.device, self.batched_max_q, paged=self.paged)
         out = self.model(
             input_ids=layout.input_ids,
             position_ids=layout.positions,

@@ -44,9 +44,10 @@ class Placement:
     attention: str = field(
         default="auto",
         metadata={
-            "help": "attention over the paged KV cache: auto (the paged flash kernel where it runs and agrees "
-            "with dense attention: CUDA, float16/bfloat16, a block size the torch build takes; else sdpa) | "
-            "flash | sdpa (gathered blocks and masked scaled_dot_product_attention)"
+            "help": "attention over the paged KV cache: auto (on a GPU in float16/bfloat16, the first paged "
+            "kernel that runs and agrees with dense attention at start-up; else sdpa) | flash (torch's paged "
+            "varlen kernel, where the build has it) | triton (this repository's paged kernel) | sdpa "
+            "(gathered blocks and masked scaled_dot_product_attention)"
         },
     )
 

@@ -1,14 +1,15 @@
-"""The paged flash path: the step's offsets, lengths and tables, and the runner's choice.
+"""The paged kernels' path: the step's offsets, lengths and tables, and the runner's choice.
 
 torch's paged varlen flash kernel runs on CUDA only, and no GPU exists where the suite
 runs. The tests whose names end in `_cpu_standin` put `standin_kernel` in its place: the
-kernel's documented contract written out in float64 (queries between cu_seq_q[i] and
-cu_seq_q[i + 1], the first seqused_k[i] keys of request i through its block table, a
-causal mask aligned to the end of both, grouped KV heads). They prove what this side
-controls: that the layout hands the kernel the right requests, lengths and pages, for
-the eager step and for the padded grid of the compiled and graph paths. The kernel itself
-is checked where it runs: `paged_flash.unavailable` compares it with dense attention on
-the device before a runner uses it, and `benchmarks/gpu_check.py` records that check.
+kernels' contract written out in float64 (queries between cu_seq_q[i] and cu_seq_q[i + 1],
+the first seqused_k[i] keys of request i through its block table, a causal mask aligned to
+the end of both, grouped KV heads). They prove what this side controls: that the layout
+hands a kernel the right requests, lengths and pages, for the eager step and for the padded
+grid of the compiled and graph paths. The kernels themselves are checked where they run:
+`paged_kernels.unavailable` compares one with dense attention on the device before a runner
+uses it, `benchmarks/gpu_check.py` records that check, and the Triton kernel also runs here
+under Triton's interpreter (tests/runtime/test_paged_triton.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runtime import paged_flash
+from runtime import paged_kernels
 from runtime.attention import LAYOUT_KWARG, ForwardItem, PackedStep, StepLayout, paged_attention
 from runtime.kv_cache import KVCache
 from tests.runtime.test_attention import BS, H_KV, LAYERS, NUM_BLOCKS, D, H, allocate, check, reference, run_step
@@ -46,14 +47,16 @@ def standin_kernel(query, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, **
 
 @pytest.fixture
 def standin(monkeypatch):
-    monkeypatch.setattr(paged_flash, "kernel", lambda: standin_kernel)
+    monkeypatch.setattr(paged_kernels, "kernel", lambda name: standin_kernel)
 
 
 def flash_step(kv, reqs, chunks, scale):
     """run_step of test_attention through the flash layout."""
     original = StepLayout.build
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StepLayout, "build", lambda items, kv, dev, q=16, widths=None: original(items, kv, dev, flash=True))
+        mp.setattr(
+            StepLayout, "build", lambda items, kv, dev, q=16, widths=None: original(items, kv, dev, paged="flash")
+        )
         return run_step(kv, reqs, chunks, scale)
 
 
@@ -71,8 +74,8 @@ def test_flash_layout_matches_per_request_reference_cpu_standin(standin, scale):
     step = [(r, ctx, q) for r, (ctx, q) in enumerate(spec)]
     layout, outs = flash_step(kv, reqs, step, scale or D**-0.5)
     assert layout.batched is None and layout.spans == []  # nothing gathered, nothing masked on the host
-    assert layout.flash.max_q == 20 and layout.flash.cu_seq_q.tolist() == [0, 1, 4, 24, 42, 45, 61]
-    assert layout.flash.seqused_k.tolist() == [c + q for c, q in spec]
+    assert layout.paged.max_q == 20 and layout.paged.cu_seq_q.tolist() == [0, 1, 4, 24, 42, 45, 61]
+    assert layout.paged.seqused_k.tolist() == [c + q for c, q in spec]
     check(outs, reqs, step, scale or D**-0.5)
 
 
@@ -86,9 +89,9 @@ def test_padded_grid_reads_ctx_plus_width_cpu_standin(standin):
     flash_step(kv, reqs, [(r, 0, ctx) for r, (ctx, _) in enumerate(spec)], D**-0.5)
     items = [ForwardItem([0] * q, c, reqs[r].table, q) for r, (c, q) in enumerate(spec)] + [ForwardItem([], 0, [], 0)]
     packed = PackedStep.build(items, BS, kv.scratch_block, 4, [4] * 4, blocks=4)
-    layout = StepLayout.derive(packed.host, packed.shape, kv, flash=True)
-    assert layout.flash.seqused_k.tolist() == [9, 13, 6, 4] and layout.flash.max_k == 4 * BS
-    assert layout.flash.cu_seq_q.tolist() == [0, 4, 8, 12, 16]
+    layout = StepLayout.derive(packed.host, packed.shape, kv, paged="flash")
+    assert layout.paged.seqused_k.tolist() == [9, 13, 6, 4] and layout.paged.max_k == 4 * BS
+    assert layout.paged.cu_seq_q.tolist() == [0, 4, 8, 12, 16]
     for layer in range(LAYERS):
         query, key, value = torch.zeros(1, H, 16, D), torch.zeros(1, H_KV, 16, D), torch.zeros(1, H_KV, 16, D)
         for i, (c, q) in enumerate(spec):
@@ -105,8 +108,9 @@ def test_padded_grid_reads_ctx_plus_width_cpu_standin(standin):
 
 
 def test_the_kernel_is_refused_where_it_cannot_run():
-    assert "CUDA" in paged_flash.unavailable(4, 2, 8, 16, torch.bfloat16, "cpu")
-    assert "float16 or bfloat16" in paged_flash.unavailable(4, 2, 8, 16, torch.float32, "cuda")
+    for name in paged_kernels.KERNELS:
+        assert "CUDA" in paged_kernels.unavailable(name, 4, 2, 8, 16, torch.bfloat16, "cpu")
+        assert "float16 or bfloat16" in paged_kernels.unavailable(name, 4, 2, 8, 16, torch.float32, "cuda")
 
 
 def test_runner_attention_choice_on_cpu(small_vocab_dir):
@@ -114,7 +118,7 @@ def test_runner_attention_choice_on_cpu(small_vocab_dir):
     from runtime.models import load_model
 
     model = load_model(small_vocab_dir)
-    assert ModelRunner(model, 8, BS).flash is False  # auto: the gathered path here
+    assert ModelRunner(model, 8, BS).paged is None  # auto: the gathered path here
     with pytest.raises(ValueError, match="CUDA"):
         ModelRunner(model, 8, BS, attention="flash")
     with pytest.raises(ValueError, match="attention must be one of"):
@@ -131,7 +135,7 @@ def test_runner_steps_through_the_flash_path_cpu_standin(standin, small_vocab_di
     sdpa = model_runner.ModelRunner(model, 16, BS, attention="sdpa")
     monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
     flash = model_runner.ModelRunner(model, 16, BS, attention="flash")
-    assert flash.flash and not sdpa.flash
+    assert flash.paged == "flash" and sdpa.paged is None
     gen = torch.Generator().manual_seed(5)
     tables = [[3, 0, 7], [5, 1, 9]]
     steps = [
@@ -154,10 +158,10 @@ def test_graph_buckets_cover_what_the_kernel_reads(small_vocab_dir):
     kv = ModelRunner(model, 3, BS).kv
     item = [ForwardItem([1, 2, 3], 5, [0, 1], 3)]  # 8 tokens: 2 blocks; padded to 4 wide, 9: 3 blocks
     assert GraphRunner(model, kv, "compile", 16).bucket(item) == (1, 4, 2)
-    assert GraphRunner(model, kv, "compile", 16, flash=True).bucket(item) == (1, 4, 3)
+    assert GraphRunner(model, kv, "compile", 16, paged="flash").bucket(item) == (1, 4, 3)
     full = [ForwardItem([1, 2, 3], 9, [0, 1, 2], 3)]  # 12 tokens fill the cache; padded, 13 would not
     assert GraphRunner(model, kv, "compile", 16).bucket(full) == (1, 4, 3)
-    assert GraphRunner(model, kv, "compile", 16, flash=True).bucket(full) is None
+    assert GraphRunner(model, kv, "compile", 16, paged="flash").bucket(full) is None
 
 
 def traceable_standin(query, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, **kw):
@@ -186,7 +190,7 @@ def test_graph_path_through_the_flash_layout_compiles_whole_cpu_standin(small_vo
     import runtime.model_runner as model_runner
     from runtime.models import load_model
 
-    monkeypatch.setattr(paged_flash, "kernel", lambda: traceable_standin)
+    monkeypatch.setattr(paged_kernels, "kernel", lambda name: traceable_standin)
     model = load_model(small_vocab_dir)
     sdpa = model_runner.ModelRunner(model, 16, BS, attention="sdpa")
     monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
@@ -213,13 +217,13 @@ def test_a_host_read_in_the_flash_layout_fails_the_compile_cpu_standin(small_voc
     import runtime.model_runner as model_runner
     from runtime.models import load_model
 
-    monkeypatch.setattr(paged_flash, "kernel", lambda: traceable_standin)
+    monkeypatch.setattr(paged_kernels, "kernel", lambda name: traceable_standin)
     monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
-    real = paged_flash.FlashStep.derive
+    real = paged_kernels.PagedStep.derive
     monkeypatch.setattr(
-        paged_flash.FlashStep,
+        paged_kernels.PagedStep,
         "derive",
-        staticmethod(lambda ctx, width, table, max_q, bs: real(ctx, width, table, int(width.max()), bs)),
+        staticmethod(lambda ctx, width, table, max_q, bs, name: real(ctx, width, table, int(width.max()), bs, name)),
     )
     compiled = model_runner.ModelRunner(load_model(small_vocab_dir), 16, BS, graphs="compile", attention="flash")
     with pytest.raises(Exception, match="reads device data on the host"):
