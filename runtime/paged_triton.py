@@ -74,7 +74,8 @@ if triton is not None:
             # Pages past the block's last visible key are never read.
             end = tl.minimum(used, m_block * BLOCK + BLOCK - 1 + used - n_q + 1)
             for first in range(0, end, PAGE):
-                page = tl.load(table_ptr + req * stride_table + first // PAGE)
+                # 64-bit: a layer's cache can pass 2^31 elements, page x stride would wrap in 32.
+                page = tl.load(table_ptr + req * stride_table + first // PAGE).to(tl.int64)
                 keys_at = first + tl.arange(0, PAGE)
                 offsets = (
                     page * stride_kp + tl.arange(0, PAGE)[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
