@@ -104,7 +104,7 @@ def measure_model(name: str, args, modes, attentions, dtype, bandwidth: float, s
             rows[variant], logits[variant], profiles[variant] = got["rows"], got["logits"], got["profiles"]
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()  # the runner's cache and graphs went with it
-    base = logits[next(iter(logits))]
+    base = logits.get("off/sdpa")
     serving = serving_variant(rows)
     return {
         "shape": SHAPES[name],
@@ -113,8 +113,12 @@ def measure_model(name: str, args, modes, attentions, dtype, bandwidth: float, s
         "rows": rows[serving],
         "variant": serving,
         "variants": rows,
-        # each variant's logits of one step against the first (eager, gathered) variant's
-        "agreement": {v: ((x - base).abs().max() / base.abs().max()).item() for v, x in list(logits.items())[1:]},
+        # each variant's logits of one step against eager gathered attention's
+        "agreement": {
+            v: ((x - base).abs().max() / base.abs().max()).item()
+            for v, x in logits.items()
+            if base is not None and v != "off/sdpa"
+        },
         "paged": {"block_sizes": blocks, "refused": refused},
         "profiles": profiles,  # per variant and shape: the ops with the most device time, per step
     }

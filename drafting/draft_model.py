@@ -23,6 +23,7 @@ covers only those tokens: logits column j is token `head_ids[j]`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,10 @@ from runtime import model_thread
 from runtime.draft import Draft
 from runtime.kv_cache import BlockAllocator, OutOfBlocks
 from runtime.model_runner import ForwardItem, ModelRunner
+from runtime.paged_kernels import KERNELS
 from runtime.sampler import SamplingParams, processed_probs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -73,7 +77,14 @@ class DraftModelBackend:
         self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
         # Its lockstep steps are small and many: the case graphs help most.
-        self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs, attention=attention)
+        try:
+            self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs, attention=attention)
+        except ValueError as exc:
+            if attention not in KERNELS:  # auto, sdpa or a bad name: nothing to fall back from
+                raise
+            # The draft's blocks are its own: a kernel the target runs at --block-size 256 may refuse them.
+            log.warning("draft attention: %s; choosing automatically", exc)
+            self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs, attention="auto")
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.top_k_cap = top_k_cap
         self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)

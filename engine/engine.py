@@ -258,6 +258,8 @@ class Engine:
         """One item's step: KV bookkeeping, speculation stats, its emitted tokens."""
         seq = it.seq
         if res is not None and res.error:
+            if self.runner is not None:  # its KV may hold what made its logits so: not for the next owner
+                self.runner.clear_blocks(seq.block_table)
             return self._fail_one(seq, res.error)
         self.scheduler.advance(it)
         if it.k:

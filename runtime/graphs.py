@@ -100,8 +100,9 @@ class GraphRunner:
         if b == len(BATCH_BUCKETS) or q == len(QUERY_BUCKETS) or QUERY_BUCKETS[q] > self.max_q:
             return None
         # A paged kernel reads ctx + width cached tokens (runtime.paged_kernels): the table covers them.
-        width = QUERY_BUCKETS[q] if self.paged else 0
-        need = max(-(-(it.ctx + max(len(it.token_ids), width)) // self.kv.block_size) for it in items)
+        need = max(
+            -(-(it.ctx + (QUERY_BUCKETS[q] if self.paged else len(it.token_ids))) // self.kv.block_size) for it in items
+        )
         if need > self.max_blocks:  # only near a full cache, for a paged kernel's padding reads
             return None
         blocks = 1 << max(need - 1, 0).bit_length()

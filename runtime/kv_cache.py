@@ -128,6 +128,13 @@ class KVCache:
         self.k[layer].view(-1, kv_heads, head_dim).index_copy_(0, slots, key)
         self.v[layer].view(-1, kv_heads, head_dim).index_copy_(0, slots, value)
 
+    def clear(self, blocks: list[int]) -> None:
+        """Zeros these blocks in every layer."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.k[0].device)
+        for k, v in zip(self.k, self.v):
+            k.index_fill_(0, index, 0.0)
+            v.index_fill_(0, index, 0.0)
+
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks: [B, nb] block ids -> K, V as [B, kv_heads, nb * block_size, head_dim] views."""
         b, nb = blocks.shape

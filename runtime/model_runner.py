@@ -86,6 +86,13 @@ class ModelRunner:
             log.warning("attention: gathered blocks and SDPA, as %s", "; ".join(reasons))
         return None
 
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zeros these KV blocks (on the model thread): a request whose logits were not finite may
+        have left NaN in them, and a later owner's attention multiplies the slots it has not
+        written yet by weight 0, which keeps a NaN."""
+        if blocks:
+            model_thread.call(self.kv.clear, blocks)
+
     def forward(self, items: list[ForwardItem]) -> torch.Tensor:
         """Returns [sum(num_logits), vocab] float32 logits, items in order (run on the model thread)."""
         return model_thread.call(self._forward, items)

@@ -83,7 +83,7 @@ def kernel(name: str):
 def attend(query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, step: PagedStep, scale) -> torch.Tensor:
     """query: [N, H, D] -> [N, H, D] over the pages [blocks, block_size, H_kv, D]."""
     return kernel(step.kernel)(
-        query.contiguous(),
+        query,  # [N, H, D] with a contiguous last dimension: what both kernels need
         k_pages,
         v_pages,
         step.cu_seq_q,
@@ -131,9 +131,9 @@ def unavailable(name: str, heads: int, kv_heads: int, head_dim: int, block_size:
     step = PagedStep.derive(ctx, q, torch.tensor(tables, device=device), max(n for _, n in spec), block_size, name)
     query = torch.randn(int(q.sum()), heads, head_dim, generator=gen).to(device, dtype)
     try:
-        got = attend(query, k_pages, v_pages, step, head_dim**-0.5).float()
+        got = attend(query, k_pages, v_pages, step, head_dim**-0.5).float().cpu()  # errors surface here
     except Exception as e:  # a build's own checks (the page size), a compile error: either way, not here
-        return f"the paged {name} kernel refused block size {block_size}: {str(e).splitlines()[0]}"
+        return f"the paged {name} kernel refused block size {block_size}: {(str(e).splitlines() or [repr(e)])[0]}"
     want, offset = [], 0
     for (c, n), table in zip(spec, tables):
         keys = k_pages[table].flatten(0, 1)[: c + n].float().transpose(0, 1)  # [H_kv, c + n, D]
@@ -143,7 +143,7 @@ def unavailable(name: str, heads: int, kv_heads: int, head_dim: int, block_size:
         o = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask, enable_gqa=True)
         want.append(o.transpose(0, 1))
         offset += n
-    err = (got - torch.cat(want)).abs().max().item()
+    err = (got - torch.cat(want).cpu()).abs().max().item()
     if err > 0.05:
         return f"the paged {name} kernel disagreed with dense attention by {err:.3g}"
     return None

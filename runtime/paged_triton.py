@@ -80,8 +80,10 @@ if triton is not None:
                 offsets = (
                     page * stride_kp + tl.arange(0, PAGE)[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
                 )
-                k = tl.load(k_ptr + offsets)
-                v = tl.load(v_ptr + offsets)
+                # Slots past the request's length read as zeros, as in the flash kernel: a masked
+                # weight is 0, and 0 x a stale NaN would still be NaN.
+                k = tl.load(k_ptr + offsets, mask=(keys_at < used)[:, None], other=0.0)
+                v = tl.load(v_ptr + offsets, mask=(keys_at < used)[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k).to(q.dtype), out_dtype=tl.float32) * scale
                 visible = (keys_at[None, :] <= last_seen[:, None]) & (keys_at[None, :] < used)
                 s = tl.where(visible, s, float("-inf"))

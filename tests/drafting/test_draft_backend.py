@@ -226,3 +226,13 @@ def test_a_draft_proposer_runs_on_the_threads_it_is_given(small_vocab_dir):
         assert model_thread.call(torch.get_num_threads) == 1
     finally:
         model_thread.call(torch.set_num_threads, before)
+
+
+def test_a_paged_kernel_the_drafts_blocks_do_not_suit_falls_back_to_the_automatic_choice(small_vocab_dir, caplog):
+    """A kernel named for the target (say at --block-size 256) may refuse the draft's own 16-token
+    blocks (here: no CUDA at all); the draft then chooses as with auto instead of failing to start.
+    A name that is no attention at all still fails."""
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, attention="triton")
+    assert backend.runner.paged is None and "draft attention" in caplog.text
+    with pytest.raises(ValueError, match="attention must be one of"):
+        DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, attention="paged")

@@ -156,3 +156,29 @@ def test_verify_zeroes_only_the_bad_rows():
     greedy = SamplingParams()
     results = verify(logits, [SampleRequest(greedy), SampleRequest(greedy), SampleRequest(greedy)])
     assert [(r.token_ids, r.error) for r in results] == [([2], ""), ([], NOT_FINITE), ([4], "")]
+
+
+def test_kv_a_request_left_not_finite_is_cleared_before_its_blocks_serve_another(model, reference, smollm2_tokenizer):
+    """A request whose KV went NaN (as a model overflowing in half precision leaves it) fails
+    alone, and the next request to get its blocks is not poisoned by the stale slots it has
+    not written yet: attention gives them weight 0, but 0 x NaN is NaN."""
+    from runtime import model_thread
+
+    e = engine(model, smollm2_tokenizer)
+    e.add_request("bad", [5, 6, 7, 8, 9], PARAMS)
+    step(e)  # prefill: the request now holds its blocks
+
+    def poison(blocks):
+        for layer in range(len(e.runner.kv.k)):
+            e.runner.kv.k[layer][blocks] = float("nan")
+            e.runner.kv.v[layer][blocks] = float("nan")
+
+    blocks = list(e._seqs["bad"].block_table)
+    model_thread.call(poison, blocks)
+    failed = [o.request_id for o in step(e) if o.finish_reason == FinishReason.ERROR]
+    assert failed == ["bad"] and e.allocator.num_free == e.allocator.num_blocks
+    prompt = [12, 13, 14]
+    e.add_request("next", prompt, PARAMS)
+    out, _ = run_until_done(e)
+    assert set(out) == {"next"} and e._seqs == {}
+    same(reference, prompt, out["next"], 6)

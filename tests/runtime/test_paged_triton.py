@@ -26,6 +26,8 @@ CASES = {
     "prefill-chunks": ([(0, 20), (33, 18), (2, 2)], 4, 4, 32, 16, "float32"),  # two query blocks
     "padded-grid": ([(5, 4), (9, 4), (0, 4), (0, 0)], 4, 1, 16, 32, "float32"),  # and an empty request
     "half": ([(7, 1), (50, 5)], 8, 2, 64, 16, "float16"),
+    # slots past each request's length hold NaN, as a block freed by a request that failed might
+    "stale-nan": ([(5, 1), (19, 3), (0, 4)], 4, 2, 16, 16, "float32"),
 }
 
 
@@ -45,6 +47,10 @@ def run_case(name: str) -> float:
     for n in per:
         tables.append(order[start : start + n] + [order[-1]] * (max(per) - n))
         start += n
+    if name == "stale-nan":
+        for (c, n), table in zip(spec, tables):
+            for slot in range(c + n, len(table) * page):
+                k[table[slot // page], slot % page] = v[table[slot // page], slot % page] = float("nan")
     ctx, q = torch.tensor([c for c, _ in spec]), torch.tensor([n for _, n in spec])
     step = PagedStep.derive(ctx, q, torch.tensor(tables), int(q.max()), page, "triton")
     query = torch.randn(int(q.sum()), heads, head_dim, generator=gen).to(dtype)
