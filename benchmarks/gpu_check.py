@@ -131,13 +131,15 @@ def measure_pair(target, tok, args, variant: str, block_size: int, sections: Sec
 
     mode, attention = variant.split("/")
     placement = Placement(args.dtype, args.device, cuda_graphs="on" if mode == "cuda" else "off", attention=attention)
-    pair = {}
-    for k in (int(x) for x in args.ks.split(",")):
+
+    def point(k: int) -> dict:  # the draft's loading too, so its failure stays in the section
         backend = DraftConfig(draft=BUILTIN_DRAFT, kv_cache_tokens=8192).make_backend(placement) if k else None
         proposer = LocalProposer(backend) if k else None
-        got = sections.run(
-            f"pair k={k}", decode, target, tok, variant, block_size, args.new_tokens, PROMPT, proposer, k
-        )
+        return decode(target, tok, variant, block_size, args.new_tokens, PROMPT, proposer, k)
+
+    pair = {}
+    for k in (int(x) for x in args.ks.split(",")):
+        got = sections.run(f"pair k={k}", point, k)
         if got is not None:
             pair[str(k)] = got
             print(f"  pair k={k}: {got['tpot_ms']:.2f} ms a token, {got['round_ms']:.2f} ms a round", flush=True)
