@@ -26,5 +26,5 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     policy: Policy = Policy()
-    graphs: str = "off"  # the model runner's: off | compile | cuda (runtime.graphs)
+    graphs: str = "off"  # the model runner's: off | compile | cuda | cuda-compiled (runtime.graphs)
     attention: str = "auto"  # the model runner's: auto | flash | triton | sdpa (runtime.paged_kernels)

@@ -40,7 +40,8 @@ class ModelRunner:
         attention: str = "auto",
     ):
         """`graphs`: "off" (eager), "compile" or "cuda": decode and verification steps through
-        `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly.
+        `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly;
+        "cuda-compiled": compiled, then captured.
         `attention`: "sdpa" (gathered blocks, `runtime.attention`), a paged kernel ("flash":
         torch's, "triton": ours; `runtime.paged_kernels`), or "auto": the first of those that
         runs here and agrees with dense attention, else sdpa."""
@@ -63,7 +64,10 @@ class ModelRunner:
         )
         self.batched_max_q = batched_max_q
         self.paged = self._choose_paged(attention, model.config, kv_heads, head_dim, block_size)
-        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.paged)
+        max_len = getattr(model.config, "max_position_embeddings", None)
+        self.graphs = (
+            None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.paged, max_len)
+        )
 
     def _choose_paged(self, attention: str, config, kv_heads: int, head_dim: int, block_size: int) -> str | None:
         """The paged kernel's name, or None: gathered blocks and SDPA."""

@@ -30,7 +30,6 @@ runner relies on it.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
@@ -66,9 +65,19 @@ class PagedStep:
 KERNELS = ("flash", "triton")
 
 
-@functools.cache
+_FOUND: dict[str, object] = {}
+
+
 def kernel(name: str):
-    """The named kernel, or None where this torch (or Triton) has none."""
+    """The named kernel, or None where this torch (or Triton) has none. Looked up once (runners
+    do it before their first forward): a compiled forward then traces a read of a dict, not the
+    lookup's imports and signature inspection."""
+    if name not in _FOUND:
+        _FOUND[name] = _find(name)
+    return _FOUND[name]
+
+
+def _find(name: str):
     if name == "triton":
         from runtime import paged_triton
 

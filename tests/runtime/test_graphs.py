@@ -106,17 +106,20 @@ def test_a_host_read_in_the_forward_fails_the_compile(tiny_model, monkeypatch, r
 
 def test_cuda_graphs_need_a_cuda_model(tiny_model):
     eager, _ = runners(tiny_model)
-    with pytest.raises(ValueError, match="CUDA"):
-        GraphRunner(tiny_model, eager.kv, "cuda", 16)
+    for mode in ("cuda", "cuda-compiled"):
+        with pytest.raises(ValueError, match="CUDA"):
+            GraphRunner(tiny_model, eager.kv, mode, 16)
     with pytest.raises(ValueError, match="graph mode"):
         GraphRunner(tiny_model, eager.kv, "sometimes", 16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; none on the CI machine")
+@pytest.mark.parametrize("mode", ["cuda", "cuda-compiled"])
 @pytest.mark.parametrize("attention", ["sdpa", "triton", "flash"])
-def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, attention):
-    """Needs a GPU: the captured graphs replay the bucket's forward with new inputs each step,
-    through each attention this device runs (a paged kernel in bfloat16 on 16-token pages)."""
+def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, attention, mode):
+    """Needs a GPU: the captured graphs (of the eager or the compiled forward) replay the
+    bucket's forward with new inputs each step, through each attention this device runs (a
+    paged kernel in bfloat16 on 16-token pages)."""
     from runtime.models import load_model
     from runtime.paged_kernels import unavailable
 
@@ -125,7 +128,7 @@ def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, atten
     if attention != "sdpa" and (why := unavailable(attention, 4, 2, 16, bs, model.dtype, "cuda")):
         pytest.skip(why)
     eager = ModelRunner(model, num_blocks=64, block_size=bs, attention="sdpa")
-    graphs = ModelRunner(model, num_blocks=64, block_size=bs, graphs="cuda", attention=attention)
+    graphs = ModelRunner(model, num_blocks=64, block_size=bs, graphs=mode, attention=attention)
     tables = [list(range(i * 8, i * 8 + 8)) for i in range(3)]
     for r in (eager, graphs):
         prefill(r, tables, [5, 9, 2])
@@ -138,3 +141,18 @@ def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, atten
         want, got = eager.forward(items), graphs.forward(items)
         assert ((got - want).abs().max() / want.abs().max()) <= (1e-4 if attention == "sdpa" else 2e-2)
     assert graphs.graphs.steps == 3 and len(graphs.graphs._captured) >= 1
+
+
+def test_placement_chooses_the_runner_graph_mode():
+    """Only the device name is read: no GPU is needed to choose the mode a CUDA placement runs."""
+    from runtime.models import Placement
+
+    assert Placement().graph_mode() == "off"
+    assert Placement(device="cuda").graph_mode() == "cuda"
+    assert Placement(device="cuda:1", compile=True).graph_mode() == "cuda-compiled"
+    assert Placement(device="cuda", cuda_graphs="off").graph_mode() == "off"
+    for refused in (Placement(compile=True), Placement(device="cuda", cuda_graphs="off", compile=True)):
+        with pytest.raises(ValueError, match="compile needs CUDA graphs"):
+            refused.graph_mode()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        Placement(cuda_graphs="on").graph_mode()
