@@ -121,12 +121,19 @@ def _op_profile(fn, reps: int, top: int) -> list[dict]:
     ]
 
 
-def step_times(model, args, variant: str, block_size: int) -> dict:
-    """`rows`: {B, q, ctx, ms} per shape (every request's context prefilled once, then each
-    (B, q) step timed); `logits` of the smallest batch's largest verification step; with
-    `args.profile`, `profiles` of the PROFILED shapes' ops."""
+def probe_shape(args) -> tuple[int, int]:
+    """The step whose logits every variant is compared at: the smallest batch verifying 5
+    tokens (one of the bars' shapes), or its widest step when 5 is not measured."""
+    return min(args.batch), 5 if 5 in args.q else max(args.q)
+
+
+def step_times(model, args, variant: str, block_size: int, shapes=None) -> dict:
+    """`rows`: {B, q, ctx, ms} per shape of `shapes` (default: every batch x q; every request's
+    context prefilled once, then each (B, q) step timed); `logits` of the `probe_shape` step
+    when measured; with `args.profile`, `profiles` of the PROFILED shapes' ops."""
     mode, attention = variant.split("/")
-    b_max, q_max = max(args.batch), max(args.q)
+    shapes = shapes or [(b, q) for b in args.batch for q in args.q]
+    b_max, q_max = max(b for b, _ in shapes), max(q for _, q in shapes)
     per_request = -(-(args.ctx + q_max) // block_size) + 1  # + 1: a padded grid reads up to 16 more
     runner = ModelRunner(model, b_max * per_request, block_size, graphs=mode, attention=attention)
     tables = [list(range(i * per_request, (i + 1) * per_request)) for i in range(b_max)]
@@ -134,20 +141,19 @@ def step_times(model, args, variant: str, block_size: int) -> dict:
         for start in range(0, b_max, 8):  # prefill, eagerly, 8 contexts at a time
             runner._eager([ForwardItem([1] * args.ctx, 0, t, 0) for t in tables[start : start + 8]])
     rows, probe, profiles = [], None, {}
-    for b in args.batch:
-        for q in args.q:
-            items = [ForwardItem([7 + i % 5] * q, args.ctx, tables[i], q) for i in range(b)]
-            times = []
-            for _ in range(args.reps + 2):
-                start = time.perf_counter()
-                logits = runner.forward(items)  # synchronises a CUDA device before it returns
-                times.append((time.perf_counter() - start) * 1e3)
-            if probe is None and b == min(args.batch) and q == q_max:
-                probe = logits.cpu()
-            rows.append({"B": b, "q": q, "ctx": args.ctx, "ms": statistics.median(times[2:])})
-            print(f"  {variant:10s} B={b:3d} q={q}: {rows[-1]['ms']:8.2f} ms", flush=True)
-            if args.profile and (b, q) in PROFILED:
-                profiles[f"B={b} q={q}"] = op_profile(functools.partial(runner.forward, items))
+    for b, q in shapes:
+        items = [ForwardItem([7 + i % 5] * q, args.ctx, tables[i], q) for i in range(b)]
+        times = []
+        for _ in range(args.reps + 2):  # the first calls capture (and compile) the bucket's graph
+            start = time.perf_counter()
+            logits = runner.forward(items)  # synchronises a CUDA device before it returns
+            times.append((time.perf_counter() - start) * 1e3)
+        if (b, q) == probe_shape(args):
+            probe = logits.cpu()
+        rows.append({"B": b, "q": q, "ctx": args.ctx, "ms": statistics.median(times[2:])})
+        print(f"  {variant:10s} B={b:3d} q={q}: {rows[-1]['ms']:8.2f} ms", flush=True)
+        if args.profile and (b, q) in PROFILED:
+            profiles[f"B={b} q={q}"] = op_profile(functools.partial(runner.forward, items))
     return {"rows": rows, "logits": probe, "profiles": profiles}
 
 
@@ -188,5 +194,5 @@ def variants(modes: list[str], attentions: list[str], blocks: dict) -> dict[str,
 
 def serving_variant(names) -> str:
     """What a server here would run (--attention auto): graphs, with the first paged kernel that runs."""
-    order = ("cuda/flash", "cuda/triton", "cuda/sdpa", "compile/sdpa")
+    order = ("cuda/flash", "cuda/triton", "cuda/sdpa", "compile/sdpa")  # --compile is not a default
     return next((v for v in order if v in names), list(names)[0])

@@ -28,6 +28,8 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
         "--reps", "2",
         "--new-tokens", "6",
         "--ks", "0,1",
+        "--compiled", "compile",  # what runs on a CPU; on a GPU it is compiled and captured
+        "--compiled-models", "tiny-a",
         "--output-dir", str(tmp_path),
     ]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=600)
@@ -35,13 +37,18 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
     assert results["ceilings"]["copy_tb_s"] > 0
     assert set(results["models"]) == {"tiny-a", "tiny-b"}
     for model in results["models"].values():
-        assert model["floor_ms"] > 0 and model["variant"] == "off/sdpa" and model["agreement"] == {}
+        assert model["floor_ms"] > 0 and model["variant"] == "off/sdpa"
         assert model["paged"]["block_sizes"] == {"flash": None, "triton": None}  # no CUDA here: noted, skipped
         assert "CUDA" in model["paged"]["refused"]["triton 256"]
         assert {(r["B"], r["q"]) for r in model["rows"]} == {(1, 1), (1, 5), (2, 1), (2, 5)}
         assert all(r["ms"] > 0 and r["ctx"] == 20 for r in model["rows"])
         ops = model["profiles"]["off/sdpa"]["B=1 q=5"]  # where a profiled step's time went
         assert set(model["profiles"]["off/sdpa"]) == {"B=1 q=1", "B=1 q=5"} and ops[0]["cpu_ms"] > 0
+    # Last, the compiled variant at the bars' shapes only, compared with eager like the others.
+    compiled = results["models"]["tiny-a"]
+    assert {(r["B"], r["q"]) for r in compiled["variants"]["compile/sdpa"]} == {(1, 1), (1, 5)}
+    assert compiled["agreement"]["compile/sdpa"] < 1e-4 and "compile/sdpa" in compiled["profiles"]
+    assert "compile/sdpa" not in results["models"]["tiny-b"]["variants"] and results["skipped"] == []
     steps = load_profile(f"{tmp_path / 'results.json'}#tiny-a")  # what the cost model and simulator read
     assert len(steps) == 4 and steps[0].verify_ms > 0
     assert set(results["tpot"]) == {"off/sdpa"} and results["tpot"]["off/sdpa"] > 0
