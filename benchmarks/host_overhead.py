@@ -1,11 +1,13 @@
 """Host overhead of one engine step: everything `Engine.step()` does besides the model's forward.
 
     python benchmarks/host_overhead.py [--device cpu] [--batch-sizes 1,16,64] [--steps 40] [--reps 5]
+                                       [--prompt-len 16]
 
 The model is a compute-negligible random Llama (2 layers, hidden 64, vocabulary
 1,024, SmolLM2's tokenizer), so a step's time is nearly all host work:
 scheduling, building the attention layout, sampling, emitting text. Each
-request decodes with greedy sampling and never stops early; after prefill,
+request (a `--prompt-len`-token prompt; a long one makes block tables long) decodes
+with greedy sampling and never stops early; after prefill,
 `--steps` decode steps are timed per repetition. For each B the step is split
 into:
 
@@ -42,8 +44,6 @@ from engine.scheduler import SchedulerConfig  # noqa: E402
 from runtime import model_thread  # noqa: E402
 from runtime.models import load_tokenizer  # noqa: E402
 from runtime.sampler import SamplingParams  # noqa: E402
-
-PROMPT_LEN = 16
 
 
 def tiny_model(device: str):
@@ -87,14 +87,16 @@ async def timed_steps(engine: Engine, batch: int, steps: int) -> float:
     return (time.perf_counter() - start) * 1e3 / steps
 
 
-def measure(engine: Engine, runner: asyncio.Runner, batch: int, steps: int) -> dict:
+def measure(engine: Engine, runner: asyncio.Runner, batch: int, steps: int, prompt_len: int) -> dict:
     """Adds `batch` requests, runs their prefill, then times `steps` decode steps."""
-    params = SamplingParams(max_new_tokens=steps + 8, ignore_eos=True)
+    # No length limit within the run (all are aborted after it): with long prompts, requests whose
+    # prefill ends first decode while the others' chunks run, and must still be there when timed.
+    params = SamplingParams(max_new_tokens=100_000, ignore_eos=True)
     for i in range(batch):
         engine.add_request(
-            f"{batch}-{i}-{time.monotonic_ns()}", [(7 * i + j) % 1000 + 1 for j in range(PROMPT_LEN)], params
+            f"{batch}-{i}-{time.monotonic_ns()}", [(7 * i + j) % 1000 + 1 for j in range(prompt_len)], params
         )
-    while any(s.num_computed < PROMPT_LEN for s in engine._seqs.values()):  # prefill, untimed
+    while any(s.num_computed < prompt_len for s in engine._seqs.values()):  # prefill, untimed
         runner.run(engine.step())
     model, layout_and_model, sample = engine.runner.model, engine.runner.forward, engine.executor.sample
     timers = {
@@ -147,6 +149,7 @@ def main() -> int:
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--output-dir", default="benchmarks/results/host_overhead")
     args = ap.parse_args()
     out = Path(args.output_dir)
@@ -154,14 +157,15 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     tok = load_tokenizer("smollm2")
-    config = EngineConfig(CacheConfig(kv_cache_tokens=max(batches) * 256), SchedulerConfig(max_num_seqs=max(batches)))
+    cache = CacheConfig(kv_cache_tokens=max(batches) * (args.prompt_len + 240))
+    config = EngineConfig(cache, SchedulerConfig(max_num_seqs=max(batches)))
     engine = Engine(model_thread.call(tiny_model, args.device), tok, config)  # torch work on one thread
     runner = asyncio.Runner()
-    measure(engine, runner, max(batches), 5)  # warm-up: first calls allocate and load lazily
+    measure(engine, runner, max(batches), 5, args.prompt_len)  # warm-up: first calls allocate and load lazily
     reps = {b: [] for b in batches}
     for _ in range(args.reps):  # every B in each repetition, so drift hits all alike
         for b in batches:
-            reps[b].append(measure(engine, runner, b, args.steps))
+            reps[b].append(measure(engine, runner, b, args.steps, args.prompt_len))
     rows = []
     for b in batches:
         row = {"batch": b, **{key: statistics.median(r[key] for r in reps[b]) for key in reps[b][0]}}
@@ -171,7 +175,12 @@ def main() -> int:
             f" (layout {row['layout_ms']:4.2f}, sample {row['sample_ms']:4.2f}, other {row['other_ms']:4.2f})",
             flush=True,
         )
-    results = {"machine": {**machine_info(), "device": device_name(args.device)}, "steps": args.steps, "rows": rows}
+    results = {
+        "machine": {**machine_info(), "device": device_name(args.device)},
+        "steps": args.steps,
+        "prompt_len": args.prompt_len,
+        "rows": rows,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(rows, out)
     print(f"wrote {out / 'results.json'}, {out / 'host_overhead.png'}")

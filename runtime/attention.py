@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -125,18 +126,20 @@ class PackedStep:
         nb = blocks or max(need)
         group = [i for i, w in enumerate(widths) if w <= batched_max_q]
         everything = len(group) == len(items)
-        tables = [it.block_table[:n] + [scratch_block] * (nb - n) for it, n in zip(items, need)]
-        ids = [it.token_ids + [0] * (w - q) for it, q, w in zip(items, qs, widths)]
-        host = torch.tensor(
-            [it.ctx for it in items]
-            + qs
-            + widths
-            + [it.num_logits for it in items]
-            + ([] if everything else group)
-            + list(itertools.chain.from_iterable(tables))
-            + list(itertools.chain.from_iterable(ids)),
-            dtype=torch.long,
+        head = [it.ctx for it in items] + qs + widths + [it.num_logits for it in items] + ([] if everything else group)
+        # Padding is filled in place, not built as Python lists: a padded table can be far wider
+        # than a request's own (a compiled mode's is the model's longest context).
+        host = np.empty(len(head) + len(items) * nb + sum(widths), dtype=np.int64)
+        host[: len(head)] = head
+        tables = host[len(head) : len(head) + len(items) * nb].reshape(len(items), nb)
+        tables.fill(scratch_block)
+        flat = np.fromiter(
+            itertools.chain.from_iterable(it.block_table[:n] for it, n in zip(items, need)), np.int64, sum(need)
         )
+        tables[np.arange(nb) < np.array(need)[:, None]] = flat  # row-major: each request's blocks in order
+        ids = itertools.chain.from_iterable(it.token_ids + [0] * (w - q) for it, q, w in zip(items, qs, widths))
+        host[len(head) + len(items) * nb :] = np.fromiter(ids, np.int64, sum(widths))
+        host = torch.from_numpy(host)
         shape = StepShape(
             batch=len(items),
             blocks=nb,
