@@ -2,6 +2,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runtime.attention import LAYOUT_KWARG, ForwardItem, PackedStep, StepLayout, keep_rows, paged_attention
 from runtime.kv_cache import KVCache
@@ -180,6 +182,39 @@ def test_padded_widths_send_padding_to_the_scratch_block():
     g = layout.batched
     assert g.q_index.shape == (3, 3) and g.out_index.tolist() == list(range(9))
     assert g.mask[2, 0].any(dim=1).all()  # the dummy request's queries see the scratch key: no NaN
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), st.integers(0, 3)), min_size=1, max_size=6),
+    st.integers(0, 3),
+    st.booleans(),
+)
+def test_packed_host_tensor_lays_out_every_field(spec, extra_blocks, padded):
+    """[ctx | q | width | num_logits | group | tables | ids], written out item by item, for any
+    mix of contexts, token counts (empty dummy requests included), tables wider than any
+    request needs (padded with the scratch block) and padded widths."""
+    items, start = [], 0
+    for ctx, q, logits in spec:
+        need = -(-(ctx + q) // BS)
+        items.append(
+            ForwardItem(list(range(100 + start, 100 + start + q)), ctx, list(range(start, start + need)), logits)
+        )
+        start += need + 1
+    qs = [len(it.token_ids) for it in items]
+    widths = [max(qs) + 1] * len(items) if padded else None
+    need = [-(-(it.ctx + q) // BS) for it, q in zip(items, qs)]
+    blocks = max(need) + extra_blocks
+    step = PackedStep.build(items, BS, 999, 4, widths, blocks)
+    widths = widths or qs
+    group = [i for i, w in enumerate(widths) if w <= 4]
+    want = [it.ctx for it in items] + qs + widths + [it.num_logits for it in items]
+    want += [] if len(group) == len(items) else group
+    for it, n in zip(items, need):
+        want += it.block_table[:n] + [999] * (blocks - n)
+    for it, q, w in zip(items, qs, widths):
+        want += it.token_ids + [0] * (w - q)
+    assert step.host.dtype == torch.long and step.host.tolist() == want
 
 
 def test_spans_read_runs_of_consecutive_blocks():
