@@ -1,15 +1,13 @@
-"""Host time to pack one step (`PackedStep.build`) as batch, context and table width grow.
+"""Host time to pack one step (`PackedStep.build`) as batch and context grow.
 
     python benchmarks/pack_step.py [--reps 50] [--output-dir benchmarks/results/pack_step]
 
 Each decode step's requests (one new token, a `ctx`-token context) are packed into the one
-integer tensor the device receives. A table is `blocks` wide: the widest request's own
-(`bucketed`, what eager and CUDA-graph steps send) or the model's longest context
-(`fixed`: 257 blocks of 16 tokens for a 4,096-token model, what compiled modes send). For
-comparison, `lists` packs the same step as Python lists padded element by element and
-converted with `torch.tensor`; both must give the same tensor. Medians of `--reps`, per
-(B, ctx, width), both methods interleaved so drift hits them alike. Writes results.json
-and pack_step.png.
+integer tensor the device receives, their block tables padded to the graph bucket's width
+(the next power of two of the blocks a request needs). For comparison, `lists` packs the
+same step as Python lists padded element by element and converted with `torch.tensor`;
+both must give the same tensor. Medians of `--reps`, per (B, ctx), both methods
+interleaved so drift hits them alike. Writes results.json and pack_step.png.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from machine import machine_info  # noqa: E402
 from runtime.attention import ForwardItem, PackedStep  # noqa: E402
 
 BLOCK = 16
-FIXED = -(-(4096 + 16) // BLOCK)  # a compiled mode's table for a 4,096-token model
 
 
 def by_lists(items: list[ForwardItem], scratch: int, widths: list[int], blocks: int) -> torch.Tensor:
@@ -58,10 +55,10 @@ def plot(rows: list[dict], out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    labels = [f"B={r['B']}\nctx={r['ctx']}\n{r['width']}" for r in rows]
+    labels = [f"B={r['B']}\nctx={r['ctx']}" for r in rows]
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["lists_ms"] for r in rows], 0.4, label="Python lists + torch.tensor")
     ax.bar([i + 0.2 for i in x], [r["packed_ms"] for r in rows], 0.4, label="PackedStep.build")
@@ -87,23 +84,20 @@ def main() -> int:
         own = -(-(ctx + 1) // BLOCK)
         items = [ForwardItem([5 + i % 7], ctx, list(range(i * own, (i + 1) * own)), 1) for i in range(b)]
         scratch = b * own
-        for width, blocks in (("bucketed", 1 << (own - 1).bit_length()), ("fixed", FIXED)):
-            packed = PackedStep.build(items, BLOCK, scratch, 16, [1] * b, blocks).host
-            assert torch.equal(packed, by_lists(items, scratch, [1] * b, blocks)), "the two packings differ"
-            lists = functools.partial(by_lists, items, scratch, [1] * b, blocks)
-            built = functools.partial(PackedStep.build, items, BLOCK, scratch, 16, [1] * b, blocks)
-            times = [(median_ms(lists, args.reps), median_ms(built, args.reps)) for _ in range(3)]  # interleaved
-            row = {"B": b, "ctx": ctx, "width": width, "blocks": blocks}
-            row |= {
-                "lists_ms": statistics.median(t[0] for t in times),
-                "packed_ms": statistics.median(t[1] for t in times),
-            }
-            rows.append(row)
-            print(
-                f"B={b:4d} ctx={ctx:5d} {width:8s} ({blocks:3d} blocks): lists {row['lists_ms']:7.3f} ms, "
-                f"PackedStep.build {row['packed_ms']:7.3f} ms",
-                flush=True,
-            )
+        blocks = 1 << (own - 1).bit_length()
+        packed = PackedStep.build(items, BLOCK, scratch, 16, [1] * b, blocks).host
+        assert torch.equal(packed, by_lists(items, scratch, [1] * b, blocks)), "the two packings differ"
+        lists = functools.partial(by_lists, items, scratch, [1] * b, blocks)
+        built = functools.partial(PackedStep.build, items, BLOCK, scratch, 16, [1] * b, blocks)
+        times = [(median_ms(lists, args.reps), median_ms(built, args.reps)) for _ in range(3)]  # interleaved
+        row = {"B": b, "ctx": ctx, "blocks": blocks}
+        row |= {"lists_ms": statistics.median(t[0] for t in times), "packed_ms": statistics.median(t[1] for t in times)}
+        rows.append(row)
+        print(
+            f"B={b:4d} ctx={ctx:5d} ({blocks:3d} blocks): lists {row['lists_ms']:7.3f} ms, "
+            f"PackedStep.build {row['packed_ms']:7.3f} ms",
+            flush=True,
+        )
     (out / "results.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=1))
     plot(rows, out)
     print(f"wrote {out / 'results.json'}, {out / 'pack_step.png'}")

@@ -99,6 +99,12 @@ class StepShape:
     group_blocks: int
     group_tokens: int
 
+    @staticmethod
+    def padded(batch: int, q: int, blocks: int) -> StepShape:
+        """The shape of a padded grid (`PackedStep.build` with every width q and a blocks-wide
+        table): three integers, which a compiled forward can take as symbols."""
+        return StepShape(batch, blocks, batch * q, None, None, q, blocks, batch * q)
+
 
 @dataclass
 class PackedStep:

@@ -84,7 +84,9 @@ class CpuLinear(nn.Linear):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        # Compiled, the compiler chooses and packs the product itself (oneDNN's opaque packed
+        # weights do not trace, and a row-count plan would specialise the graph on its rows).
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, x.shape[-1])  # [n, in]
         kernel = self.plan[min(rows.shape[0], MAX_ROWS)]

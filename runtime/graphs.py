@@ -3,12 +3,15 @@
 A step whose requests all feed few tokens (decode, verification) is padded to a
 bucket: requests up to the next of BATCH_BUCKETS (dummy requests with no
 tokens), tokens per request up to the next of QUERY_BUCKETS, block tables up
-to the next power of two (compiled with a paged kernel: one width, below).
-Every tensor shape of the forward then depends on the
-bucket alone, so:
+to the next power of two. Every tensor shape of the forward then depends on
+the bucket's three integers alone, so:
 
 - `compile`: `torch.compile(fullgraph=True)` of layout derivation plus model,
-  per bucket. On a CPU this is the proof that the forward is one graph with no
+  which takes the bucket's integers as arguments. The first bucket compiles
+  with them as constants; a bucket that differs makes the integers that
+  changed symbolic, so one compile serves every later bucket but for the
+  special cases of 1 (a batch or a width of one), a handful in all rather than
+  one per bucket. On a CPU this is the proof that the forward is one graph with no
   host read: a graph break fails the compile, and so does any operation whose
   result depends on tensor data the host would have to wait for (`.item()`,
   `.tolist()`, `nonzero`, boolean masks: torch traces these as unbacked
@@ -21,10 +24,9 @@ bucket alone, so:
   every kernel the eager forward launches, and at batch 1 a layer's thirty-odd
   small ones (its norms in float32, the rotary embedding, the activation, the
   residual adds) cost microseconds each next to its few weight reads; the
-  compiler fuses them into a handful. Each bucket compiles once, on first use
-  (tens of seconds for a 7B model), so in both compiled modes a paged kernel's
-  table width is fixed at the model's longest context rather than bucketed: a
-  longer context would otherwise mean a new compile mid-serving.
+  compiler fuses them into a handful. A compile (tens of seconds for a 7B
+  model) happens on first use, of a bucket whose integers no compile covers
+  yet; each bucket is then captured once, as in `cuda`.
 
 Steps past the largest bucket (long prefill chunks, very large batches) run
 eagerly. The whole padded grid's logits come back; the rows the items asked
@@ -40,7 +42,6 @@ import torch
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from runtime.attention import LAYOUT_KWARG, ForwardItem, PackedStep, StepLayout, StepShape, keep_rows
-from runtime.cpu_linear import CpuLinear
 from runtime.paged_kernels import kernel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -84,9 +85,7 @@ class _Captured:
 
 
 class GraphRunner:
-    def __init__(self, model, kv, mode: str, max_q: int, paged: str | None = None, max_len: int | None = None):
-        """`max_len`: the longest context the model takes (tokens), where known: a compiled mode's
-        fixed table width for a paged kernel."""
+    def __init__(self, model, kv, mode: str, max_q: int, paged: str | None = None):
         if mode not in MODES[1:]:
             raise ValueError(f"graph mode must be one of {MODES[1:]}, got {mode!r}")
         if mode in CAPTURED and kv.k[0].device.type != "cuda":
@@ -94,11 +93,6 @@ class GraphRunner:
         self.model, self.kv, self.mode, self.paged = model, kv, mode, paged
         self.max_q = min(max_q, QUERY_BUCKETS[-1])
         self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
-        # A paged kernel reads only seqused_k of a table: a wider one costs a few bytes of copy,
-        # where a compiled mode would pay a compile for each new width.
-        self.fixed_blocks = None
-        if paged and mode in COMPILED and max_len:
-            self.fixed_blocks = min(self.max_blocks, -(-(max_len + QUERY_BUCKETS[-1]) // kv.block_size))
         if paged:
             kernel(paged)  # looked up here, outside any traced forward
         self._compiled = None  # torch.compile of _padded_forward, made on first use
@@ -106,13 +100,8 @@ class GraphRunner:
         self._pool = None
         self.steps = 0  # steps run through a graph (the rest ran eagerly)
         if mode in COMPILED:
-            # One specialisation per bucket; the default limit would fall back to eager at 8.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-            # Inductor chooses and packs the products of the linear layers itself; oneDNN's
-            # opaque packed weights (runtime.cpu_linear) do not trace.
-            for m in model.modules():
-                if isinstance(m, CpuLinear):
-                    m.plan = ("linear",) * len(m.plan)
+            # A handful of specialisations (see above); past the limit a step would run eagerly.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     def bucket(self, items: list[ForwardItem]) -> tuple[int, int, int] | None:
         """(requests, tokens per request, table blocks) of the padded step, or None: run eagerly."""
@@ -126,8 +115,6 @@ class GraphRunner:
         )
         if need > self.max_blocks:  # only near a full cache, for a paged kernel's padding reads
             return None
-        if self.fixed_blocks is not None:
-            return (BATCH_BUCKETS[b], QUERY_BUCKETS[q], self.fixed_blocks) if need <= self.fixed_blocks else None
         blocks = 1 << max(need - 1, 0).bit_length()
         return BATCH_BUCKETS[b], QUERY_BUCKETS[q], min(blocks, self.max_blocks)
 
@@ -139,9 +126,9 @@ class GraphRunner:
         step = PackedStep.build(padded, self.kv.block_size, self.kv.scratch_block, q, [q] * batch, blocks)
         if self.mode == "compile":
             packed = step.to(self.kv.k[0].device)
-            logits = self._step_fn()(packed, step.shape)
+            logits = self._step_fn()(packed, batch, q, blocks)
         else:
-            captured = self._captured.get(step.shape) or self._capture(step)
+            captured = self._captured.get(step.shape) or self._capture(step, bucket)
             captured.packed.copy_(step.host.pin_memory(), non_blocking=True)
             captured.graph.replay()
             packed, logits = captured.packed, captured.logits
@@ -153,12 +140,12 @@ class GraphRunner:
             return self._padded_forward
         if self._compiled is None:
             self._compiled = torch.compile(
-                self._padded_forward, fullgraph=True, dynamic=False, backend=_inductor_without_host_reads
+                self._padded_forward, fullgraph=True, dynamic=None, backend=_inductor_without_host_reads
             )
         return self._compiled
 
-    def _padded_forward(self, packed: torch.Tensor, shape: StepShape) -> torch.Tensor:
-        layout = StepLayout.derive(packed, shape, self.kv, paged=self.paged)
+    def _padded_forward(self, packed: torch.Tensor, batch: int, q: int, blocks: int) -> torch.Tensor:
+        layout = StepLayout.derive(packed, StepShape.padded(batch, q, blocks), self.kv, paged=self.paged)
         out = self.model(
             input_ids=layout.input_ids,
             position_ids=layout.positions,
@@ -168,7 +155,7 @@ class GraphRunner:
         )
         return out.logits[0]
 
-    def _capture(self, step: PackedStep) -> _Captured:
+    def _capture(self, step: PackedStep, bucket: tuple[int, int, int]) -> _Captured:
         """Warms the shape up on a side stream (lazy initialisation, a compile and its kernels'
         tuning stay out of the graph), then captures it; all graphs share one memory pool, as
         only one replays at a time."""
@@ -177,11 +164,11 @@ class GraphRunner:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            forward(packed, step.shape)
+            forward(packed, *bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = forward(packed, step.shape)
+            logits = forward(packed, *bucket)
         self._pool = graph.pool()
         self._captured[step.shape] = captured = _Captured(graph, packed, logits)
         return captured

@@ -64,10 +64,7 @@ class ModelRunner:
         )
         self.batched_max_q = batched_max_q
         self.paged = self._choose_paged(attention, model.config, kv_heads, head_dim, block_size)
-        max_len = getattr(model.config, "max_position_embeddings", None)
-        self.graphs = (
-            None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.paged, max_len)
-        )
+        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.paged)
 
     def _choose_paged(self, attention: str, config, kv_heads: int, head_dim: int, block_size: int) -> str | None:
         """The paged kernel's name, or None: gathered blocks and SDPA."""

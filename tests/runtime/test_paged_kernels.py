@@ -164,25 +164,6 @@ def test_graph_buckets_cover_what_the_kernel_reads(small_vocab_dir):
     assert GraphRunner(model, kv, "compile", 16, paged="flash").bucket(full) is None
 
 
-def test_compiled_paged_steps_keep_one_table_width_as_contexts_grow(small_vocab_dir):
-    """Compiled, each new bucket costs a compile: with a paged kernel (which reads only each
-    request's length of its table) the width stays that of the model's longest context, so a
-    growing context compiles nothing new; captured without compiling, widths stay bucketed."""
-    from runtime.graphs import GraphRunner
-    from runtime.model_runner import ModelRunner
-    from runtime.models import load_model
-
-    model = load_model(small_vocab_dir)
-    kv = ModelRunner(model, 64, BS).kv
-    short, long = [ForwardItem([1], 5, [0], 1)], [ForwardItem([1], 40, list(range(11)), 1)]
-    compiled = GraphRunner(model, kv, "compile", 16, paged="flash", max_len=100)
-    assert compiled.bucket(short) == compiled.bucket(long) == (1, 1, 29)  # (100 + 16) / 4
-    assert compiled.bucket([ForwardItem([1], 116, list(range(30)), 1)]) is None  # past it: eagerly
-    bucketed = GraphRunner(model, kv, "compile", 16, max_len=100)  # gathered: the width is work
-    assert (bucketed.bucket(short), bucketed.bucket(long)) == ((1, 1, 2), (1, 1, 16))
-    assert GraphRunner(model, kv, "compile", 16, paged="flash").bucket(long) == (1, 1, 16)  # no known limit
-
-
 def traceable_standin(query, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, **kw):
     """The same contract as `standin_kernel` in tensor operations only (no host reads), so a
     forward through it compiles with fullgraph=True as the real kernel's custom op does."""
@@ -225,8 +206,7 @@ def test_graph_path_through_the_flash_layout_compiles_whole_cpu_standin(small_vo
         ForwardItem([2, 8, 5], 6, tables[1], 3),
         ForwardItem([9, 3], 2, tables[2], 2),
     ]
-    # 3 requests padded to 4, each 4 tokens wide; compiled, the table is as wide as the cache allows
-    assert compiled.graphs.bucket(items) == (4, 4, 16)
+    assert compiled.graphs.bucket(items) == (4, 4, 4)  # 3 requests padded to 4, each 4 tokens wide
     want, got = sdpa.forward(items), compiled.forward(items)
     assert compiled.graphs.steps == 2  # the short prefill (padded to 8 wide) and the step
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
