@@ -44,9 +44,9 @@ class Placement:
     compile: bool = field(
         default=False,
         metadata={
-            "help": "with CUDA graphs: compile each padded batch shape's forward with torch.compile before "
-            "capturing it (fewer, fused kernels a step; each shape compiles on first use, tens of seconds "
-            "for a 7B model)"
+            "help": "with CUDA graphs: compile the forward with torch.compile before capturing each padded "
+            "batch shape (fewer, fused kernels a step; a few compiles in all, each on the first shape that "
+            "needs it, tens of seconds for a 7B model)"
         },
     )
 
