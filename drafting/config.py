@@ -45,12 +45,16 @@ class DraftConfig:
         path = builtin.resolve(self.draft)
         model = placement.load(path)
         head = None if self.full_head else head_vocab.load(path)  # None for a .gguf file or a model without one
+        # A draft's few layers launch few kernels, so it is captured but not compiled: compiling
+        # would buy little fusion and share the target's compile cache (one function), where
+        # each model's differing sizes would cost the other recompiles.
+        graphs = "cuda" if placement.graph_mode() == "cuda-compiled" else placement.graph_mode()
         return DraftModelBackend(
             model,
             self.kv_cache_tokens,
             top_k_cap=self.top_k_cap,
             min_confidence=self.min_confidence,
             head_vocab=head,
-            graphs=placement.graph_mode(),
+            graphs=graphs,
             attention=placement.attention,
         )

@@ -130,18 +130,26 @@ class PackedStep:
         widths = widths or qs
         need = [-(-(it.ctx + q) // block_size) for it, q in zip(items, qs)]
         nb = blocks or max(need)
+        if nb < max(need):
+            raise ValueError(f"a {nb}-block table is narrower than the {max(need)} blocks a request reads")
         group = [i for i, w in enumerate(widths) if w <= batched_max_q]
         everything = len(group) == len(items)
         head = [it.ctx for it in items] + qs + widths + [it.num_logits for it in items] + ([] if everything else group)
-        # Padding is filled in place, not built as Python lists: a padded table can be far wider
-        # than a request's own (a compiled mode's is the model's longest context).
+        # Padding is filled in place, not built as Python lists, and the real blocks are read in
+        # one pass: a step's tables hold up to B x blocks integers.
         host = np.empty(len(head) + len(items) * nb + sum(widths), dtype=np.int64)
         host[: len(head)] = head
         tables = host[len(head) : len(head) + len(items) * nb].reshape(len(items), nb)
         tables.fill(scratch_block)
-        flat = np.fromiter(
-            itertools.chain.from_iterable(it.block_table[:n] for it, n in zip(items, need)), np.int64, sum(need)
-        )
+        try:
+            flat = np.fromiter(
+                itertools.chain.from_iterable(it.block_table[:n] for it, n in zip(items, need)), np.int64, sum(need)
+            )
+        except ValueError:  # the iterator ran short
+            short = next(i for i, (it, n) in enumerate(zip(items, need)) if len(it.block_table) < n)
+            raise ValueError(
+                f"request {short}'s block table is shorter than the {need[short]} blocks it reads"
+            ) from None
         tables[np.arange(nb) < np.array(need)[:, None]] = flat  # row-major: each request's blocks in order
         ids = itertools.chain.from_iterable(it.token_ids + [0] * (w - q) for it, q, w in zip(items, qs, widths))
         host[len(head) + len(items) * nb :] = np.fromiter(ids, np.int64, sum(widths))

@@ -44,7 +44,7 @@ class Placement:
     compile: bool = field(
         default=False,
         metadata={
-            "help": "with CUDA graphs: compile the forward with torch.compile before capturing each padded "
+            "help": "with CUDA graphs: compile the target's forward with torch.compile before capturing each padded "
             "batch shape (fewer, fused kernels a step; a few compiles in all, each on the first shape that "
             "needs it, tens of seconds for a 7B model)"
         },

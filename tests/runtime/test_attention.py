@@ -186,21 +186,24 @@ def test_padded_widths_send_padding_to_the_scratch_block():
 
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
-    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6), st.integers(0, 3)), min_size=1, max_size=6),
+    st.lists(
+        st.tuples(st.integers(0, 40), st.integers(0, 6), st.integers(0, 3), st.integers(0, 2)), min_size=1, max_size=6
+    ),
     st.integers(0, 3),
     st.booleans(),
 )
 def test_packed_host_tensor_lays_out_every_field(spec, extra_blocks, padded):
     """[ctx | q | width | num_logits | group | tables | ids], written out item by item, for any
-    mix of contexts, token counts (empty dummy requests included), tables wider than any
-    request needs (padded with the scratch block) and padded widths."""
+    mix of contexts, token counts (empty dummy requests included), requests holding more
+    blocks than this step reads (reserved for drafts), tables wider than any request needs
+    (padded with the scratch block) and padded widths."""
     items, start = [], 0
-    for ctx, q, logits in spec:
-        need = -(-(ctx + q) // BS)
+    for ctx, q, logits, ahead in spec:
+        held = -(-(ctx + q) // BS) + ahead
         items.append(
-            ForwardItem(list(range(100 + start, 100 + start + q)), ctx, list(range(start, start + need)), logits)
+            ForwardItem(list(range(100 + start, 100 + start + q)), ctx, list(range(start, start + held)), logits)
         )
-        start += need + 1
+        start += held + 1
     qs = [len(it.token_ids) for it in items]
     widths = [max(qs) + 1] * len(items) if padded else None
     need = [-(-(it.ctx + q) // BS) for it, q in zip(items, qs)]
@@ -215,6 +218,14 @@ def test_packed_host_tensor_lays_out_every_field(spec, extra_blocks, padded):
     for it, q, w in zip(items, qs, widths):
         want += it.token_ids + [0] * (w - q)
     assert step.host.dtype == torch.long and step.host.tolist() == want
+
+
+def test_packing_names_a_table_too_short_or_too_narrow():
+    items = [ForwardItem([1, 2], 6, [3, 4], 1), ForwardItem([5], 8, [7, 8], 1)]  # the second reads 3 blocks
+    with pytest.raises(ValueError, match="request 1's block table is shorter than the 3 blocks it reads"):
+        PackedStep.build(items, BS, 999)
+    with pytest.raises(ValueError, match="a 2-block table is narrower than the 3 blocks a request reads"):
+        PackedStep.build([items[0], ForwardItem([5], 8, [7, 8, 9], 1)], BS, 999, blocks=2)
 
 
 def test_spans_read_runs_of_consecutive_blocks():

@@ -190,8 +190,12 @@ def test_graph_path_through_the_flash_layout_compiles_whole_cpu_standin(small_vo
     import runtime.model_runner as model_runner
     from runtime.models import load_model
 
-    monkeypatch.setattr(paged_kernels, "_FOUND", {})  # the real lookup, finding the stand-in
-    monkeypatch.setattr(paged_kernels, "_find", lambda name: traceable_standin)
+    def find(name):  # the real lookup, finding the stand-in, done before any trace
+        assert not torch.compiler.is_compiling(), "the kernel was looked up inside the compiled forward"
+        return traceable_standin
+
+    monkeypatch.setattr(paged_kernels, "_FOUND", {})
+    monkeypatch.setattr(paged_kernels, "_find", find)
     model = load_model(small_vocab_dir)
     sdpa = model_runner.ModelRunner(model, 16, BS, attention="sdpa")
     monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
