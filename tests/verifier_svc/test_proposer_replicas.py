@@ -31,16 +31,27 @@ def _prompt(seed: int) -> list[int]:
 PROMPTS = [_prompt(i) for i in range(8)]
 
 
-def start_streams(stub):
+def start_streams(stub, ids=None):
+    ids = ids or [f"r{i}" for i in range(len(PROMPTS))]
     return [
         stub.Generate(
             pb.GenerateRequest(
-                request_id=f"r{i}", prompt_token_ids=pb.TokenIds(ids=p), max_new_tokens=NEW_TOKENS, ignore_eos=True
+                request_id=rid, prompt_token_ids=pb.TokenIds(ids=p), max_new_tokens=NEW_TOKENS, ignore_eos=True
             ),
             timeout=60,
         )
-        for i, p in enumerate(PROMPTS)
+        for rid, p in zip(ids, PROMPTS)
     ]
+
+
+def ids_spread_over(addresses: list[str]) -> list[str]:
+    """Request ids that hash to every replica: the ports, and so the hashes, differ per run, and
+    one run in 128 would send all of "r0".."r7" to one of two replicas."""
+    for salt in range(100):
+        ids = [f"r{i}-{salt}" for i in range(len(PROMPTS))]
+        if len({rendezvous(rid, addresses) for rid in ids}) == len(addresses):
+            return ids
+    raise AssertionError("no request ids spread over the replicas")
 
 
 def finish(streams, first_chunks=None) -> list[pb.GenerateResponse]:
@@ -64,7 +75,7 @@ def test_requests_spread_over_replicas_and_stay_lossless(models):
     a, b = Proposer(), Proposer()
     verifier = VerifierThread(model, tok, [a.address, b.address], policy="fixed:3")
     try:
-        tokens, finals = finish(start_streams(verifier.stub))
+        tokens, finals = finish(start_streams(verifier.stub, ids_spread_over([a.address, b.address])))
         assert_lossless(reference, tokens)
         assert a.server.servicer.num_items > 0 and b.server.servicer.num_items > 0
         assert sum(f.speculation.proposed_tokens for f in finals) > 0
