@@ -61,11 +61,33 @@ def smollm2_pair():
 
 @pytest.fixture
 def unused_tcp_port() -> int:
+    """A free port below the kernel's ephemeral range, with the next three free too (tests start
+    services on port + 1 ..). Tests kill servers and start them again on their ports; a port in
+    the ephemeral range can meanwhile become the local end of an outgoing connection, and the
+    restarted server's bind then fails with "Address already in use"."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except OSError:  # not Linux: IANA's dynamic range
+        ephemeral = 49152
+    rng = random.Random()
+    for _ in range(1000):
+        base = rng.randrange(10000, ephemeral - 4)
+        socks = []
+        try:
+            for port in range(base, base + 4):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no four free consecutive ports below the ephemeral range")
 
 
 @pytest.fixture(scope="session")
