@@ -35,8 +35,8 @@ results.json is rewritten after each. It holds `info`, `ceilings`, `models` ({na
 are the serving variant's (graphs, with a paged kernel where one runs) in the cost-profile format
 `{B, q, ctx, ms}`, so `load_profile("results.json#llama-7b")` seeds the cost model and the
 simulator with them), `tpot`, `pair`, `pair_projected`, `bars` (the targets this check
-exists for, each with its measured value) and `errors`. Budget: about 8 minutes on one
-H100/H200.
+exists for, each with its measured value), `skipped` (what was left out, and why) and
+`errors`. Budget: about 8 minutes on one H100/H200.
 """
 
 from __future__ import annotations
@@ -249,7 +249,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU run of the same code")
     ap.add_argument("--copy-mib", type=int, default=1024)
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the op profiles")
-    ap.add_argument("--compiled", default="cuda-compiled", help="the compiled runner mode measured last ('': none)")
+    ap.add_argument(
+        "--compiled", default="cuda-compiled", help="the compiled runner mode measured after its model ('': none)"
+    )
     ap.add_argument("--compiled-models", default="llama-7b", help="models measured compiled (at the bars' shapes)")
     ap.add_argument("--budget-s", type=float, default=360, help="no compiled shape starts past this many seconds")
     ap.add_argument("--output-dir", default="benchmarks/results/gpu_check")
