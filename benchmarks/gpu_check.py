@@ -16,7 +16,8 @@ batch-1 TPOT, and the built-in pair's k.
    eager sdpa's: graphs and the paged kernels must compute the same model. At the shapes of
    the bars (B, q) = (1, 1), (1, 5), (32, 1), a profile of the ops with the most device time.
 3. Batch-1 TPOT of SmolLM2-135M through `Engine.step()` greedy decoding (its shape with
-   random weights, or the real model with `--target`), per variant.
+   random weights, or the real model with `--target`), per variant; and `engine_start_s`,
+   the engine's construction with its graphs' warm-up (the batch-1 buckets).
 4. The built-in draft pair at batch 1, fixed k = 0..4 (`--ks`), with the in-process
    draft model (shipped in the repository). With `--target` (SmolLM2-135M, e.g. its .gguf
    file) its TPOT per k. Without, the target is SmolLM2's shape with random weights: it
@@ -34,7 +35,7 @@ results.json is rewritten after each. It holds `info`, `ceilings`, `models` ({na
 {shape, params, floor_ms, rows, variant, variants, agreement, paged, profiles}}: `rows`
 are the serving variant's (graphs, with a paged kernel where one runs) in the cost-profile format
 `{B, q, ctx, ms}`, so `load_profile("results.json#llama-7b")` seeds the cost model and the
-simulator with them), `tpot`, `pair`, `pair_projected`, `bars` (the targets this check
+simulator with them), `tpot`, `engine_start_s`, `pair`, `pair_projected`, `bars` (the targets this check
 exists for, each with its measured value), `skipped` (what was left out, and why) and
 `errors`. Budget: about 8 minutes on one H100/H200.
 """
@@ -272,6 +273,7 @@ def main() -> int:
         "ceilings": {"copy_tb_s": bandwidth / 1e12},
         "models": {},
         "tpot": {},
+        "engine_start_s": {},
         "pair": {},
         "skipped": [],  # what was left out, and why
     }
@@ -300,6 +302,7 @@ def main() -> int:
         got = sections.run(f"tpot {v}", decode, target, tok, v, bs, args.new_tokens, PROMPT)
         if got is not None:
             results["tpot"][v] = got["tpot_ms"]
+            results["engine_start_s"][v] = got["start_s"]
     print(f"TPOT batch 1 ({'target' if args.target else 'random weights'}): {results['tpot']}", flush=True)
     serving = serving_variant(runs)
     if not args.target and args.tiny:  # the pair needs the draft's vocabulary: SmolLM2's shape

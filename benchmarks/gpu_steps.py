@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from controller.policy import Policy  # noqa: E402
 from engine.config import CacheConfig, EngineConfig  # noqa: E402
 from engine.engine import Engine  # noqa: E402
+from engine.scheduler import SchedulerConfig  # noqa: E402
 from runtime import model_thread, paged_kernels  # noqa: E402
 from runtime.attention import ForwardItem  # noqa: E402
 from runtime.model_runner import ModelRunner, kv_shape  # noqa: E402
@@ -135,7 +136,9 @@ def step_times(model, args, variant: str, block_size: int, shapes=None) -> dict:
     shapes = shapes or [(b, q) for b in args.batch for q in args.q]
     b_max, q_max = max(b for b, _ in shapes), max(q for _, q in shapes)
     per_request = -(-(args.ctx + q_max) // block_size) + 1  # + 1: a padded grid reads up to 16 more
-    runner = ModelRunner(model, b_max * per_request, block_size, graphs=mode, attention=attention)
+    # Tables as a server of the model's context packs them (one width for a paged kernel).
+    max_len = model.config.max_position_embeddings
+    runner = ModelRunner(model, b_max * per_request, block_size, graphs=mode, attention=attention, max_len=max_len)
     tables = [list(range(i * per_request, (i + 1) * per_request)) for i in range(b_max)]
     with torch.inference_mode():
         for start in range(0, b_max, 8):  # prefill, eagerly, 8 contexts at a time
@@ -160,16 +163,19 @@ def step_times(model, args, variant: str, block_size: int, shapes=None) -> dict:
 def decode(model, tok, variant: str, block_size: int, new_tokens: int, prompt: str, proposer=None, k=0) -> dict:
     """Batch-1 greedy decoding through the engine, first token excluded: ms per output token
     (`tpot_ms`), per step (`round_ms`: one verification round when speculating) and tokens
-    per step. The same request runs twice on one engine and the second is timed: the first
-    meets every graph bucket the decode needs, and captures (or compiles) it."""
+    per step; `start_s`: the engine's construction, its graphs' warm-up included (one request
+    at a time: the batch-1 buckets). The same request runs twice and the second is timed."""
     mode, attention = variant.split("/")
     cache = CacheConfig(block_size=block_size, kv_cache_tokens=4096)
-    cfg = EngineConfig(cache, policy=Policy.fixed(k), graphs=mode, attention=attention)
+    cfg = EngineConfig(cache, SchedulerConfig(max_num_seqs=1), Policy.fixed(k), graphs=mode, attention=attention)
+    start = time.perf_counter()
     engine = Engine(model, tok, cfg, proposer)
+    start_s = time.perf_counter() - start
     ids = [t % model.config.vocab_size for t in tok(prompt).input_ids]  # a --tiny model's vocabulary is smaller
     STEPS.run(_generate(engine, "warm-up", ids, new_tokens))
     elapsed, tokens, rounds = STEPS.run(_generate(engine, "timed", ids, new_tokens))
     return {
+        "start_s": start_s,
         "tpot_ms": elapsed / tokens,
         "round_ms": elapsed / max(rounds, 1),
         "tokens_per_round": tokens / max(rounds, 1),

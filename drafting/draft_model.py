@@ -23,6 +23,7 @@ covers only those tokens: logits column j is token `head_ids[j]`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -76,18 +77,22 @@ class DraftModelBackend:
         self.min_confidence = check_min_confidence(min_confidence)
         self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
-        # Its lockstep steps are small and many: the case graphs help most.
+        self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
+        # Its lockstep steps are small and many: the case graphs help most. They are captured on
+        # first use: the sub-batches a proposer drafts for have no bound it knows.
+        runner = functools.partial(
+            ModelRunner, model, num_blocks, block_size, graphs=graphs, max_len=min(self.max_len, kv_cache_tokens)
+        )
         try:
-            self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs, attention=attention)
+            self.runner = runner(attention=attention)
         except ValueError as exc:
             if attention not in KERNELS:  # auto, sdpa or a bad name: nothing to fall back from
                 raise
             # The draft's blocks are its own: a kernel the target runs at --block-size 256 may refuse them.
             log.warning("draft attention: %s; choosing automatically", exc)
-            self.runner = ModelRunner(model, num_blocks, block_size, graphs=graphs, attention="auto")
+            self.runner = runner(attention="auto")
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.top_k_cap = top_k_cap
-        self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a context may hold
 
     def new_state(self) -> DraftState:

@@ -28,3 +28,9 @@ class EngineConfig:
     policy: Policy = Policy()
     graphs: str = "off"  # the model runner's: off | compile | cuda | cuda-compiled (runtime.graphs)
     attention: str = "auto"  # the model runner's: auto | flash | triton | sdpa (runtime.paged_kernels)
+
+    def max_model_len(self, model_len: int) -> int:
+        """The longest request (prompt and output) served: the scheduler's cap, the model's
+        context (`model_len`) or the cache's capacity, whichever is least."""
+        cache = self.cache
+        return min(self.scheduler.max_model_len or model_len, model_len, cache.num_blocks * cache.block_size)

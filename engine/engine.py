@@ -63,10 +63,7 @@ class Engine:
         cache = config.cache
         self.allocator = BlockAllocator(cache.num_blocks, cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.allocator, clock=self._now)
-        model_len = self.executor.max_len
-        self.max_model_len = min(
-            config.scheduler.max_model_len or model_len, model_len, cache.num_blocks * cache.block_size
-        )
+        self.max_model_len = config.max_model_len(self.executor.max_len)
         self.vocab_size = self.executor.vocab_size
         self.eos_token_ids = self.executor.eos_token_ids
         self._seqs: dict[str, Sequence] = {}
@@ -76,6 +73,8 @@ class Engine:
         self._step_ids = itertools.count(1)
         self.last_step: StepRecord | None = None
         self.consecutive_failures = 0  # steps in a row that failed (reset by one that completes)
+        if self.runner is not None:  # graphs (if any) compiled and captured before the first request
+            self.runner.warm_up(config.scheduler.max_num_seqs)
 
     # -- requests -----------------------------------------------------------
 

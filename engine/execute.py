@@ -20,10 +20,15 @@ from runtime.rejection import SampleRequest, Verified, verify
 class ModelExecutor:
     def __init__(self, model, tokenizer, config: EngineConfig):
         cache = config.cache
-        self.runner = ModelRunner(
-            model, cache.num_blocks, cache.block_size, graphs=config.graphs, attention=config.attention
-        )
         self.max_len = getattr(model.config, "max_position_embeddings", None) or cache.kv_cache_tokens
+        self.runner = ModelRunner(
+            model,
+            cache.num_blocks,
+            cache.block_size,
+            graphs=config.graphs,
+            attention=config.attention,
+            max_len=config.max_model_len(self.max_len),
+        )
         self.vocab_size = model.config.vocab_size
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else tokenizer.eos_token_id

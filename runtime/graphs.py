@@ -2,9 +2,9 @@
 
 A step whose requests all feed few tokens (decode, verification) is padded to a
 bucket: requests up to the next of BATCH_BUCKETS (dummy requests with no
-tokens), tokens per request up to the next of QUERY_BUCKETS, block tables up
-to the next power of two. Every tensor shape of the forward then depends on
-the bucket's three integers alone, so:
+tokens), tokens per request up to the next of QUERY_BUCKETS, block tables to
+a width (below). Every tensor shape of the forward then depends on the
+bucket's three integers alone, so:
 
 - `compile`: `torch.compile(fullgraph=True)` of layout derivation plus model,
   which takes the bucket's integers as arguments. The first bucket compiles
@@ -25,8 +25,25 @@ the bucket's three integers alone, so:
   small ones (its norms in float32, the rotary embedding, the activation, the
   residual adds) cost microseconds each next to its few weight reads; the
   compiler fuses them into a handful. A compile (tens of seconds for a 7B
-  model) happens on first use, of a bucket whose integers no compile covers
-  yet; each bucket is then captured once, as in `cuda`.
+  model) happens for a bucket whose integers no compile covers yet, in
+  `warm_up` (each 1 among them, a batch or tokens of one, costs one); each
+  bucket is then captured once, as in `cuda`.
+
+Table widths. Gathered attention (sdpa) reads every block of the width, so
+widths follow the longest context: the next power of two. A paged kernel
+reads each request's own length through its table, so there the width only
+sizes the table, and one width covers every context up to the longest request
+the runner serves (`max_len`, up to TABLE_LIMIT blocks; powers of two past it):
+steps then differ by their requests and tokens alone. The price is a table
+of B x that width integers packed and copied each step (64 x 257 for a
+4,096-token model on 16-token blocks: 130 kB).
+
+`warm_up` compiles or captures every bucket a step can take before the first
+request, as a first use while serving would stall every running request for
+a capture (or a compile). Graphs share one memory pool, but each keeps its
+logits, [B x q, vocab] of the model's dtype: with 64 requests and 16 tokens
+at most, 127 x 31 rows in all, about 250 MB for a 32,000-token vocabulary in
+bfloat16, per table width.
 
 Steps past the largest bucket (long prefill chunks, very large batches) run
 eagerly. The whole padded grid's logits come back; the rows the items asked
@@ -36,6 +53,7 @@ for are selected on the device.
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +67,8 @@ QUERY_BUCKETS = (1, 2, 4, 8, 16)
 MODES = ("off", "compile", "cuda", "cuda-compiled")
 COMPILED = ("compile", "cuda-compiled")
 CAPTURED = ("cuda", "cuda-compiled")
+TABLE_LIMIT = 1024  # blocks: the widest table a paged step packs for every context (see above)
+_PADDING = ForwardItem([], 0, [], 0)
 
 
 class HostRead(RuntimeError):
@@ -85,7 +105,9 @@ class _Captured:
 
 
 class GraphRunner:
-    def __init__(self, model, kv, mode: str, max_q: int, paged: str | None = None):
+    def __init__(self, model, kv, mode: str, max_q: int, paged: str | None = None, max_len: int | None = None):
+        """`max_len`: the longest request (tokens) a step may hold, what warm_up covers and, with a
+        paged kernel, what one table width is sized for; None: widths follow each step."""
         if mode not in MODES[1:]:
             raise ValueError(f"graph mode must be one of {MODES[1:]}, got {mode!r}")
         if mode in CAPTURED and kv.k[0].device.type != "cuda":
@@ -93,6 +115,9 @@ class GraphRunner:
         self.model, self.kv, self.mode, self.paged = model, kv, mode, paged
         self.max_q = min(max_q, QUERY_BUCKETS[-1])
         self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
+        # A padded request reads up to max_q tokens past its context (runtime.paged_kernels).
+        self.max_need = min(-(-(max_len + self.max_q) // kv.block_size), self.max_blocks) if max_len else None
+        self.min_blocks = min(self.max_need, TABLE_LIMIT) if paged and max_len else 1
         if paged:
             kernel(paged)  # looked up here, outside any traced forward
         self._compiled = None  # torch.compile of _padded_forward, made on first use
@@ -115,24 +140,56 @@ class GraphRunner:
         )
         if need > self.max_blocks:  # only near a full cache, for a paged kernel's padding reads
             return None
-        blocks = 1 << max(need - 1, 0).bit_length()
-        return BATCH_BUCKETS[b], QUERY_BUCKETS[q], min(blocks, self.max_blocks)
+        return BATCH_BUCKETS[b], QUERY_BUCKETS[q], self._width(need)
+
+    def _width(self, need: int) -> int:
+        """The table width of a step whose requests read at most `need` blocks."""
+        blocks = self.min_blocks if need <= self.min_blocks else 1 << max(need - 1, 0).bit_length()
+        return min(blocks, self.max_blocks)
+
+    def buckets(self, max_batch: int) -> list[tuple[int, int, int]]:
+        """Every bucket a step of up to `max_batch` requests within max_len can take, in the order
+        warm_up takes them: largest first, as graphs captured later fit in the pool memory the
+        larger ones freed; and the second differs from the first in each integer that varies,
+        so that one compile makes them all symbolic (one at a time, a compile each)."""
+        if self.max_need is None:
+            raise ValueError("the buckets of a runner without max_len are unbounded")
+        batches = BATCH_BUCKETS[: bisect.bisect_left(BATCH_BUCKETS, max_batch) + 1]
+        qs = [q for q in QUERY_BUCKETS if q <= self.max_q]
+        widths = sorted({self._width(n) for n in range(1, self.max_need + 1)})
+        order = sorted(itertools.product(batches, qs, widths), reverse=True)
+        second = tuple(sizes[-2] if len(sizes) > 1 else sizes[-1] for sizes in (batches, qs, widths))
+        return list(dict.fromkeys([order[0], second, *order]))
+
+    def warm_up(self, max_batch: int) -> int:
+        """Compiles or captures each of `buckets(max_batch)` with a step of padding only (its
+        writes go to the scratch block); returns how many."""
+        buckets = self.buckets(max_batch)
+        for bucket in buckets:
+            self._run(self._pack([], bucket), bucket)
+        return len(buckets)
 
     def forward(self, items: list[ForwardItem], bucket: tuple[int, int, int]) -> torch.Tensor:
         """[sum(num_logits), vocab] logits of the items, through the bucket's graph."""
-        batch, q, blocks = bucket
         self.steps += 1
-        padded = items + [ForwardItem([], 0, [], 0)] * (batch - len(items))
-        step = PackedStep.build(padded, self.kv.block_size, self.kv.scratch_block, q, [q] * batch, blocks)
+        step = self._pack(items, bucket)
+        packed, logits = self._run(step, bucket)
+        return logits[keep_rows(packed, step.shape, sum(it.num_logits for it in items))]
+
+    def _pack(self, items: list[ForwardItem], bucket: tuple[int, int, int]) -> PackedStep:
+        batch, q, blocks = bucket
+        padded = items + [_PADDING] * (batch - len(items))
+        return PackedStep.build(padded, self.kv.block_size, self.kv.scratch_block, q, [q] * batch, blocks)
+
+    def _run(self, step: PackedStep, bucket: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the packed integers on the device, the padded grid's logits)."""
         if self.mode == "compile":
             packed = step.to(self.kv.k[0].device)
-            logits = self._step_fn()(packed, batch, q, blocks)
-        else:
-            captured = self._captured.get(step.shape) or self._capture(step, bucket)
-            captured.packed.copy_(step.host.pin_memory(), non_blocking=True)
-            captured.graph.replay()
-            packed, logits = captured.packed, captured.logits
-        return logits[keep_rows(packed, step.shape, sum(it.num_logits for it in items))]
+            return packed, self._step_fn()(packed, *bucket)
+        captured = self._captured.get(step.shape) or self._capture(step, bucket)
+        captured.packed.copy_(step.host.pin_memory(), non_blocking=True)
+        captured.graph.replay()
+        return captured.packed, captured.logits
 
     def _step_fn(self):
         """The bucket's forward as it runs (compiled in a compiled mode)."""

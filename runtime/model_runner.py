@@ -38,18 +38,30 @@ class ModelRunner:
         batched_max_q: int = 16,
         graphs: str = "off",
         attention: str = "auto",
+        max_len: int | None = None,
     ):
         """`graphs`: "off" (eager), "compile" or "cuda": decode and verification steps through
         `runtime.graphs` (compiled, or captured as CUDA graphs), anything larger eagerly;
         "cuda-compiled": compiled, then captured.
         `attention`: "sdpa" (gathered blocks, `runtime.attention`), a paged kernel ("flash":
         torch's, "triton": ours; `runtime.paged_kernels`), or "auto": the first of those that
-        runs here and agrees with dense attention, else sdpa."""
+        runs here and agrees with dense attention, else sdpa.
+        `max_len`: the longest request a step holds (prompt and output), which sizes the graphs'
+        tables and what `warm_up` covers (`runtime.graphs`)."""
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-        model_thread.call(self._init, model, num_blocks, block_size, batched_max_q, graphs, attention)
+        model_thread.call(self._init, model, num_blocks, block_size, batched_max_q, graphs, attention, max_len)
 
-    def _init(self, model, num_blocks: int, block_size: int, batched_max_q: int, graphs: str, attention: str) -> None:
+    def _init(
+        self,
+        model,
+        num_blocks: int,
+        block_size: int,
+        batched_max_q: int,
+        graphs: str,
+        attention: str,
+        max_len: int | None,
+    ) -> None:
         self.model = model
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.device = next(model.parameters()).device
@@ -64,7 +76,23 @@ class ModelRunner:
         )
         self.batched_max_q = batched_max_q
         self.paged = self._choose_paged(attention, model.config, kv_heads, head_dim, block_size)
-        self.graphs = None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.paged)
+        self.graphs = (
+            None if graphs == "off" else GraphRunner(model, self.kv, graphs, batched_max_q, self.paged, max_len)
+        )
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compiles or captures every graph a step of up to `max_batch` requests can take (none
+        without graphs), before any request waits on one (on the model thread)."""
+        if self.graphs is not None:
+            model_thread.call(self._warm_up, max_batch)
+
+    @torch.inference_mode()
+    def _warm_up(self, max_batch: int) -> None:
+        start = time.perf_counter()
+        count = self.graphs.warm_up(max_batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("graphs: %d buckets %s in %.1f s", count, self.graphs.mode, time.perf_counter() - start)
 
     def _choose_paged(self, attention: str, config, kv_heads: int, head_dim: int, block_size: int) -> str | None:
         """The paged kernel's name, or None: gathered blocks and SDPA."""

@@ -44,9 +44,9 @@ class Placement:
     compile: bool = field(
         default=False,
         metadata={
-            "help": "with CUDA graphs: compile the target's forward with torch.compile before capturing each padded "
-            "batch shape (fewer, fused kernels a step; a few compiles in all, each on the first shape that "
-            "needs it, tens of seconds for a 7B model)"
+            "help": "with CUDA graphs: compile the target's forward with torch.compile before capturing the padded "
+            "batch shapes (fewer, fused kernels a step; a few compiles in all, at start-up, tens of seconds each "
+            "for a 7B model)"
         },
     )
 

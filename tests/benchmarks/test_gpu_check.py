@@ -52,6 +52,7 @@ def test_gpu_check_runs_end_to_end_on_cpu_with_tiny_shapes(tmp_path):
     steps = load_profile(f"{tmp_path / 'results.json'}#tiny-a")  # what the cost model and simulator read
     assert len(steps) == 4 and steps[0].verify_ms > 0
     assert set(results["tpot"]) == {"off/sdpa"} and results["tpot"]["off/sdpa"] > 0
+    assert set(results["engine_start_s"]) == {"off/sdpa"}
     # No real target (as on the device): the pair's rounds are timed with a random SmolLM2-shaped
     # target, and each k's time per token projected from the real pair's tokens per round.
     assert set(results["pair"]) == {"0", "1"} and all(r["round_ms"] > 0 for r in results["pair"].values())

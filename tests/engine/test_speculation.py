@@ -230,15 +230,27 @@ def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
         make_proposer(proposer="draft:")
 
 
-def test_greedy_through_compiled_graphs_with_drafts_equals_target_greedy(small_vocab, smollm2_tokenizer):
+def test_greedy_through_compiled_graphs_with_drafts_equals_target_greedy(small_vocab, smollm2_tokenizer, monkeypatch):
     """The bucketed, compiled forward (`graphs="compile"`, what CUDA graphs capture) in the engine:
-    decode and verification steps padded to buckets, prefill eager, output unchanged."""
+    every bucket compiled when the engine starts, then decode and verification steps padded to
+    buckets with no compile, prefill eager, output unchanged."""
+    import runtime.graphs as graphs
+
+    compiles = []
+    real = graphs._inductor_without_host_reads
+    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: compiles.append(1) or real(gm, ex))
+    torch._dynamo.reset()
     model, reference, tok = small_vocab
     prompts = [[2, 3, 4, 5, 2, 3, 4, 5, 2, 3], [6, 7, 8, 6, 7, 8, 6]]
-    cfg = EngineConfig(CacheConfig(block_size=64, kv_cache_tokens=1024), policy=Policy.fixed(3), graphs="compile")
+    # Tables of one block, 1-4 requests, 1-16 tokens: a compile for each 1 among them, and one symbolic.
+    cache = CacheConfig(block_size=128, kv_cache_tokens=1024)
+    cfg = EngineConfig(cache, SchedulerConfig(max_num_seqs=4), policy=Policy.fixed(3), graphs="compile")
     engine = Engine(model, tok, cfg, LocalProposer(NgramBackend()))
+    warmed = len(compiles)
+    assert warmed >= 2, "the engine started without compiling its buckets"
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     out = run(engine, prompts, params)
     assert engine.runner.graphs.steps >= 10  # decode and verification went through the compiled graphs
+    assert len(compiles) == warmed, "a step compiled while serving"
     for i, ids in enumerate(prompts):
         assert_same_greedy(reference, ids, out[str(i)], hf_greedy(reference, ids, 16, ignore_eos=True))

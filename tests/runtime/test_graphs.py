@@ -30,7 +30,8 @@ def tiny_model(small_vocab_dir):
 def prefill(runner: ModelRunner, tables: list[list[int]], lengths: list[int]) -> None:
     gen = torch.Generator().manual_seed(1)
     items = [ForwardItem(torch.randint(V, (n,), generator=gen).tolist(), 0, t, 0) for t, n in zip(tables, lengths)]
-    runner._eager(items)
+    with torch.inference_mode():  # as the runner's own steps run: the cache's K/V never require grad
+        runner._eager(items)
 
 
 def runners(model):
@@ -88,6 +89,73 @@ def test_compiled_buckets_match_eager_logits_with_a_few_compiles(tiny_model, mon
     assert len(buckets) == len(CASES) and compiled.graphs.steps == len(CASES)
     # At least a static and a symbolic compile (none would mean the steps ran uncompiled).
     assert 2 <= len(compiles) <= 8, f"{len(compiles)} compiles for {len(buckets)} buckets"
+
+
+def counting_compiles(monkeypatch) -> list:
+    """Appends to the returned list at each compile of the graph runners' forward."""
+    import runtime.graphs as graphs
+
+    compiles = []
+    real = graphs._inductor_without_host_reads
+    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: compiles.append(1) or real(gm, ex))
+    torch._dynamo.reset()  # no compiled code from other tests
+    return compiles
+
+
+def test_warm_up_compiles_every_bucket_so_serving_compiles_none(tiny_model, monkeypatch):
+    """After `warm_up`, steps of any bucket within its bounds (batch, tokens, max_len) find
+    their compiled code: a first use while serving would stall every running request."""
+    compiles = counting_compiles(monkeypatch)
+    eager = ModelRunner(tiny_model, num_blocks=64, block_size=BS)
+    warm = ModelRunner(tiny_model, num_blocks=64, block_size=BS, graphs="compile", max_len=40)
+    buckets = warm.graphs.buckets(16)
+    # 1..16 requests, 1..16 tokens; tables of up to 14 blocks (40 tokens and 16 of padding reads).
+    assert {b for b, _, _ in buckets} == {1, 2, 4, 8, 16} and {q for _, q, _ in buckets} == set(QUERY_BUCKETS)
+    assert {w for _, _, w in buckets} == {1, 2, 4, 8, 16} and len(buckets) == 5 * 5 * 5
+    warm.warm_up(16)
+    assert compiles, "warm_up compiled nothing"
+    warmed = len(compiles)
+    gen = torch.Generator().manual_seed(5)
+    for qs, ctxs in CASES:
+        if len(qs) > 16 or max(c + q for q, c in zip(qs, ctxs)) > 40:
+            continue
+        sizes = [-(-(c + q) // BS) for q, c in zip(qs, ctxs)]
+        tables = [list(range(sum(sizes[:i]), sum(sizes[: i + 1]))) for i in range(len(qs))]
+        for r in (eager, warm):
+            prefill(r, tables, ctxs)
+        items = [
+            ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
+        ]
+        assert warm.graphs.bucket(items) in buckets
+        want, got = eager.forward(items), warm.forward(items)
+        assert ((got - want).abs().max() / want.abs().max()) <= 1e-4, qs
+    assert warm.graphs.steps >= 8 and len(compiles) == warmed, "a step compiled while serving"
+
+
+def test_a_paged_kernel_takes_one_table_width_up_to_max_len(tiny_model):
+    """A paged kernel reads each request's own length: every step up to max_len packs the same
+    table width (one graph per batch and tokens); gathered attention's widths follow the need;
+    past TABLE_LIMIT blocks, or without max_len, a paged step's widths are powers of two too."""
+    from runtime.graphs import TABLE_LIMIT
+    from runtime.kv_cache import KVCache
+
+    kv = KVCache(1, 4096, BS, 1, 8, torch.float32, "cpu")
+    paged = GraphRunner(tiny_model, kv, "compile", 16, paged="flash", max_len=100)
+    gathered = GraphRunner(tiny_model, kv, "compile", 16, max_len=100)
+
+    def step(ctx: int, q: int = 1) -> list[ForwardItem]:
+        return [ForwardItem([1] * q, ctx, list(range(-(-(ctx + 16) // BS))), q)]
+
+    assert {paged.bucket(step(c))[2] for c in (0, 7, 50, 99)} == {29}  # (100 + 16) / 4 blocks
+    assert [gathered.bucket(step(c))[2] for c in (0, 7, 50, 99)] == [1, 2, 16, 32]
+    assert {w for _, _, w in paged.buckets(64)} == {29} and len(paged.buckets(64)) == 7 * 5
+    assert GraphRunner(tiny_model, kv, "compile", 1, paged="flash", max_len=100).buckets(1) == [(1, 1, 26)]
+    long = GraphRunner(tiny_model, kv, "compile", 16, paged="flash", max_len=BS * 3000)
+    assert long.bucket(step(10))[2] == TABLE_LIMIT and long.bucket(step(BS * TABLE_LIMIT))[2] == 2 * TABLE_LIMIT
+    assert {w for _, _, w in long.buckets(1)} == {TABLE_LIMIT, 2 * TABLE_LIMIT, 4096}  # the cache's 4,096 blocks
+    assert GraphRunner(tiny_model, kv, "compile", 16, paged="flash").bucket(step(50))[2] == 16
+    with pytest.raises(ValueError, match="without max_len"):
+        GraphRunner(tiny_model, kv, "compile", 16).buckets(8)
 
 
 def test_steps_past_the_largest_bucket_run_eagerly(tiny_model):
@@ -176,6 +244,32 @@ def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, atten
         want, got = eager.forward(items), runner.forward(items)
         assert ((got - want).abs().max() / want.abs().max()) <= (1e-4 if attention == "sdpa" else 2e-2), (qs, ctxs)
     assert runner.graphs.steps == len(steps) and len(runner.graphs._captured) == len(buckets) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; none on the CI machine")
+@pytest.mark.parametrize("mode", ["cuda", "cuda-compiled"])
+def test_warm_up_captures_every_bucket_so_serving_captures_none_needs_a_gpu(tiny_llama_dir, mode):
+    """Needs a GPU: after `warm_up` every step of its bounds replays a graph captured then (none
+    is captured while serving), through the attention a server here would choose."""
+    from runtime.models import load_model
+
+    model = load_model(tiny_llama_dir, "bfloat16", "cuda")
+    eager = ModelRunner(model, num_blocks=64, block_size=16, attention="sdpa")
+    runner = ModelRunner(model, num_blocks=64, block_size=16, graphs=mode, max_len=100)
+    runner.warm_up(4)
+    captured = len(runner.graphs._captured)
+    assert captured == len(runner.graphs.buckets(4))
+    tables = [list(range(i * 16, i * 16 + 16)) for i in range(4)]
+    for r in (eager, runner):
+        prefill(r, tables, [5, 40, 2, 70])
+    gen = torch.Generator().manual_seed(4)
+    for qs, ctxs in [([1], [5]), ([2, 1], [40, 2]), ([4, 3, 1, 9], [70, 40, 2, 5]), ([1] * 4, [80, 60, 9, 20])]:
+        items = [
+            ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
+        ]
+        want, got = eager.forward(items), runner.forward(items)
+        assert ((got - want).abs().max() / want.abs().max()) <= 2e-2, (qs, ctxs)
+    assert runner.graphs.steps == 4 and len(runner.graphs._captured) == captured, "a step captured while serving"
 
 
 def test_placement_chooses_the_runner_graph_mode():

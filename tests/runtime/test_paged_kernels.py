@@ -216,6 +216,43 @@ def test_graph_path_through_the_flash_layout_compiles_whole_cpu_standin(small_vo
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_warmed_paged_steps_share_one_table_width_and_compile_nothing_more_cpu_standin(small_vocab_dir, monkeypatch):
+    """What a GPU server runs: a paged kernel's graphs warmed up for every batch and token
+    count; steps over contexts short and long then use those graphs (one table width for
+    all), compile nothing, and match the eager gathered path."""
+    import runtime.graphs as graphs
+    import runtime.model_runner as model_runner
+    from runtime.models import load_model
+
+    monkeypatch.setattr(paged_kernels, "_FOUND", {"flash": traceable_standin})
+    monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
+    compiles = []
+    real = graphs._inductor_without_host_reads
+    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: compiles.append(1) or real(gm, ex))
+    torch._dynamo.reset()
+    model = load_model(small_vocab_dir)
+    sdpa = model_runner.ModelRunner(model, 16, BS, attention="sdpa")
+    paged = model_runner.ModelRunner(model, 16, BS, graphs="compile", attention="flash", max_len=30)
+    assert {w for _, _, w in paged.graphs.buckets(4)} == {12}  # (30 + 16) / 4 blocks, capped by the cache
+    paged.warm_up(4)
+    warmed = len(compiles)
+    assert 2 <= warmed <= 5  # batch and tokens vary (twice symbolic), then a compile for each 1
+    tables = [[3, 0, 7, 10, 11], [5, 1, 9, 12, 13], [2, 4, 6, 8, 14]]
+    gen = torch.Generator().manual_seed(8)
+    ctxs = [1, 13, 4]
+    with torch.inference_mode():
+        for runner in (sdpa, paged):
+            runner._eager([ForwardItem([1 + c % 7] * c, 0, t, 0) for c, t in zip(ctxs, tables)])
+    for qs in ([1, 1, 1], [3, 1, 2], [1], [4, 4], [2, 1, 1]):
+        items = [
+            ForwardItem(torch.randint(12, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
+        ]
+        assert paged.graphs.bucket(items)[2] == 12
+        torch.testing.assert_close(paged.forward(items), sdpa.forward(items), rtol=1e-4, atol=1e-4)
+        ctxs = [c + q for c, q in zip(ctxs, qs)] + ctxs[len(qs) :]
+    assert paged.graphs.steps == 5 and len(compiles) == warmed, "a step compiled while serving"
+
+
 def test_a_host_read_in_the_flash_layout_fails_the_compile_cpu_standin(small_vocab_dir, monkeypatch):
     """The check has teeth on this path too: the kernel's max_q read from the device (instead
     of the bucket's shape) fails the compile."""
