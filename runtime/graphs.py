@@ -115,8 +115,10 @@ class GraphRunner:
         self.model, self.kv, self.mode, self.paged = model, kv, mode, paged
         self.max_q = min(max_q, QUERY_BUCKETS[-1])
         self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
-        # A padded request reads up to max_q tokens past its context (runtime.paged_kernels).
-        self.max_need = min(-(-(max_len + self.max_q) // kv.block_size), self.max_blocks) if max_len else None
+        # With a paged kernel a padded request reads up to max_q tokens past its context
+        # (runtime.paged_kernels); gathered attention reads its real tokens' blocks only.
+        read = (max_len + (self.max_q if paged else 0)) if max_len else None
+        self.max_need = min(-(-read // kv.block_size), self.max_blocks) if read else None
         self.min_blocks = min(self.max_need, TABLE_LIMIT) if paged and max_len else 1
         if paged:
             kernel(paged)  # looked up here, outside any traced forward

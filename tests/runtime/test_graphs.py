@@ -109,7 +109,7 @@ def test_warm_up_compiles_every_bucket_so_serving_compiles_none(tiny_model, monk
     eager = ModelRunner(tiny_model, num_blocks=64, block_size=BS)
     warm = ModelRunner(tiny_model, num_blocks=64, block_size=BS, graphs="compile", max_len=40)
     buckets = warm.graphs.buckets(16)
-    # 1..16 requests, 1..16 tokens; tables of up to 14 blocks (40 tokens and 16 of padding reads).
+    # 1..16 requests, 1..16 tokens; tables of up to 10 blocks (40 tokens), padded to 16.
     assert {b for b, _, _ in buckets} == {1, 2, 4, 8, 16} and {q for _, q, _ in buckets} == set(QUERY_BUCKETS)
     assert {w for _, _, w in buckets} == {1, 2, 4, 8, 16} and len(buckets) == 5 * 5 * 5
     warm.warm_up(16)
@@ -149,6 +149,7 @@ def test_a_paged_kernel_takes_one_table_width_up_to_max_len(tiny_model):
     assert {paged.bucket(step(c))[2] for c in (0, 7, 50, 99)} == {29}  # (100 + 16) / 4 blocks
     assert [gathered.bucket(step(c))[2] for c in (0, 7, 50, 99)] == [1, 2, 16, 32]
     assert {w for _, _, w in paged.buckets(64)} == {29} and len(paged.buckets(64)) == 7 * 5
+    assert {w for _, _, w in gathered.buckets(1)} == {1, 2, 4, 8, 16, 32}  # 100 tokens: 25 blocks
     assert GraphRunner(tiny_model, kv, "compile", 1, paged="flash", max_len=100).buckets(1) == [(1, 1, 26)]
     long = GraphRunner(tiny_model, kv, "compile", 16, paged="flash", max_len=BS * 3000)
     assert long.bucket(step(10))[2] == TABLE_LIMIT and long.bucket(step(BS * TABLE_LIMIT))[2] == 2 * TABLE_LIMIT
