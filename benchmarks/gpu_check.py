@@ -11,13 +11,13 @@ batch-1 TPOT, and the built-in pair's k.
    random weights (no download), per variant `mode/attention`: runner mode `off` (eager)
    or `cuda` (CUDA graphs), attention `sdpa` (gathered blocks) or a paged kernel (`flash`:
    torch's, `triton`: this repository's; each at the smallest block size of 16 and 256 it
-   takes here, and skipped, with the reason, where it cannot run). Median of `--reps` after two warm-up calls (the first
-   captures the bucket's graph). Each variant's logits of one step are compared with
-   eager sdpa's: graphs and the paged kernels must compute the same model. At the shapes of
-   the bars (B, q) = (1, 1), (1, 5), (32, 1), a profile of the ops with the most device time.
+   takes here, and skipped, with the reason, where it cannot run). Median of `--reps` after two
+   warm-up calls (the first captures the bucket's graph). Each variant's logits of one step are
+   compared with eager sdpa's: graphs and the paged kernels must compute the same model. At the
+   bars' shapes (B, q) = (1, 1), (1, 5), (32, 1), a profile of the ops with the most device time.
 3. Batch-1 TPOT of SmolLM2-135M through `Engine.step()` greedy decoding (its shape with
-   random weights, or the real model with `--target`), per variant; and `engine_start_s`,
-   the engine's construction with its graphs' warm-up (the batch-1 buckets).
+   random weights, or the real model with `--target`), per variant, and `engine_start_s` (the
+   engine's construction, its batch-1 graphs' warm-up included).
 4. The built-in draft pair at batch 1, fixed k = 0..4 (`--ks`), with the in-process
    draft model (shipped in the repository). With `--target` (SmolLM2-135M, e.g. its .gguf
    file) its TPOT per k. Without, the target is SmolLM2's shape with random weights: it
@@ -250,9 +250,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU run of the same code")
     ap.add_argument("--copy-mib", type=int, default=1024)
     ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the op profiles")
-    ap.add_argument(
-        "--compiled", default="cuda-compiled", help="the compiled runner mode measured after its model ('': none)"
-    )
+    ap.add_argument("--compiled", default="cuda-compiled", help="compiled mode measured after its model ('': none)")
     ap.add_argument("--compiled-models", default="llama-7b", help="models measured compiled (at the bars' shapes)")
     ap.add_argument("--budget-s", type=float, default=360, help="no compiled shape starts past this many seconds")
     ap.add_argument("--output-dir", default="benchmarks/results/gpu_check")
