@@ -43,13 +43,20 @@ RSS_GROWTH_BOUND = 0.05
 
 
 def free_port_block(n: int) -> int:
-    """The first of n consecutive ports that are free now."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first + n < 65000 and all(_free(first + i) for i in range(n)):
+    """The first of n consecutive ports that are free now, below the kernel's ephemeral range:
+    the stack's processes bind theirs one after another while others already connect out, and
+    an outgoing connection can take a free port of that range as its local end."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except OSError:  # not Linux: IANA's dynamic range
+        ephemeral = 49152
+    rng = random.Random()
+    for _ in range(1000):
+        first = rng.randrange(10000, ephemeral - n)
+        if all(_free(first + i) for i in range(n)):
             return first
+    raise RuntimeError(f"no {n} free consecutive ports below {ephemeral}")
 
 
 def _free(port: int) -> bool:
@@ -121,11 +128,12 @@ class Stack:
                *([] if args.draft else ["--ngram"])]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
+        self.ended = False  # its output closed: it exited
         ready = threading.Event()
         threading.Thread(target=self._read, args=(ready,), daemon=True).start()
-        if not ready.wait(args.startup_timeout) or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("the stack did not come up:\n" + "".join(self.log[-40:]))
+        if not ready.wait(args.startup_timeout) or self.ended:
+            code = self.stop()
+            raise RuntimeError(f"the stack did not come up (exit {code}):\n" + "".join(self.log[-40:]))
         self.roles = self._roles()
 
     def _read(self, ready: threading.Event) -> None:
@@ -133,6 +141,8 @@ class Stack:
             self.log.append(line)
             if "smartspec stack up" in line:
                 ready.set()
+        self.ended = True
+        ready.set()  # a stack that exits before it is up is reported now, not at the timeout
 
     def _roles(self) -> dict[str, psutil.Process]:
         roles = {}
