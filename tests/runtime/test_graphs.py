@@ -27,6 +27,28 @@ def tiny_model(small_vocab_dir):
     return load_model(small_vocab_dir)
 
 
+@pytest.fixture(scope="module")
+def gpu_llama_dir(tmp_path_factory):
+    """A random 2-layer Llama with a head dim of 16 (what the Triton kernel takes) and no
+    tokenizer: the GPU tests need nothing a device machine lacks (the built-in GGUF)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(11)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+    )
+    path = tmp_path_factory.mktemp("gpu-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
 def prefill(runner: ModelRunner, tables: list[list[int]], lengths: list[int]) -> None:
     gen = torch.Generator().manual_seed(1)
     items = [ForwardItem(torch.randint(V, (n,), generator=gen).tolist(), 0, t, 0) for t, n in zip(tables, lengths)]
@@ -208,7 +230,7 @@ def test_cuda_graphs_need_a_cuda_model(tiny_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; none on the CI machine")
 @pytest.mark.parametrize("mode", ["cuda", "cuda-compiled"])
 @pytest.mark.parametrize("attention", ["sdpa", "triton", "flash"])
-def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, attention, mode, monkeypatch):
+def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(gpu_llama_dir, attention, mode, monkeypatch):
     """Needs a GPU: the captured graphs (of the eager or the compiled forward) replay their
     bucket's forward with new inputs each step, through each attention this device runs (a
     paged kernel in bfloat16 on 16-token pages); buckets of other sizes get graphs of their
@@ -225,7 +247,7 @@ def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, atten
 
     monkeypatch.setattr(graphs, "_inductor_without_host_reads", not_while_capturing)
     bs, dtype = (BS, "float32") if attention == "sdpa" else (16, "bfloat16")
-    model = load_model(tiny_llama_dir, dtype, "cuda")  # head dim 16: what the Triton kernel takes
+    model = load_model(gpu_llama_dir, dtype, "cuda")  # head dim 16: what the Triton kernel takes
     if attention != "sdpa" and (why := unavailable(attention, 4, 2, 16, bs, model.dtype, "cuda")):
         pytest.skip(why)
     eager = ModelRunner(model, num_blocks=64, block_size=bs, attention="sdpa")
@@ -249,12 +271,12 @@ def test_cuda_graph_replays_match_eager_logits_needs_a_gpu(tiny_llama_dir, atten
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; none on the CI machine")
 @pytest.mark.parametrize("mode", ["cuda", "cuda-compiled"])
-def test_warm_up_captures_every_bucket_so_serving_captures_none_needs_a_gpu(tiny_llama_dir, mode):
+def test_warm_up_captures_every_bucket_so_serving_captures_none_needs_a_gpu(gpu_llama_dir, mode):
     """Needs a GPU: after `warm_up` every step of its bounds replays a graph captured then (none
     is captured while serving), through the attention a server here would choose."""
     from runtime.models import load_model
 
-    model = load_model(tiny_llama_dir, "bfloat16", "cuda")
+    model = load_model(gpu_llama_dir, "bfloat16", "cuda")
     eager = ModelRunner(model, num_blocks=64, block_size=16, attention="sdpa")
     runner = ModelRunner(model, num_blocks=64, block_size=16, graphs=mode, max_len=100)
     runner.warm_up(4)

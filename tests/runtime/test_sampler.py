@@ -201,7 +201,7 @@ def test_sample_follows_processed_probs_chi_square():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; none on the CI machine")
-def test_sampling_accepts_gpu_logits_and_matches_the_cpu_draws():
+def test_sampling_accepts_gpu_logits_and_matches_the_cpu_draws_needs_a_gpu():
     """Needs a GPU: the same seeds give the same tokens on CUDA as on the CPU."""
     logits = torch.randn(3, 10, device="cuda")
     params = [
