@@ -90,25 +90,47 @@ def unused_tcp_port() -> int:
     raise RuntimeError("no four free consecutive ports below the ephemeral range")
 
 
+def random_llama(tmp_path_factory, name: str, seed: int, **config) -> str:
+    """A random 2-layer Llama with 4 heads and 2 KV heads (and `config`) saved under a new
+    directory; its path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **config)
+    path = tmp_path_factory.mktemp(name)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def small_vocab_dir(tmp_path_factory):
     """A random Llama over 12 tokens: distributions with real mass on several tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(7)
-    config = LlamaConfig(
+    return random_llama(
+        tmp_path_factory,
+        "small-vocab",
+        7,
         vocab_size=12,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         initializer_range=0.15,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
     )
-    path = tmp_path_factory.mktemp("small-vocab")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+
+
+@pytest.fixture(scope="session")
+def gpu_llama_dir(tmp_path_factory):
+    """A random Llama with a head dim of 16 (what the Triton kernel takes) and no tokenizer:
+    the GPU-only tests need nothing a device machine lacks (the built-in GGUF)."""
+    return random_llama(
+        tmp_path_factory,
+        "gpu-llama",
+        11,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+    )

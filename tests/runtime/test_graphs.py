@@ -27,28 +27,6 @@ def tiny_model(small_vocab_dir):
     return load_model(small_vocab_dir)
 
 
-@pytest.fixture(scope="module")
-def gpu_llama_dir(tmp_path_factory):
-    """A random 2-layer Llama with a head dim of 16 (what the Triton kernel takes) and no
-    tokenizer: the GPU tests need nothing a device machine lacks (the built-in GGUF)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(11)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.3,
-    )
-    path = tmp_path_factory.mktemp("gpu-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
-
-
 def prefill(runner: ModelRunner, tables: list[list[int]], lengths: list[int]) -> None:
     gen = torch.Generator().manual_seed(1)
     items = [ForwardItem(torch.randint(V, (n,), generator=gen).tolist(), 0, t, 0) for t, n in zip(tables, lengths)]
