@@ -126,9 +126,6 @@ class GraphRunner:
         self._captured: dict[StepShape, _Captured] = {}
         self._pool = None
         self.steps = 0  # steps run through a graph (the rest ran eagerly)
-        if mode in COMPILED:
-            # A handful of specialisations (see above); past the limit a step would run eagerly.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     def bucket(self, items: list[ForwardItem]) -> tuple[int, int, int] | None:
         """(requests, tokens per request, table blocks) of the padded step, or None: run eagerly."""
@@ -198,9 +195,18 @@ class GraphRunner:
         if self.mode not in COMPILED:
             return self._padded_forward
         if self._compiled is None:
-            self._compiled = torch.compile(
+            compiled = torch.compile(
                 self._padded_forward, fullgraph=True, dynamic=None, backend=_inductor_without_host_reads
             )
+
+            def run(*args):
+                # A few specialisations (see above), more than torch's default limit of 8 allows
+                # where three integers vary; past the limit a full-graph compile fails. The
+                # setting is per thread: set it on the one that compiles.
+                with torch._dynamo.config.patch(cache_size_limit=64):
+                    return compiled(*args)
+
+            self._compiled = run
         return self._compiled
 
     def _padded_forward(self, packed: torch.Tensor, batch: int, q: int, blocks: int) -> torch.Tensor:

@@ -112,8 +112,11 @@ def test_warm_up_compiles_every_bucket_so_serving_compiles_none(tiny_model, monk
     # 1..16 requests, 1..16 tokens; tables of up to 10 blocks (40 tokens), padded to 16.
     assert {b for b, _, _ in buckets} == {1, 2, 4, 8, 16} and {q for _, q, _ in buckets} == set(QUERY_BUCKETS)
     assert {w for _, _, w in buckets} == {1, 2, 4, 8, 16} and len(buckets) == 5 * 5 * 5
-    warm.warm_up(16)
-    assert compiles, "warm_up compiled nothing"
+    # On this thread, not the model thread's `warm.warm_up`: dynamo's settings are per thread,
+    # and these 9 compiles pass its default limit of 8 unless the runner raises it where it compiles.
+    with torch.inference_mode():
+        warm.graphs.warm_up(16)
+    assert 2 <= len(compiles) <= 9, f"{len(compiles)} compiles for {len(buckets)} buckets"
     warmed = len(compiles)
     gen = torch.Generator().manual_seed(5)
     for qs, ctxs in CASES:
