@@ -115,11 +115,14 @@ class GraphRunner:
         self.model, self.kv, self.mode, self.paged = model, kv, mode, paged
         self.max_q = min(max_q, QUERY_BUCKETS[-1])
         self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
-        # With a paged kernel a padded request reads up to max_q tokens past its context
-        # (runtime.paged_kernels); gathered attention reads its real tokens' blocks only.
-        read = (max_len + (self.max_q if paged else 0)) if max_len else None
-        self.max_need = min(-(-read // kv.block_size), self.max_blocks) if read else None
-        self.min_blocks = min(self.max_need, TABLE_LIMIT) if paged and max_len else 1
+        self.max_need, self.min_blocks = None, 1  # the widest table a step needs; the narrowest packed
+        if max_len:
+            # With a paged kernel a padded request reads up to max_q tokens past its context
+            # (runtime.paged_kernels); gathered attention reads its real tokens' blocks only.
+            read = max_len + (self.max_q if paged else 0)
+            self.max_need = min(-(-read // kv.block_size), self.max_blocks)
+            if paged:
+                self.min_blocks = min(self.max_need, TABLE_LIMIT)
         if paged:
             kernel(paged)  # looked up here, outside any traced forward
         self._compiled = None  # torch.compile of _padded_forward, made on first use
