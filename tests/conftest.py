@@ -60,6 +60,19 @@ def smollm2_pair():
 
 
 @pytest.fixture
+def compiles(monkeypatch) -> list:
+    """One entry per compile of the graph runners' forward (runtime.graphs), from a clean
+    start: no compiled code from other tests."""
+    import runtime.graphs as graphs
+
+    made = []
+    real = graphs._inductor_without_host_reads
+    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: made.append(1) or real(gm, ex))
+    torch._dynamo.reset()
+    return made
+
+
+@pytest.fixture
 def unused_tcp_port() -> int:
     """A free port below the kernel's ephemeral range, with the next three free too (tests start
     services on port + 1 ..). Tests kill servers and start them again on their ports; a port in

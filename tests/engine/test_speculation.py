@@ -230,16 +230,10 @@ def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
         make_proposer(proposer="draft:")
 
 
-def test_greedy_through_compiled_graphs_with_drafts_equals_target_greedy(small_vocab, smollm2_tokenizer, monkeypatch):
+def test_greedy_through_compiled_graphs_with_drafts_equals_target_greedy(small_vocab, smollm2_tokenizer, compiles):
     """The bucketed, compiled forward (`graphs="compile"`, what CUDA graphs capture) in the engine:
     every bucket compiled when the engine starts, then decode and verification steps padded to
     buckets with no compile, prefill eager, output unchanged."""
-    import runtime.graphs as graphs
-
-    compiles = []
-    real = graphs._inductor_without_host_reads
-    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: compiles.append(1) or real(gm, ex))
-    torch._dynamo.reset()
     model, reference, tok = small_vocab
     prompts = [[2, 3, 4, 5, 2, 3, 4, 5, 2, 3], [6, 7, 8, 6, 7, 8, 6]]
     # Tables of one block, 1-4 requests, 1-16 tokens: a compile for each 1 among them, and one symbolic.

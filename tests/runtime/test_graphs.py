@@ -55,27 +55,24 @@ CASES = [  # (tokens per request, contexts): buckets of every kind, through one 
 ]
 
 
-def test_compiled_buckets_match_eager_logits_with_a_few_compiles(tiny_model, monkeypatch):
+def case_items(runners: tuple, qs: list[int], ctxs: list[int], gen) -> list[ForwardItem]:
+    """A CASES step: each request's context prefilled by every runner, then its new tokens."""
+    sizes = [-(-(c + q) // BS) for q, c in zip(qs, ctxs)]
+    tables = [list(range(sum(sizes[:i]), sum(sizes[: i + 1]))) for i in range(len(qs))]
+    for r in runners:
+        prefill(r, tables, ctxs)
+    return [ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)]
+
+
+def test_compiled_buckets_match_eager_logits_with_a_few_compiles(tiny_model, compiles):
     """Every bucket's compiled forward gives the eager logits (and writes the same KV), and the
     compiles are a handful for all of them: the bucket's integers become symbols once they
     vary, so a new bucket costs a compile only where 1 is special (a batch or width of one)."""
-    import runtime.graphs as graphs
-
-    compiles = []
-    real = graphs._inductor_without_host_reads
-    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: compiles.append(1) or real(gm, ex))
-    torch._dynamo.reset()  # no compiled code from other tests
     eager, compiled = runners(tiny_model)
     gen = torch.Generator().manual_seed(2)
     buckets = set()
     for qs, ctxs in CASES:
-        sizes = [-(-(c + q) // BS) for q, c in zip(qs, ctxs)]
-        tables = [list(range(sum(sizes[:i]), sum(sizes[: i + 1]))) for i in range(len(qs))]
-        for r in (eager, compiled):
-            prefill(r, tables, ctxs)
-        items = [
-            ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
-        ]
+        items = case_items((eager, compiled), qs, ctxs, gen)
         bucket = compiled.graphs.bucket(items)
         assert bucket is not None and bucket[0] in BATCH_BUCKETS and bucket[1] in QUERY_BUCKETS
         buckets.add(bucket)
@@ -91,21 +88,9 @@ def test_compiled_buckets_match_eager_logits_with_a_few_compiles(tiny_model, mon
     assert 2 <= len(compiles) <= 8, f"{len(compiles)} compiles for {len(buckets)} buckets"
 
 
-def counting_compiles(monkeypatch) -> list:
-    """Appends to the returned list at each compile of the graph runners' forward."""
-    import runtime.graphs as graphs
-
-    compiles = []
-    real = graphs._inductor_without_host_reads
-    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: compiles.append(1) or real(gm, ex))
-    torch._dynamo.reset()  # no compiled code from other tests
-    return compiles
-
-
-def test_warm_up_compiles_every_bucket_so_serving_compiles_none(tiny_model, monkeypatch):
+def test_warm_up_compiles_every_bucket_so_serving_compiles_none(tiny_model, compiles):
     """After `warm_up`, steps of any bucket within its bounds (batch, tokens, max_len) find
     their compiled code: a first use while serving would stall every running request."""
-    compiles = counting_compiles(monkeypatch)
     eager = ModelRunner(tiny_model, num_blocks=64, block_size=BS)
     warm = ModelRunner(tiny_model, num_blocks=64, block_size=BS, graphs="compile", max_len=40)
     buckets = warm.graphs.buckets(16)
@@ -122,13 +107,7 @@ def test_warm_up_compiles_every_bucket_so_serving_compiles_none(tiny_model, monk
     for qs, ctxs in CASES:
         if len(qs) > 16 or max(c + q for q, c in zip(qs, ctxs)) > 40:
             continue
-        sizes = [-(-(c + q) // BS) for q, c in zip(qs, ctxs)]
-        tables = [list(range(sum(sizes[:i]), sum(sizes[: i + 1]))) for i in range(len(qs))]
-        for r in (eager, warm):
-            prefill(r, tables, ctxs)
-        items = [
-            ForwardItem(torch.randint(V, (q,), generator=gen).tolist(), c, t, q) for q, c, t in zip(qs, ctxs, tables)
-        ]
+        items = case_items((eager, warm), qs, ctxs, gen)
         assert warm.graphs.bucket(items) in buckets
         want, got = eager.forward(items), warm.forward(items)
         assert ((got - want).abs().max() / want.abs().max()) <= 1e-4, qs

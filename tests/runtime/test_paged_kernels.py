@@ -216,20 +216,17 @@ def test_graph_path_through_the_flash_layout_compiles_whole_cpu_standin(small_vo
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_warmed_paged_steps_share_one_table_width_and_compile_nothing_more_cpu_standin(small_vocab_dir, monkeypatch):
+def test_warmed_paged_steps_share_one_table_width_and_compile_nothing_more_cpu_standin(
+    small_vocab_dir, monkeypatch, compiles
+):
     """What a GPU server runs: a paged kernel's graphs warmed up for every batch and token
     count; steps over contexts short and long then use those graphs (one table width for
     all), compile nothing, and match the eager gathered path."""
-    import runtime.graphs as graphs
     import runtime.model_runner as model_runner
     from runtime.models import load_model
 
     monkeypatch.setattr(paged_kernels, "_FOUND", {"flash": traceable_standin})
     monkeypatch.setattr(model_runner, "unavailable", lambda *a: None)
-    compiles = []
-    real = graphs._inductor_without_host_reads
-    monkeypatch.setattr(graphs, "_inductor_without_host_reads", lambda gm, ex: compiles.append(1) or real(gm, ex))
-    torch._dynamo.reset()
     model = load_model(small_vocab_dir)
     sdpa = model_runner.ModelRunner(model, 16, BS, attention="sdpa")
     paged = model_runner.ModelRunner(model, 16, BS, graphs="compile", attention="flash", max_len=30)
