@@ -171,7 +171,7 @@ def measure_pair(target, tok, args, variant: str, block_size: int, sections: Sec
     placement = Placement(args.dtype, args.device, cuda_graphs="on" if mode == "cuda" else "off", attention=attention)
 
     def point(k: int) -> dict:  # the draft's loading too, so its failure stays in the section
-        backend = DraftConfig(draft=BUILTIN_DRAFT, kv_cache_tokens=8192).make_backend(placement) if k else None
+        backend = DraftConfig(BUILTIN_DRAFT, 8192, max_batch=1).make_backend(placement) if k else None
         proposer = LocalProposer(backend) if k else None
         return decode(target, tok, variant, block_size, args.new_tokens, PROMPT, proposer, k)
 

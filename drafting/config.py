@@ -30,12 +30,21 @@ class DraftConfig:
     full_head: bool = field(
         default=False, metadata={"help": "draft over the whole vocabulary, ignoring the draft's head_vocab.json"}
     )
+    max_batch: int = field(
+        default=64,
+        metadata={
+            "help": "the most requests one verifier step drafts for (the verifiers' --max-num-seqs): on a GPU, "
+            "the draft's graphs up to it are captured at start-up"
+        },
+    )
     ngram_min: int = field(default=1, metadata={"help": "shortest suffix n-gram prompt lookup matches"})
     ngram_max: int = field(default=4, metadata={"help": "longest suffix n-gram prompt lookup matches"})
 
     def make_backend(self, placement: Placement = Placement()):
         """An NgramBackend, or a DraftModelBackend with the draft loaded by `placement`."""
         check_min_confidence(self.min_confidence)  # before a model loads
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
         if not self.draft:
             if self.min_confidence:
                 raise ValueError("min_confidence needs a draft model; n-gram drafts have no confidence")
@@ -57,4 +66,5 @@ class DraftConfig:
             head_vocab=head,
             graphs=graphs,
             attention=placement.attention,
+            max_batch=self.max_batch,
         )

@@ -73,13 +73,15 @@ class DraftModelBackend:
         head_vocab: list[int] | None = None,
         graphs: str = "off",
         attention: str = "auto",
+        max_batch: int = 0,
     ):
+        """`max_batch`: with graphs, those of sub-batches up to this many requests are captured (or
+        compiled) now, before a verifier waits on one; the rest on first use (0: all of them)."""
         self.min_confidence = check_min_confidence(min_confidence)
         self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
         self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
-        # Its lockstep steps are small and many: the case graphs help most. They are captured on
-        # first use: the sub-batches a proposer drafts for have no bound it knows.
+        # Its lockstep steps are small and many: the case graphs help most.
         runner = functools.partial(
             ModelRunner, model, num_blocks, block_size, graphs=graphs, max_len=min(self.max_len, kv_cache_tokens)
         )
@@ -91,6 +93,8 @@ class DraftModelBackend:
             # The draft's blocks are its own: a kernel the target runs at --block-size 256 may refuse them.
             log.warning("draft attention: %s; choosing automatically", exc)
             self.runner = runner(attention="auto")
+        if max_batch > 0:
+            self.runner.warm_up(max_batch)
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.top_k_cap = top_k_cap
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a context may hold

@@ -83,7 +83,7 @@ class SpeculationConfig:
             raise ValueError(f"policy {self.policy!r} needs --proposer")
         return policy
 
-    def make_proposer(self, placement: Placement, kv_cache_tokens: int, tls: ClientTLS = ClientTLS(), token=None):
+    def make_proposer(self, placement: Placement, kv_cache_tokens: int, tls=ClientTLS(), token=None, max_batch=64):
         if self.draft_min_confidence and not (self.proposer or "").startswith("draft:"):
             raise ValueError(
                 "draft_min_confidence needs --proposer draft:MODEL (remote proposers take --min-confidence themselves)"
@@ -99,7 +99,7 @@ class SpeculationConfig:
             # Twice the target's token capacity: the draft's KV is small, and requests the
             # target preempted keep theirs until they finish.
             draft = DraftConfig(
-                draft=name, kv_cache_tokens=2 * kv_cache_tokens, min_confidence=self.draft_min_confidence
+                name, 2 * kv_cache_tokens, min_confidence=self.draft_min_confidence, max_batch=max_batch
             )
             return LocalProposer(draft.make_backend(replace(placement, threads=0)))
         endpoints = [a.strip() for a in self.proposer.split(",") if a.strip()]
@@ -174,7 +174,7 @@ class Verifier:
             model = config.placement.load(config.model)
         self.token = read_token(config.service_token_file)
         proposer = config.speculation.make_proposer(
-            config.placement, config.cache.kv_cache_tokens, config.client, self.token
+            config.placement, config.cache.kv_cache_tokens, config.client, self.token, config.scheduler.max_num_seqs
         )
         self.engine = Engine(model, self.tokenizer, config.engine_config(), proposer)
         if proposer is not None:

@@ -94,9 +94,11 @@ def test_a_draft_stops_after_a_token_below_the_confidence_floor(small_vocab_dir)
         DraftModelBackend(reference, kv_cache_tokens=512, min_confidence=1.5)
 
 
-def test_the_confidence_flag_is_checked_before_any_model_loads():
+def test_the_confidence_and_batch_flags_are_checked_before_any_model_loads():
     from drafting.config import DraftConfig
 
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        DraftConfig(draft="/no/such/model", max_batch=0).make_backend()
     with pytest.raises(ValueError, match=r"min_confidence must be in \[0, 1\]"):
         DraftConfig(draft="/no/such/model", min_confidence=1.5).make_backend()
     with pytest.raises(ValueError, match="n-gram drafts have no confidence"):
@@ -236,3 +238,27 @@ def test_a_paged_kernel_the_drafts_blocks_do_not_suit_falls_back_to_the_automati
     assert backend.runner.paged is None and "draft attention" in caplog.text
     with pytest.raises(ValueError, match="attention must be one of"):
         DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, attention="paged")
+
+
+def test_a_draft_warmed_up_to_its_batch_bound_drafts_through_graphs_with_no_compile(small_vocab_dir, compiles):
+    """`max_batch`: the draft's graphs (compiled here, what a GPU captures) for sub-batches up to
+    it are made when the backend starts, so drafting compiles nothing, and drafts as eagerly."""
+    reference = load_model(small_vocab_dir)
+    backend = DraftModelBackend(
+        load_model(small_vocab_dir), kv_cache_tokens=512, block_size=128, graphs="compile", max_batch=3
+    )
+    warmed = len(compiles)
+    assert warmed >= 2, "the backend started without compiling its buckets"
+    states = [backend.new_state() for _ in range(3)]
+    prompts = [[3, 4, 5, 6], [7, 7, 2], [9, 3, 3, 3, 10, 11]]
+    for s, p in zip(states, prompts):
+        s.extend(p)
+    ks = [3, 1, 5]
+    drafts = backend.propose([DraftCall(s, k, SamplingParams()) for s, k in zip(states, ks)])
+    states[2].extend(drafts[2].token_ids[:3] + [4])
+    [again] = backend.propose([DraftCall(states[2], 4, SamplingParams())])
+    assert backend.runner.graphs.steps >= 6  # the feeds and the lockstep steps
+    assert len(compiles) == warmed, "drafting compiled"
+    for d, p, k in zip(drafts, prompts, ks):
+        assert d.token_ids == hf_greedy(reference, p, k, ignore_eos=True)
+    assert again.token_ids == hf_greedy(reference, prompts[2] + drafts[2].token_ids[:3] + [4], 4, ignore_eos=True)

@@ -146,6 +146,7 @@ def proposer_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--kv-cache-tokens", type=int, required=True)
+    parser.add_argument("--max-batch", type=int, required=True)
     parser.add_argument("--grace-seconds", type=float, required=True)
     add_server_tls(parser)
     return parser
@@ -562,6 +563,8 @@ def test_proposer_settings_parse_and_match_the_ports(name):
     assert args.metrics_port == container_port(container, "metrics") == PROPOSER_METRICS_PORT
     assert args.draft == "smollm2-draft" and not args.ngram, "the built-in draft model"
     assert args.kv_cache_tokens == 65536
+    # Its graphs are captured for steps up to this; a verifier's step drafts for up to its max_num_seqs.
+    assert args.max_batch == settings(rendered(name), "verifier").max_num_seqs
 
 
 @needs_kubectl
