@@ -35,11 +35,11 @@ from runtime.graphs import TABLE_LIMIT  # noqa: E402
 BLOCK = 16
 
 
-def by_lists(items: list[ForwardItem], scratch: int, widths: list[int], blocks: int) -> torch.Tensor:
+def by_lists(items: list[ForwardItem], pad: int, widths: list[int], blocks: int) -> torch.Tensor:
     """The same packed tensor from Python lists: every padding slot is a list element."""
     qs = [len(it.token_ids) for it in items]
     need = [-(-(it.ctx + q) // BLOCK) for it, q in zip(items, qs)]
-    tables = [it.block_table[:n] + [scratch] * (blocks - n) for it, n in zip(items, need)]
+    tables = [it.block_table[:n] + [pad] * (blocks - n) for it, n in zip(items, need)]
     ids = [it.token_ids + [0] * (w - q) for it, q, w in zip(items, qs, widths)]
     head = [it.ctx for it in items] + qs + widths + [it.num_logits for it in items]
     return torch.tensor(head + list(itertools.chain(*tables)) + list(itertools.chain(*ids)), dtype=torch.long)
@@ -90,13 +90,13 @@ def main() -> int:
     for b, ctx in itertools.product(map(int, args.batch_sizes.split(",")), map(int, args.contexts.split(","))):
         own = -(-(ctx + 1) // BLOCK)
         items = [ForwardItem([5 + i % 7], ctx, list(range(i * own, (i + 1) * own)), 1) for i in range(b)]
-        scratch = b * own
+        pad = b * own
         blocks = 1 << (own - 1).bit_length()
-        packed = PackedStep.build(items, BLOCK, scratch, 16, [1] * b, blocks).host
-        assert torch.equal(packed, by_lists(items, scratch, [1] * b, blocks)), "the two packings differ"
-        lists = functools.partial(by_lists, items, scratch, [1] * b, blocks)
-        built = functools.partial(PackedStep.build, items, BLOCK, scratch, 16, [1] * b, blocks)
-        wide = functools.partial(PackedStep.build, items, BLOCK, scratch, 16, [1] * b, max(fixed, own))
+        packed = PackedStep.build(items, BLOCK, pad, 16, [1] * b, blocks).host
+        assert torch.equal(packed, by_lists(items, pad, [1] * b, blocks)), "the two packings differ"
+        lists = functools.partial(by_lists, items, pad, [1] * b, blocks)
+        built = functools.partial(PackedStep.build, items, BLOCK, pad, 16, [1] * b, blocks)
+        wide = functools.partial(PackedStep.build, items, BLOCK, pad, 16, [1] * b, max(fixed, own))
         times = [[median_ms(f, args.reps) for f in (lists, built, wide)] for _ in range(3)]  # interleaved
         row = {"B": b, "ctx": ctx, "blocks": blocks, "fixed_blocks": max(fixed, own)}
         for i, name in enumerate(("lists_ms", "packed_ms", "fixed_ms")):

@@ -19,8 +19,9 @@ On a GPU, a paged kernel (`runtime.paged_kernels`) replaces both with one call
 per layer that reads the pages itself (chosen by the model runner).
 
 A request may occupy more flat tokens than it has (`width` > q): the padded
-grid the compiled and graph paths use. Padding tokens write their K/V to a
-scratch block past the allocator's, and their outputs are never read.
+grid the compiled and graph paths use. Padding tokens write their K/V to the
+cache's sink block, which no table reads, and their outputs are never read;
+tables are padded with its pad block, which stays zero (`KVCache`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ForwardItem:
 @dataclass
 class BatchedGroup:
     q_index: torch.Tensor  # [B, q_max] flat token index per padded query
-    blocks: torch.Tensor  # [B, nb_max] block ids (the scratch block for padding)
+    blocks: torch.Tensor  # [B, nb_max] block ids (the pad block for padding)
     mask: torch.Tensor  # [B, 1, q_max, nb_max * block_size] bool, True = attend
     out_index: torch.Tensor  # [n] index into the flattened [B * q_max] outputs, one per group token
     token_index: torch.Tensor | None  # [n] flat token index of each; None when the group is every token
@@ -118,7 +119,7 @@ class PackedStep:
     def build(
         items: list[ForwardItem],
         block_size: int,
-        scratch_block: int,
+        pad_block: int,
         batched_max_q: int = 16,
         widths: list[int] | None = None,
         blocks: int | None = None,
@@ -140,7 +141,7 @@ class PackedStep:
         host = np.empty(len(head) + len(items) * nb + sum(widths), dtype=np.int64)
         host[: len(head)] = head
         tables = host[len(head) : len(head) + len(items) * nb].reshape(len(items), nb)
-        tables.fill(scratch_block)
+        tables.fill(pad_block)
         try:
             flat = np.fromiter(
                 itertools.chain.from_iterable(it.block_table[:n] for it, n in zip(items, need)), np.int64, sum(need)
@@ -197,7 +198,7 @@ class StepLayout:
         """`paged`: the paged kernel's name (runtime.paged_kernels), or None: gathered SDPA."""
         if paged:  # one kernel call takes every request: no spans
             batched_max_q = max(widths or [len(it.token_ids) for it in items])
-        step = PackedStep.build(items, kv.block_size, kv.scratch_block, batched_max_q, widths)
+        step = PackedStep.build(items, kv.block_size, kv.pad_block, batched_max_q, widths)
         spans = [_span(it, q, start, kv.block_size, device) for it, q, start in step.spans]
         return StepLayout.derive(step.to(device), step.shape, kv, spans, paged)
 
@@ -220,7 +221,7 @@ class StepLayout:
         pos = ctx[req] + local
         real = local < q[req]
         block = table[req, torch.div(pos, bs, rounding_mode="floor").clamp(max=nb - 1)]
-        slots = torch.where(real, block * bs + pos % bs, kv.scratch_block * bs)
+        slots = torch.where(real, block * bs + pos % bs, kv.sink_block * bs)
         keep = None
         if shape.logits is not None:
             k_req, k_local = _ragged(num_logits, shape.logits)

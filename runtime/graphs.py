@@ -114,7 +114,7 @@ class GraphRunner:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.model, self.kv, self.mode, self.paged = model, kv, mode, paged
         self.max_q = min(max_q, QUERY_BUCKETS[-1])
-        self.max_blocks = kv.scratch_block  # a table never needs more blocks than the cache has
+        self.max_blocks = kv.num_blocks  # a table never needs more blocks than the cache has
         self.max_need, self.min_blocks = None, 1  # the widest table a step needs; the narrowest packed
         if max_len:
             # With a paged kernel a padded request reads up to max_q tokens past its context
@@ -165,7 +165,7 @@ class GraphRunner:
 
     def warm_up(self, max_batch: int) -> int:
         """Compiles or captures each of `buckets(max_batch)` with a step of padding only (its
-        writes go to the scratch block); returns how many."""
+        writes go to the sink block); returns how many."""
         buckets = self.buckets(max_batch)
         for bucket in buckets:
             self._run(self._pack([], bucket), bucket)
@@ -181,7 +181,7 @@ class GraphRunner:
     def _pack(self, items: list[ForwardItem], bucket: tuple[int, int, int]) -> PackedStep:
         batch, q, blocks = bucket
         padded = items + [_PADDING] * (batch - len(items))
-        return PackedStep.build(padded, self.kv.block_size, self.kv.scratch_block, q, [q] * batch, blocks)
+        return PackedStep.build(padded, self.kv.block_size, self.kv.pad_block, q, [q] * batch, blocks)
 
     def _run(self, step: PackedStep, bucket: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(the packed integers on the device, the padded grid's logits)."""

@@ -96,10 +96,14 @@ def contiguous_runs(block_table: list[int]) -> list[tuple[int, int]]:
 
 
 class KVCache:
-    """Per-layer K and V tensors shaped [num_blocks + 1, block_size, kv_heads, head_dim].
+    """Per-layer K and V tensors shaped [num_blocks + 2, block_size, kv_heads, head_dim].
 
-    The extra block, `scratch_block`, belongs to no request: padding tokens of a
-    padded batch write their K/V there, and padded block tables point at it.
+    The two extra blocks belong to no request. Padded block tables point at `pad_block`,
+    which nothing writes, so it stays zero. Padding tokens of a padded batch write their K/V
+    to `sink_block`, which no table holds, so nothing reads it. Were they one block, a padding
+    token of a request whose KV is not finite would write NaN where every padded table
+    reads it, and attention's weight 0 for a masked key still gives 0 x NaN = NaN: the
+    request's neighbours in the step, and later steps, would fail with it.
     """
 
     def __init__(
@@ -112,9 +116,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
+        shape = (num_blocks + 2, block_size, kv_heads, head_dim)
         self.block_size = block_size
-        self.scratch_block = num_blocks
+        self.num_blocks = num_blocks
+        self.pad_block, self.sink_block = num_blocks, num_blocks + 1
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -159,7 +159,7 @@ def test_layout_slots_follow_the_block_tables():
     assert layout.positions.tolist() == [[3, 4, 5, 0, 1]]
     assert layout.keep.tolist() == [2, 3, 4]
     assert g.q_index.tolist() == [[0, 1, 2], [3, 4, 4]]  # the padding query repeats the last real one
-    assert g.blocks.tolist() == [[9, 2], [5, kv.scratch_block]]
+    assert g.blocks.tolist() == [[9, 2], [5, kv.pad_block]]
     assert g.out_index.tolist() == [0, 1, 2, 3, 4]
     assert g.token_index is None  # every token is in the group: outputs come out in order
     assert g.mask.shape == (2, 1, 3, 8)
@@ -168,20 +168,21 @@ def test_layout_slots_follow_the_block_tables():
     assert g.mask[1, 0, 2].tolist() == [True, True] + [False] * 6  # padding: as the last real query
 
 
-def test_padded_widths_send_padding_to_the_scratch_block():
+def test_padded_widths_send_padding_to_the_sink_block_and_tables_to_the_pad_block():
     """The padded grid of the compiled path: each request 3 tokens wide, a dummy request added."""
     kv = KVCache(1, 16, BS, H_KV, D, torch.float32, "cpu")
     items = [ForwardItem([11], 5, [7, 8], 1), ForwardItem([12, 13], 2, [4], 2), ForwardItem([], 0, [], 0)]
     layout = StepLayout.build(items, kv, "cpu", widths=[3, 3, 3])
-    step = PackedStep.build(items, BS, kv.scratch_block, widths=[3, 3, 3], blocks=4)
+    step = PackedStep.build(items, BS, kv.pad_block, widths=[3, 3, 3], blocks=4)
     assert step.shape.logits is None and layout.keep is None  # every row comes back: a fixed shape
     assert keep_rows(step.host, step.shape, 3).tolist() == [0, 3, 4]
-    scratch = kv.scratch_block * BS
+    sink = kv.sink_block * BS
     assert layout.input_ids.tolist() == [[11, 0, 0, 12, 13, 0, 0, 0, 0]]
-    assert layout.slots.tolist() == [8 * BS + 1, scratch, scratch, 4 * BS + 2, 4 * BS + 3] + [scratch] * 4
+    assert layout.slots.tolist() == [8 * BS + 1, sink, sink, 4 * BS + 2, 4 * BS + 3] + [sink] * 4
     g = layout.batched
     assert g.q_index.shape == (3, 3) and g.out_index.tolist() == list(range(9))
-    assert g.mask[2, 0].any(dim=1).all()  # the dummy request's queries see the scratch key: no NaN
+    assert g.blocks[1, 1:].tolist() == [kv.pad_block] and g.blocks[2].tolist() == [kv.pad_block] * 2
+    assert g.mask[2, 0].any(dim=1).all()  # the dummy request's queries see the pad block's zeros: no NaN
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
@@ -196,7 +197,7 @@ def test_packed_host_tensor_lays_out_every_field(spec, extra_blocks, padded):
     """[ctx | q | width | num_logits | group | tables | ids], written out item by item, for any
     mix of contexts, token counts (empty dummy requests included), requests holding more
     blocks than this step reads (reserved for drafts), tables wider than any request needs
-    (padded with the scratch block) and padded widths."""
+    (padded with the pad block) and padded widths."""
     items, start = [], 0
     for ctx, q, logits, ahead in spec:
         held = -(-(ctx + q) // BS) + ahead

@@ -80,9 +80,11 @@ def test_compiled_buckets_match_eager_logits_with_a_few_compiles(tiny_model, com
         assert got.shape == want.shape == (sum(qs), V)
         rel = (got - want).abs().max() / want.abs().max()
         assert rel <= 1e-4, (qs, rel)
-        # The KV the compiled step wrote is what the eager one wrote (padding went to the scratch block).
+        # The KV the compiled step wrote is what the eager one wrote (padding went to the sink block),
+        # and the pad block that padded tables read is still zero.
         for layer in range(2):
             assert torch.allclose(compiled.kv.k[layer][:64], eager.kv.k[layer][:64], atol=1e-5)
+            assert not compiled.kv.k[layer][compiled.kv.pad_block].any()
     assert len(buckets) == len(CASES) and compiled.graphs.steps == len(CASES)
     # At least a static and a symbolic compile (none would mean the steps ran uncompiled).
     assert 2 <= len(compiles) <= 8, f"{len(compiles)} compiles for {len(buckets)} buckets"
@@ -268,3 +270,32 @@ def test_placement_chooses_the_runner_graph_mode():
             refused.graph_mode()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Placement(cuda_graphs="on").graph_mode()
+
+
+def test_a_request_with_nan_kv_does_not_poison_its_neighbours_through_padding(tiny_model):
+    """A request whose KV went NaN (a model overflowing in half precision) pads its step: its
+    padding tokens attend over that KV and come out NaN. Their K/V must go where no table reads
+    (the sink block): were they written where padded tables point, a healthy request in the same
+    padded step, and every later step with a padded table, would read 0 x NaN = NaN."""
+    runner = ModelRunner(tiny_model, num_blocks=32, block_size=BS, graphs="compile")
+    bad, good = list(range(4)), [10, 11]
+    prefill(runner, [bad, good], [13, 1])
+
+    def poison(kv):
+        for layer in range(len(kv.k)):
+            kv.k[layer][bad] = float("nan")
+            kv.v[layer][bad] = float("nan")
+
+    poison(runner.kv)
+    step = [ForwardItem([4, 5, 6], 1, good, 3), ForwardItem([3], 13, bad, 1)]  # bad padded 1 -> 4 tokens
+    assert runner.graphs.bucket(step)[1] == 4
+    logits = runner.forward(step)
+    assert torch.isfinite(logits[:3]).all() and not torch.isfinite(logits[3]).any()
+    runner.kv.clear(bad)  # what the engine does before the blocks serve another request
+    later = [ForwardItem([7], 9, [20, 21, 22], 1), ForwardItem([8], 1, [23], 1)]
+    reference = ModelRunner(tiny_model, num_blocks=32, block_size=BS)
+    for r in (runner, reference):
+        prefill(r, [[20, 21, 22], [23]], [9, 1])
+    with torch.inference_mode():
+        got, want = runner._eager(later), reference._eager(later)  # eager: padded tables, no padding tokens
+    assert torch.allclose(got, want, atol=1e-5)

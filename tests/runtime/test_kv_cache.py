@@ -153,8 +153,8 @@ def test_bytes_per_token():
 def test_cache_tensors_have_the_documented_shape():
     kv = KVCache(num_layers=2, num_blocks=5, block_size=4, kv_heads=3, head_dim=8, dtype=torch.float32, device="cpu")
     assert len(kv.k) == len(kv.v) == 2
-    assert kv.k[0].shape == (6, 4, 3, 8)  # one scratch block past the allocator's
-    assert kv.scratch_block == 5
+    assert kv.k[0].shape == (7, 4, 3, 8)  # the pad and sink blocks past the allocator's
+    assert (kv.pad_block, kv.sink_block) == (5, 6)
     assert kv.k[0].data_ptr() != kv.k[1].data_ptr()
 
 
@@ -227,7 +227,7 @@ def test_contiguous_runs():
 
 def test_read_runs_views_one_run_and_copies_several():
     kv = KVCache(1, 8, 2, 1, 3, torch.float32, "cpu")
-    kv.k[0].copy_(torch.arange(54, dtype=torch.float32).view(9, 2, 1, 3))
+    kv.k[0].copy_(torch.arange(60, dtype=torch.float32).view(10, 2, 1, 3))
     kv.v[0].copy_(-kv.k[0])
     k, v = kv.read_runs(0, [(2, 2)], 3)
     assert k.shape == (1, 1, 3, 3) and k.data_ptr() == kv.k[0][2].data_ptr()  # a view

@@ -88,7 +88,7 @@ def test_padded_grid_reads_ctx_plus_width_cpu_standin(standin):
     kv = KVCache(LAYERS, NUM_BLOCKS, BS, H_KV, D, torch.float32, "cpu")
     flash_step(kv, reqs, [(r, 0, ctx) for r, (ctx, _) in enumerate(spec)], D**-0.5)
     items = [ForwardItem([0] * q, c, reqs[r].table, q) for r, (c, q) in enumerate(spec)] + [ForwardItem([], 0, [], 0)]
-    packed = PackedStep.build(items, BS, kv.scratch_block, 4, [4] * 4, blocks=4)
+    packed = PackedStep.build(items, BS, kv.pad_block, 4, [4] * 4, blocks=4)
     layout = StepLayout.derive(packed.host, packed.shape, kv, paged="flash")
     assert layout.paged.seqused_k.tolist() == [9, 13, 6, 4] and layout.paged.max_k == 4 * BS
     assert layout.paged.cu_seq_q.tolist() == [0, 4, 8, 12, 16]
