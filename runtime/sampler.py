@@ -55,10 +55,17 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev).unsqueeze(1)
     logits = logits / temps
     vocab = logits.shape[1]
-    top_ks = [p.top_k for p in params]
-    if any(0 < k < vocab for k in top_ks):
-        k_col = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=dev).unsqueeze(1)
-        kth = torch.sort(logits, dim=1, descending=True).values.gather(1, k_col - 1)
+    limited = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]
+    if limited:
+        # The k largest of the rows that ask, not a sort of the whole vocabulary for every row:
+        # an order of magnitude less work for the small k sampling uses.
+        k_col = torch.tensor([params[i].top_k for i in limited], device=dev).unsqueeze(1)
+        every = len(limited) == len(params)
+        index = None if every else torch.tensor(limited, device=dev)
+        top = torch.topk(logits if every else logits[index], max(params[i].top_k for i in limited), dim=1)
+        kth = top.values.gather(1, k_col - 1)
+        if not every:  # rows without top-k keep every token
+            kth = torch.full((len(params), 1), -math.inf, device=dev).index_copy(0, index, kth)
         logits = logits.masked_fill(logits < kth, -math.inf)
     if any(p.top_p < 1.0 for p in params):
         top_ps = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
