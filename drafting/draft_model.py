@@ -27,6 +27,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from drafting.head_vocab import restrict_head
@@ -123,17 +124,15 @@ class DraftModelBackend:
             if s.generator is None and not calls[i].params.greedy:
                 s.generator = _generator(calls[i].params)
         while active:
-            items = []
-            for i in active:
-                s = calls[i].state
-                pending = (s.tokens + s.drafted)[s.num_computed :]
-                items.append(ForwardItem(pending, s.num_computed, s.block_table, 1))
-            logits = self.runner.forward(items)
+            items = [
+                ForwardItem(_pending(calls[i].state), calls[i].state.num_computed, calls[i].state.block_table, 1)
+                for i in active
+            ]
+            picks = self._pick([calls[i] for i in active], self.runner.forward(items))
             still = []
-            for row, i in enumerate(active):
+            for i, item, (token, dist, confidence) in zip(active, items, picks):
                 c = calls[i]
-                c.state.num_computed += len(items[row].token_ids)
-                token, dist, confidence = self._pick(logits[row], c)
+                c.state.num_computed += len(item.token_ids)
                 drafts[i].append(token)
                 c.state.drafted.append(token)
                 if dist is not None:
@@ -158,27 +157,59 @@ class DraftModelBackend:
             return False
         return True
 
-    def _pick(self, logits: torch.Tensor, call: DraftCall) -> tuple[int, tuple[list[int], list[float]] | None, float]:
-        """The drafted token, its sparse distribution (sampled requests) and the draft's confidence: the
-        probability of its most likely token (1.0 for greedy requests without a confidence stop: not computed)."""
-        if call.params.greedy:
-            column = int(logits.argmax())
-            token = self._token(column)
-            if self.min_confidence <= 0.0:
-                return token, None, 1.0
-            return token, None, float(torch.softmax(logits.float(), -1)[column])
-        p = call.params
-        cap = min(p.top_k, self.top_k_cap) if p.top_k > 0 else self.top_k_cap
-        dist = processed_probs(
-            logits.float().cpu().unsqueeze(0), [SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=cap)]
-        )[0]
-        column = int(torch.multinomial(dist, 1, generator=call.state.generator))
-        support = dist.nonzero().squeeze(1)
-        tokens = support if self.head_ids is None else self.head_ids[support]
-        return self._token(column), (tokens.tolist(), dist[support].tolist()), float(dist.max())
+    def _pick(self, calls: list[DraftCall], logits: torch.Tensor) -> list[tuple[int, tuple | None, float]]:
+        """Per call (a row of logits): the drafted token, its sparse distribution (sampled requests)
+        and the draft's confidence, the probability of its most likely token (1.0 for greedy
+        requests without a confidence stop: not computed). The rows are processed together on
+        the logits' device and copied to the host once per kind (greedy, sampled): a lockstep
+        step runs this for every request, and a copy per row would wait on the device per row."""
+        picks: list = [None] * len(calls)
+        greedy = [row for row, c in enumerate(calls) if c.params.greedy]
+        if greedy:
+            rows = logits if len(greedy) == len(calls) else logits[greedy]
+            columns = rows.argmax(dim=1)
+            if self.min_confidence > 0.0:
+                confidence = torch.softmax(rows, dim=1).gather(1, columns.unsqueeze(1)).squeeze(1)
+                picked = torch.stack([columns.double(), confidence.double()], dim=1).tolist()
+            else:
+                picked = [(column, 1.0) for column in columns.tolist()]
+            for row, (column, p) in zip(greedy, picked):
+                picks[row] = (self._token(int(column)), None, p)
+        sampled = [row for row, c in enumerate(calls) if not c.params.greedy]
+        if sampled:
+            params = [calls[row].params for row in sampled]
+            caps = [min(p.top_k, self.top_k_cap) if p.top_k > 0 else self.top_k_cap for p in params]
+            capped = [SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=k) for p, k in zip(params, caps)]
+            # A row proposes from its `cap` most likely tokens, renormalised (top-k keeps more when
+            # tokens tie at the k-th value): any proposal is lossless as long as the distribution
+            # returned is the one drawn from. Only those columns leave the device.
+            top = torch.topk(processed_probs(logits[sampled], capped), min(max(caps), logits.shape[1]), dim=1)
+            kept = top.values / top.values.sum(dim=1, keepdim=True)
+            host = torch.cat([kept.double(), top.indices.double()], dim=1).cpu().numpy()
+            kept, columns = host[:, : kept.shape[1]], host[:, kept.shape[1] :].astype(np.int64)
+            if not np.isfinite(kept).all():
+                raise FloatingPointError("the draft model's probabilities are not finite")
+            tokens = columns if self.head_ids is None else self.head_ids.numpy()[columns]
+            # Inverse CDF with one uniform from each request's own generator (values descend,
+            # so zero-probability columns sit at the end and no draw lands on them).
+            cdf = np.cumsum(kept, axis=1)
+            for j, row in enumerate(sampled):
+                u = float(torch.rand((), generator=calls[row].state.generator, dtype=torch.float64))
+                n = int(np.count_nonzero(kept[j]))
+                column = min(int(np.searchsorted(cdf[j, :n], u * cdf[j, n - 1], side="right")), n - 1)
+                dist = (tokens[j, :n].tolist(), kept[j, :n].tolist())
+                picks[row] = (int(tokens[j, column]), dist, float(kept[j, 0]))
+        return picks
 
     def _token(self, column: int) -> int:
         return column if self.head_ids is None else int(self.head_ids[column])
+
+
+def _pending(s: DraftState) -> list[int]:
+    """The tokens whose KV the draft has not computed: the context's tail, then the drafts."""
+    if s.num_computed >= len(s.tokens):
+        return s.drafted[s.num_computed - len(s.tokens) :]
+    return s.tokens[s.num_computed :] + s.drafted
 
 
 def check_min_confidence(value: float) -> float:

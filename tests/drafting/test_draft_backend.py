@@ -262,3 +262,62 @@ def test_a_draft_warmed_up_to_its_batch_bound_drafts_through_graphs_with_no_comp
     for d, p, k in zip(drafts, prompts, ks):
         assert d.token_ids == hf_greedy(reference, p, k, ignore_eos=True)
     assert again.token_ids == hf_greedy(reference, prompts[2] + drafts[2].token_ids[:3] + [4], 4, ignore_eos=True)
+
+
+def test_a_mixed_sub_batch_drafts_what_each_request_drafts_alone(small_vocab_dir):
+    """Greedy and sampled requests are picked together (their rows processed at once, copied to
+    the host once per kind): each still drafts exactly what it drafts in a call of its own, its
+    confidence stop included."""
+    prompts = [[3, 4, 5, 6], [7, 7, 2], [9, 3, 3, 3, 10, 11], [5, 5], [8, 1, 2]]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.9, seed=3),
+        SamplingParams(),
+        SamplingParams(temperature=1.2, top_k=4, top_p=0.9, seed=8),
+        SamplingParams(),
+    ]
+    ks = [3, 4, 2, 5, 5]
+
+    def drafts(backend, which: list[int]):
+        states = [backend.new_state() for _ in which]
+        for s, i in zip(states, which):
+            s.extend(prompts[i])
+        return backend.propose([DraftCall(s, ks[i], params[i]) for s, i in zip(states, which)])
+
+    together = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=0.3)
+    alone = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512, min_confidence=0.3)
+    batched = drafts(together, list(range(len(prompts))))
+    for i, got in enumerate(batched):
+        [want] = drafts(alone, [i])
+        assert got.token_ids == want.token_ids and got.stopped_early == want.stopped_early, i
+        if want.probs is None:
+            assert got.probs is None
+        else:
+            assert [t for t, _ in got.probs] == [t for t, _ in want.probs]
+            assert [p for _, p in got.probs] == [pytest.approx(p) for _, p in want.probs]
+    greedy_stops = [d.stopped_early for d, p in zip(batched, params) if p.greedy]
+    assert any(greedy_stops) and not all(greedy_stops)  # the confidence stop decided something
+
+
+def test_a_sampled_draft_token_follows_the_distribution_it_returns(small_vocab_dir):
+    """Each request draws from its own generator, by inverse CDF over the columns it keeps: over
+    many seeds the first drafted token's frequencies match the distribution returned with it
+    (the proposal the verifier's rejection sampling divides by)."""
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=4096, top_k_cap=6)
+    counts, q = torch.zeros(12), None
+    for batch in range(20):  # 64 requests a call, their rows sampled together
+        states = [backend.new_state() for _ in range(64)]
+        for s in states:
+            s.extend([3, 4, 5])
+        calls = [DraftCall(s, 1, SamplingParams(temperature=1.3, seed=batch * 64 + i)) for i, s in enumerate(states)]
+        for d in backend.propose(calls):
+            support, probs = d.probs[0]
+            got = torch.zeros(12).index_put_((torch.tensor(support),), torch.tensor(probs, dtype=torch.float32))
+            assert q is None or torch.allclose(got, q, atol=1e-6)
+            q = got
+            counts[d.token_ids[0]] += 1
+        for s in states:
+            backend.release(s)
+    assert (q > 0).sum() == 6 and abs(float(q.sum()) - 1) < 1e-5
+    assert chi_square_p(counts[q > 0], q[q > 0]) > 0.01, (counts.tolist(), q.tolist())
+    assert counts[q == 0].sum() == 0
