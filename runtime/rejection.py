@@ -16,9 +16,10 @@ min(1, p_t(x) / p_d(x)), which makes the output distributed exactly as the
 target alone. p_d is the draft's exact (truncated) distribution, given sparse;
 a deterministic draft (n-gram) has p_d = one-hot, given as None.
 
-Everything runs as tensors over [requests, k_max] on the logits' device: one
-host-to-device copy of the batch's small integers and draft distributions in,
-one device-to-host copy of the emitted tokens and accept counts out. Random
+Everything runs as tensors over [requests, k_max] on the logits' device, with
+no wait on it before the end: small host-to-device copies in (the batch's
+integers; with sampled requests, the draft distributions and sampling
+parameters), one device-to-host copy of the emitted tokens and accept counts out. Random
 numbers are counter-based (`runtime.counter_rng`): the acceptance test of draft
 j uses (seed, position + j, stream 0) and the final token (seed, position + m,
 stream 1), where position is the index of the request's first output token
@@ -83,16 +84,10 @@ def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified
         host = torch.where(top < float("inf"), token, -1).tolist()
         results = [Verified([t], 0) if t >= 0 else Verified([], 0, NOT_FINITE) for t in host]
         return _with_logprobs(logits, requests, list(range(len(ks))), results)
-    bad_row = ~(logits < float("inf")).all(dim=1)  # NaN compares False too; -inf is a masked token
-    owner = torch.repeat_interleave(torch.arange(len(ks)), torch.tensor(ks) + 1).to(logits.device)
-    bad = (
-        torch.zeros(len(ks), dtype=torch.long, device=logits.device).index_add_(0, owner, bad_row.long()).clamp_(max=1)
-    )
-    # Softmax, sorting and the inverse CDF are per row, but a NaN row can index out of range
-    # and fail the batch: such rows become zeros. Checking costs one synchronisation; the copy
-    # is made only when one is there.
-    if bool(bad_row.any()):
-        logits = logits.masked_fill(bad_row.unsqueeze(1), 0.0)
+    # NaN compares False too; -inf is a masked token. Such rows are computed like the rest (no
+    # check that would wait on the device): per-row operations keep them from the other rows,
+    # the inverse CDF clamps what they index, and their requests' results are dropped.
+    bad_row = ~(logits < float("inf")).all(dim=1)
     dev, width = logits.device, max(ks)
     starts, row = [], 0
     for k in ks:
@@ -106,6 +101,8 @@ def verify(logits: torch.Tensor, requests: list[SampleRequest]) -> list[Verified
     ints = torch.tensor(header, dtype=torch.long).to(dev, non_blocking=True)
     start, k, seed, position, is_sampled = ints[:, :5].unbind(1)
     drafts = ints[:, 5:]  # [B, K]
+    owner = torch.repeat_interleave(torch.arange(len(ks), device=dev), k + 1, output_size=logits.shape[0])
+    bad = torch.zeros(len(ks), dtype=torch.long, device=dev).index_add_(0, owner, bad_row.long()).clamp_(max=1)
     j = torch.arange(width, device=dev)
     valid = j < k.unsqueeze(1)
     rows = torch.where(valid, start.unsqueeze(1) + j, start.unsqueeze(1))  # padding reads a real row

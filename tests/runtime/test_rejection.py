@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runtime.draft import Draft
-from runtime.rejection import SampleRequest, verify
+from runtime.rejection import NOT_FINITE, SampleRequest, verify
 from runtime.sampler import SamplingParams, processed_probs
 
 V = 6
@@ -170,7 +170,6 @@ def test_logprobs_on_the_plain_greedy_path_with_zero_alternatives():
 def test_plain_greedy_rows_that_are_not_finite_fail_alone():
     """NaN or +inf anywhere in a row fails that request; -inf is a masked token, ties go to the
     first maximum (as argmax)."""
-    from runtime.rejection import NOT_FINITE
 
     logits = torch.tensor(
         [
@@ -182,3 +181,44 @@ def test_plain_greedy_rows_that_are_not_finite_fail_alone():
     )
     out = verify(logits, [SampleRequest(SamplingParams(), None, 0, 0)] * 4)
     assert [(v.token_ids, v.error) for v in out] == [([1], ""), ([], NOT_FINITE), ([], NOT_FINITE), ([1], "")]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_request_with_non_finite_rows_leaves_the_rest_of_a_sampled_batch_as_it_was(bad):
+    """Speculating and sampled requests beside one whose rows hold NaN or +inf: that one fails,
+    and every other request emits exactly what it emits in a batch without it."""
+    gen = torch.Generator().manual_seed(3)
+    v = 7
+    requests = [
+        SampleRequest(
+            SamplingParams(temperature=0.9, top_p=0.8, seed=1),
+            Draft([2, 4], [([2, 3], [0.7, 0.3]), ([4], [1.0])]),
+            1,
+            5,
+        ),
+        SampleRequest(SamplingParams(), Draft([1])),
+        SampleRequest(SamplingParams(temperature=1.1, top_k=3, seed=2), None, 2, 0),
+        SampleRequest(
+            SamplingParams(temperature=0.7, seed=4),
+            Draft([0, 6, 5], [([0], [1.0]), ([6, 1], [0.5, 0.5]), ([5], [1.0])]),
+            4,
+            9,
+        ),
+    ]
+    rows = [3, 2, 1, 4]
+    logits = torch.randn(sum(rows), v, generator=gen) * 2
+    alone = verify(logits, requests)
+    poisoned = SampleRequest(
+        SamplingParams(temperature=0.8, seed=9), Draft([3, 3], [([3], [1.0]), ([3, 2], [0.6, 0.4])]), 9, 2
+    )
+    bad_rows = torch.randn(3, v, generator=gen)
+    bad_rows[1, 2] = bad
+    for at in range(len(requests) + 1):
+        start = sum(rows[:at])
+        mixed = torch.cat([logits[:start], bad_rows, logits[start:]])
+        got = verify(mixed, requests[:at] + [poisoned] + requests[at:])
+        assert got[at].error == NOT_FINITE and got[at].token_ids == []
+        others = got[:at] + got[at + 1 :]
+        assert [(r.token_ids, r.num_accepted, r.error) for r in others] == [
+            (r.token_ids, r.num_accepted, r.error) for r in alone
+        ]
