@@ -94,6 +94,42 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
         assert probs[tok].item() == pytest.approx(want, abs=1e-6)
 
 
+def test_top_p_keeps_or_drops_tied_tokens_together():
+    """Equal probabilities at the cut stay together, whatever order a sort leaves them in: the
+    mass before a token is that of the tokens strictly more likely."""
+    logits = torch.tensor([[math.log(p) for p in [0.1, 0.4, 0.2, 0.2, 0.1]]])
+    probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=0.5)])[0]
+    assert (probs > 0).tolist() == [False, True, True, True, False]  # 0.4 < 0.5: both 0.2s stay
+    probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=0.4)])[0]
+    assert (probs > 0).tolist() == [False, True, False, False, False]
+
+
+@pytest.mark.parametrize("candidates", [3, 16])
+def test_top_p_on_a_cpu_decides_from_the_candidates_what_a_full_sort_decides(monkeypatch, candidates):
+    """On a CPU top-p looks among the most likely tokens first and sorts whole only the rows
+    whose cut lies past them: row by row the same tokens go as with a sort of every row (peaked,
+    flat and tied rows, every top-p), and the same for any permutation of the vocabulary."""
+    import runtime.sampler as sampler
+
+    gen = torch.Generator().manual_seed(0)
+    v = 40
+    rows = [torch.randn(v, generator=gen) * scale for scale in (0.1, 1.0, 3.0, 8.0)]
+    rows.append(torch.randint(0, 4, (v,), generator=gen).float())  # many ties
+    rows.append(torch.zeros(v))  # all tied
+    logits = torch.stack(rows * 3)
+    top_ps = torch.tensor([0.05, 0.3, 0.6, 0.9, 0.97, 0.999] * 3).unsqueeze(1)
+    probs = torch.softmax(logits, dim=1)
+    monkeypatch.setattr(sampler, "TOP_P_CANDIDATES", candidates)
+    want = sampler._sorted_drop(probs, top_ps)
+    got = sampler._top_p_drop(probs, top_ps)
+    assert torch.equal(got, want)
+    assert not want.all(dim=1).any()  # the top token always stays
+    kept = (~want).sum(dim=1)
+    assert (kept < candidates).any() and (kept > candidates).any()  # both ways of deciding a row ran
+    perm = torch.randperm(v, generator=gen)
+    assert torch.equal(sampler._top_p_drop(probs[:, perm], top_ps), want[:, perm])
+
+
 def test_top_p_tiny_keeps_the_top_token():
     logits = torch.tensor([[0.0, 0.1, 0.2]])
     probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=1e-6)])
