@@ -13,6 +13,9 @@ logits. The cuts (`runtime.sampler.processed_probs`) run on the built-in target'
 logits over a fixed text (B rows drawn from its positions), against the same cuts through a
 sort of every row: top-k 50 (temperature 0.8), where `topk` finds the k-th value, and top-p
 0.9 (temperatures 0.7 and 1.0), where a CPU looks among the 256 most likely tokens first.
+Then whole engine steps: `--engine-batch` requests (SmolLM2-135M, the built-in chat prompts,
+T 1.0, top-p 0.9) decoding through `Engine.step`, timed over `--engine-steps` steps with the
+verifier's cut through a sort of every row (swapped into the rejection sampler) and as it is.
 Medians of --reps, the methods interleaved three times. Writes results.json and
 sampling_host.png.
 """
@@ -20,6 +23,7 @@ sampling_host.png.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import statistics
@@ -36,9 +40,12 @@ from machine import machine_info  # noqa: E402
 
 from drafting.config import DraftConfig  # noqa: E402
 from drafting.state import DraftCall  # noqa: E402
-from runtime import sampler  # noqa: E402
+from engine.config import CacheConfig, EngineConfig  # noqa: E402
+from engine.engine import Engine  # noqa: E402
+from runtime import rejection, sampler  # noqa: E402
 from runtime.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from runtime.sampler import SamplingParams, processed_probs  # noqa: E402
+from smartspec.prompts import BUILTIN_PROMPTS  # noqa: E402
 
 TEXT = (
     "The history of the Roman Empire spans many centuries, beginning with the founding of the city "
@@ -88,6 +95,29 @@ def per_row(backend, calls: list[DraftCall], logits: torch.Tensor) -> list:
     return out
 
 
+def engine_step_ms(engine: Engine, runner: asyncio.Runner, cut, prompts: list[list[int]], steps: int) -> float:
+    """ms per decode step of sampled requests for these prompts, with `cut` as the rejection sampler's."""
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_new_tokens=100_000, ignore_eos=True)
+        engine.add_request(f"r{i}-{time.monotonic_ns()}", prompt, params)
+    while any(s.num_computed < len(s.prompt_ids) for s in engine._seqs.values()):  # prefill, untimed
+        runner.run(engine.step())
+
+    async def timed() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            assert len(await engine.step()) == len(prompts), "a request did not decode"
+        return (time.perf_counter() - start) * 1e3 / steps
+
+    rejection.processed_probs = cut
+    try:
+        return runner.run(timed())
+    finally:
+        rejection.processed_probs = processed_probs
+        for request_id in list(engine._seqs):
+            engine.abort(request_id)
+
+
 def median_ms(fn, reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -132,6 +162,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--engine-batch", type=int, default=64)
+    ap.add_argument("--engine-steps", type=int, default=10)
     ap.add_argument("--output-dir", default="benchmarks/results/sampling_host")
     args = ap.parse_args()
     out = Path(args.output_dir)
@@ -163,7 +195,20 @@ def main() -> int:
             )
             cut.append({"B": b, "cut": name, "vocab": real.shape[1], "sort_ms": sort_ms, "ms": ms})
             print(f"B={b:3d} {name}: a sort of every row {sort_ms:8.3f} ms, processed_probs {ms:7.3f} ms", flush=True)
-    (out / "results.json").write_text(json.dumps({"machine": machine_info(), "picks": rows, "cut": cut}, indent=1))
+    tok = load_tokenizer(DEFAULT_MODEL)
+    engine = Engine(load_model(DEFAULT_MODEL), tok, EngineConfig(CacheConfig(kv_cache_tokens=32768)))
+    runner, b = asyncio.Runner(), args.engine_batch
+    chat = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
+        for p in BUILTIN_PROMPTS
+    ]
+    prompts = [chat[i % len(chat)] for i in range(b)]
+    cuts = (sorted_cut, processed_probs)
+    runs = [[engine_step_ms(engine, runner, f, prompts, args.engine_steps) for f in cuts] for _ in range(3)]
+    steps = {"B": b, "sort_ms": statistics.median(r[0] for r in runs), "ms": statistics.median(r[1] for r in runs)}
+    print(f"engine steps, B={b} sampled: a sort of every row {steps['sort_ms']:.1f} ms, as it is {steps['ms']:.1f} ms")
+    results = {"machine": machine_info(), "picks": rows, "cut": cut, "engine_steps": steps | {"runs": runs}}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(rows, cut, out)
     print(f"wrote {out / 'results.json'}, {out / 'sampling_host.png'}")
     return 0
