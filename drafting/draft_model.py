@@ -77,7 +77,7 @@ class DraftModelBackend:
         max_batch: int = 0,
     ):
         """`max_batch`: with graphs, those of sub-batches up to this many requests are captured (or
-        compiled) now, before a verifier waits on one; the rest on first use (0: all of them)."""
+        compiled) now, before a verifier waits on one; larger ones on first use (0: every one)."""
         self.min_confidence = check_min_confidence(min_confidence)
         self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
