@@ -1,5 +1,5 @@
-"""What every benchmark records and compares against: the machine it ran on, and Hugging Face's
-own generation (plain and assisted) on the same prompts."""
+"""What every benchmark records and compares against: the machine it ran on, Hugging Face's
+own generation (plain and assisted) on the same prompts, and the median of a timed call."""
 
 from __future__ import annotations
 
@@ -92,3 +92,13 @@ def _hf_assisted(target, tok, draft, prompts: list[str], new_tokens: int, k: int
         n = out.shape[1] - ids["input_ids"].shape[1]
         tpots.append((total - ttft) / (n - 1) * 1e3)
     return statistics.mean(tpots)
+
+
+def median_ms(fn, reps: int) -> float:
+    """The median of `reps` timed calls of `fn`, in ms."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

@@ -20,14 +20,13 @@ import itertools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, median_ms  # noqa: E402
 
 from runtime.attention import ForwardItem, PackedStep  # noqa: E402
 from runtime.graphs import TABLE_LIMIT  # noqa: E402
@@ -43,15 +42,6 @@ def by_lists(items: list[ForwardItem], pad: int, widths: list[int], blocks: int)
     ids = [it.token_ids + [0] * (w - q) for it, q, w in zip(items, qs, widths)]
     head = [it.ctx for it in items] + qs + widths + [it.num_logits for it in items]
     return torch.tensor(head + list(itertools.chain(*tables)) + list(itertools.chain(*ids)), dtype=torch.long)
-
-
-def median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def plot(rows: list[dict], out: Path) -> None:

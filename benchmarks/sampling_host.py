@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import machine_info  # noqa: E402
+from machine import machine_info, median_ms  # noqa: E402
 
 from drafting.config import DraftConfig  # noqa: E402
 from drafting.state import DraftCall  # noqa: E402
@@ -116,15 +116,6 @@ def engine_step_ms(engine: Engine, runner: asyncio.Runner, cut, prompts: list[li
         rejection.processed_probs = processed_probs
         for request_id in list(engine._seqs):
             engine.abort(request_id)
-
-
-def median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def interleaved(fns, reps: int) -> list[float]:
