@@ -67,9 +67,18 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torc
         if not every:  # rows without top-k keep every token
             kth = torch.full((len(params), 1), -math.inf, device=dev).index_copy(0, index, kth)
         logits = logits.masked_fill(logits < kth, -math.inf)
-    if any(p.top_p < 1.0 for p in params):
-        top_ps = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
-        logits = logits.masked_fill(_top_p_drop(torch.softmax(logits, dim=1), top_ps), -math.inf)
+    cut = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if cut:
+        # Only the rows that ask: a row's running total can round up to 1 before its tail, which
+        # would cut tokens from a row with top_p = 1 computed alongside.
+        top_ps = torch.tensor([params[i].top_p for i in cut], device=dev).unsqueeze(1)
+        if len(cut) == len(params):
+            drop = _top_p_drop(torch.softmax(logits, dim=1), top_ps)
+        else:
+            index = torch.tensor(cut, device=dev)
+            drop = torch.zeros_like(logits, dtype=torch.bool)
+            drop[index] = _top_p_drop(torch.softmax(logits[index], dim=1), top_ps)
+        logits = logits.masked_fill(drop, -math.inf)
     return logits
 
 

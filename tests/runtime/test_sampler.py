@@ -131,6 +131,24 @@ def test_top_p_on_a_cpu_decides_from_the_candidates_what_a_full_sort_decides(mon
     assert torch.equal(sampler._top_p_drop(probs[:, perm], top_ps), want[:, perm])
 
 
+def test_a_row_is_cut_the_same_whatever_shares_its_batch():
+    """Each row's distribution is its own: a top_p = 1 row keeps its whole tail beside rows that
+    cut (a cumulative sum rounding up to 1 must not cut it), and a top-p or top-k row is cut the
+    same alone and in a mixed batch."""
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(4, 32000, generator=gen) * 4
+    params = [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.0, top_p=0.9),
+        SamplingParams(temperature=0.7, top_k=40),
+        SamplingParams(temperature=1.2, top_k=100, top_p=0.95),
+    ]
+    together = processed_probs(rows, params)
+    for i, p in enumerate(params):
+        assert torch.equal(together[i], processed_probs(rows[i : i + 1], [p])[0]), p
+    assert (together[0] > 0).all()
+
+
 def test_top_p_tiny_keeps_the_top_token():
     logits = torch.tensor([[0.0, 0.1, 0.2]])
     probs = processed_probs(logits, [SamplingParams(temperature=1.0, top_p=1e-6)])
