@@ -37,14 +37,22 @@ class DraftConfig:
             "the draft's graphs up to it are captured at start-up"
         },
     )
+    max_model_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "longest request it drafts for, prompt + output (the verifiers' --max-model-len; unset: the "
+            "draft's context, capped by its cache): on a GPU, the contexts its graphs are captured for"
+        },
+    )
     ngram_min: int = field(default=1, metadata={"help": "shortest suffix n-gram prompt lookup matches"})
     ngram_max: int = field(default=4, metadata={"help": "longest suffix n-gram prompt lookup matches"})
 
     def make_backend(self, placement: Placement = Placement()):
         """An NgramBackend, or a DraftModelBackend with the draft loaded by `placement`."""
         check_min_confidence(self.min_confidence)  # before a model loads
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+        for name in ("max_batch", "top_k_cap", "max_model_len"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if not self.draft:
             if self.min_confidence:
                 raise ValueError("min_confidence needs a draft model; n-gram drafts have no confidence")
@@ -67,4 +75,5 @@ class DraftConfig:
             graphs=graphs,
             attention=placement.attention,
             max_batch=self.max_batch,
+            max_len=self.max_model_len,
         )

@@ -75,13 +75,17 @@ class DraftModelBackend:
         graphs: str = "off",
         attention: str = "auto",
         max_batch: int = 0,
+        max_len: int | None = None,
     ):
         """`max_batch`: with graphs, those of sub-batches up to this many requests are captured (or
-        compiled) now, before a verifier waits on one; larger ones on first use (0: every one)."""
+        compiled) now, before a verifier waits on one; larger ones on first use (0: every one).
+        `max_len`: the longest request it drafts for (default: the model's context)."""
+        if top_k_cap < 1:
+            raise ValueError(f"top_k_cap must be at least 1, got {top_k_cap}")
         self.min_confidence = check_min_confidence(min_confidence)
         self.head_ids = restrict_head(model, head_vocab) if head_vocab is not None else None
         num_blocks = -(-kv_cache_tokens // block_size)
-        self.max_len = getattr(model.config, "max_position_embeddings", 1 << 30)
+        self.max_len = min(getattr(model.config, "max_position_embeddings", 1 << 30), max_len or 1 << 30)
         # Its lockstep steps are small and many: the case graphs help most.
         runner = functools.partial(
             ModelRunner, model, num_blocks, block_size, graphs=graphs, max_len=min(self.max_len, kv_cache_tokens)

@@ -83,7 +83,7 @@ class SpeculationConfig:
             raise ValueError(f"policy {self.policy!r} needs --proposer")
         return policy
 
-    def make_proposer(self, placement: Placement, kv_cache_tokens: int, tls=ClientTLS(), token=None, max_batch=64):
+    def make_proposer(self, placement: Placement, kv_cache_tokens: int, tls=ClientTLS(), token=None, limits=None):
         if self.draft_min_confidence and not (self.proposer or "").startswith("draft:"):
             raise ValueError(
                 "draft_min_confidence needs --proposer draft:MODEL (remote proposers take --min-confidence themselves)"
@@ -98,9 +98,9 @@ class SpeculationConfig:
                 raise ValueError(f"proposer: 'draft:' needs a model ('draft:{BUILTIN_DRAFT}' or a path)")
             # Twice the target's token capacity: the draft's KV is small, and requests the
             # target preempted keep theirs until they finish.
-            draft = DraftConfig(
-                name, 2 * kv_cache_tokens, min_confidence=self.draft_min_confidence, max_batch=max_batch
-            )
+            limits = limits or SchedulerConfig()  # the draft's graphs cover the steps these allow
+            draft = DraftConfig(name, 2 * kv_cache_tokens, min_confidence=self.draft_min_confidence)
+            draft = replace(draft, max_batch=limits.max_num_seqs, max_model_len=limits.max_model_len)
             return LocalProposer(draft.make_backend(replace(placement, threads=0)))
         endpoints = [a.strip() for a in self.proposer.split(",") if a.strip()]
         return ProposerClient(endpoints, deadline_s=self.proposer_deadline_ms / 1e3, tls=tls, token=token)
@@ -174,7 +174,7 @@ class Verifier:
             model = config.placement.load(config.model)
         self.token = read_token(config.service_token_file)
         proposer = config.speculation.make_proposer(
-            config.placement, config.cache.kv_cache_tokens, config.client, self.token, config.scheduler.max_num_seqs
+            config.placement, config.cache.kv_cache_tokens, config.client, self.token, config.scheduler
         )
         self.engine = Engine(model, self.tokenizer, config.engine_config(), proposer)
         if proposer is not None:

@@ -97,8 +97,9 @@ def test_a_draft_stops_after_a_token_below_the_confidence_floor(small_vocab_dir)
 def test_the_confidence_and_batch_flags_are_checked_before_any_model_loads():
     from drafting.config import DraftConfig
 
-    with pytest.raises(ValueError, match="max_batch must be at least 1"):
-        DraftConfig(draft="/no/such/model", max_batch=0).make_backend()
+    for flag in ("max_batch", "top_k_cap", "max_model_len"):
+        with pytest.raises(ValueError, match=f"{flag} must be at least 1"):
+            DraftConfig(draft="/no/such/model", **{flag: 0}).make_backend()
     with pytest.raises(ValueError, match=r"min_confidence must be in \[0, 1\]"):
         DraftConfig(draft="/no/such/model", min_confidence=1.5).make_backend()
     with pytest.raises(ValueError, match="n-gram drafts have no confidence"):

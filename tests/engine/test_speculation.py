@@ -218,11 +218,13 @@ def test_the_verifier_flag_picks_the_in_process_proposer(tiny_llama_dir):
 
     def make_proposer(**options):
         config = from_options(VerifierConfig, kv_cache_tokens=1024, **options)
-        return config.speculation.make_proposer(config.placement, config.cache.kv_cache_tokens)
+        speculation = config.speculation
+        return speculation.make_proposer(config.placement, config.cache.kv_cache_tokens, limits=config.scheduler)
 
-    draft = make_proposer(proposer=f"draft:{tiny_llama_dir}", draft_min_confidence=0.4)
+    draft = make_proposer(proposer=f"draft:{tiny_llama_dir}", draft_min_confidence=0.4, max_model_len=100)
     assert isinstance(draft, LocalProposer) and isinstance(draft.backend, DraftModelBackend)
     assert draft.backend.min_confidence == 0.4
+    assert draft.backend.max_len == 100  # the verifier's longest request bounds the draft's (and its graphs)
     with pytest.raises(ValueError, match="draft_min_confidence needs --proposer draft:MODEL"):
         make_proposer(proposer="127.0.0.1:50061", draft_min_confidence=0.4)
     assert isinstance(make_proposer(proposer="ngram").backend, NgramBackend)

@@ -115,6 +115,7 @@ def verifier_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batched-tokens", type=int, required=True)
     parser.add_argument("--max-waiting", type=int, required=True)
     parser.add_argument("--kv-cache-tokens", type=int, required=True)
+    parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--grace-seconds", type=float, required=True)
     parser.add_argument("--proposer", required=True)
     parser.add_argument("--policy", type=policy, required=True)
@@ -147,6 +148,7 @@ def proposer_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--kv-cache-tokens", type=int, required=True)
     parser.add_argument("--max-batch", type=int, required=True)
+    parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--grace-seconds", type=float, required=True)
     add_server_tls(parser)
     return parser
@@ -563,8 +565,10 @@ def test_proposer_settings_parse_and_match_the_ports(name):
     assert args.metrics_port == container_port(container, "metrics") == PROPOSER_METRICS_PORT
     assert args.draft == "smollm2-draft" and not args.ngram, "the built-in draft model"
     assert args.kv_cache_tokens == 65536
-    # Its graphs are captured for steps up to this; a verifier's step drafts for up to its max_num_seqs.
-    assert args.max_batch == settings(rendered(name), "verifier").max_num_seqs
+    # Its graphs are captured for the steps a verifier can send: up to its max_num_seqs requests,
+    # each up to its max_model_len tokens.
+    verifier = settings(rendered(name), "verifier")
+    assert (args.max_batch, args.max_model_len) == (verifier.max_num_seqs, verifier.max_model_len)
 
 
 @needs_kubectl

@@ -154,7 +154,8 @@ def test_model_components_change_the_model_settings_and_volumes_alone(name):
     verifier_extra = {"SMARTSPEC_KV_CACHE_TOKENS", "SMARTSPEC_MAX_MODEL_LEN", "SMARTSPEC_SERVED_MODEL_NAME"}
     expected = {
         "verifier": {"SMARTSPEC_MODEL"} | (verifier_extra if example else set()),
-        "proposer": {"SMARTSPEC_DRAFT"} | ({"SMARTSPEC_KV_CACHE_TOKENS"} if example else set()),
+        "proposer": {"SMARTSPEC_DRAFT"}
+        | ({"SMARTSPEC_KV_CACHE_TOKENS", "SMARTSPEC_MAX_MODEL_LEN"} if example else set()),
         "controller": set(),
     }
     for component in COMPONENTS:
@@ -216,6 +217,15 @@ def test_llama_overlay_serves_its_models_from_the_claim_on_gpus(component):
         assert LLAMA_WEIGHT_BYTES[component] + kv_bytes < 0.85 * TARGET_GPU_BYTES
         # A request may hold a quarter of the cache, not all of it.
         assert values["max_model_len"] * 4 <= values["kv_cache_tokens"]
+
+
+@needs_kubectl
+def test_llama_overlay_captures_the_drafts_graphs_for_the_steps_its_verifiers_send():
+    """The draft's graphs are captured at start-up up to its max_batch requests of max_model_len
+    tokens: the verifiers' bounds, not its own 131,072-token context."""
+    proposer, verifier = (real("llama-8b", c)["ok"] for c in ("proposer", "verifier"))
+    assert (proposer["max_batch"], proposer["max_model_len"]) == (verifier["max_num_seqs"], verifier["max_model_len"])
+    assert verifier["max_model_len"] is not None
 
 
 def test_readme_tells_how_to_bring_your_own_model():
