@@ -134,8 +134,12 @@ class DraftModelBackend:
             ]
             picks = self._pick([calls[i] for i in active], self.runner.forward(items))
             still = []
-            for i, item, (token, dist, confidence) in zip(active, items, picks):
+            for i, item, pick in zip(active, items, picks):
                 c = calls[i]
+                if pick is None:  # its logits were not finite: no more drafts, and its KV is redone
+                    self._forget(c.state)
+                    continue
+                token, dist, confidence = pick
                 c.state.num_computed += len(item.token_ids)
                 drafts[i].append(token)
                 c.state.drafted.append(token)
@@ -161,24 +165,33 @@ class DraftModelBackend:
             return False
         return True
 
-    def _pick(self, calls: list[DraftCall], logits: torch.Tensor) -> list[tuple[int, tuple | None, float]]:
+    def _forget(self, state: DraftState) -> None:
+        """Drops a request's cached KV after its logits were not finite: its blocks are zeroed
+        (a NaN left there would spread to whoever computes into them next, as masked reads of
+        slots not yet written weigh them by 0, and 0 x NaN is NaN) and recomputed next call."""
+        self.runner.clear_blocks(state.block_table)
+        state.num_computed = 0
+
+    def _pick(self, calls: list[DraftCall], logits: torch.Tensor) -> list[tuple[int, tuple | None, float] | None]:
         """Per call (a row of logits): the drafted token, its sparse distribution (sampled requests)
         and the draft's confidence, the probability of its most likely token (1.0 for greedy
-        requests without a confidence stop: not computed). The rows are processed together on
-        the logits' device and copied to the host once per kind (greedy, sampled): a lockstep
-        step runs this for every request, and a copy per row would wait on the device per row."""
+        requests without a confidence stop: not computed); None where the row is not finite.
+        The rows are processed together on the logits' device and copied to the host once per
+        kind (greedy, sampled): a lockstep step runs this for every request, and a copy per row
+        would wait on the device per row."""
         picks: list = [None] * len(calls)
         greedy = [row for row, c in enumerate(calls) if c.params.greedy]
         if greedy:
             rows = logits if len(greedy) == len(calls) else logits[greedy]
-            columns = rows.argmax(dim=1)
-            if self.min_confidence > 0.0:
-                confidence = torch.softmax(rows, dim=1).gather(1, columns.unsqueeze(1)).squeeze(1)
-                picked = torch.stack([columns.double(), confidence.double()], dim=1).tolist()
-            else:
-                picked = [(column, 1.0) for column in columns.tolist()]
-            for row, (column, p) in zip(greedy, picked):
-                picks[row] = (self._token(int(column)), None, p)
+            top, columns = rows.max(dim=1)  # the first maximum, as argmax; NaN or +inf when the row holds one
+            confidence = (
+                torch.softmax(rows, dim=1).gather(1, columns.unsqueeze(1)).squeeze(1)
+                if self.min_confidence > 0.0
+                else torch.ones_like(top)
+            )
+            picked = torch.stack([columns.double(), confidence.double(), (top < float("inf")).double()], 1).tolist()
+            for row, (column, p, finite) in zip(greedy, picked):
+                picks[row] = (self._token(int(column)), None, p) if finite else None
         sampled = [row for row, c in enumerate(calls) if not c.params.greedy]
         if sampled:
             params = [calls[row].params for row in sampled]
@@ -191,13 +204,13 @@ class DraftModelBackend:
             kept = top.values / top.values.sum(dim=1, keepdim=True)
             host = torch.cat([kept.double(), top.indices.double()], dim=1).cpu().numpy()
             kept, columns = host[:, : kept.shape[1]], host[:, kept.shape[1] :].astype(np.int64)
-            if not np.isfinite(kept).all():
-                raise FloatingPointError("the draft model's probabilities are not finite")
             tokens = columns if self.head_ids is None else self.head_ids.numpy()[columns]
             # Inverse CDF with one uniform from each request's own generator (values descend,
             # so zero-probability columns sit at the end and no draw lands on them).
             cdf = np.cumsum(kept, axis=1)
             for j, row in enumerate(sampled):
+                if not np.isfinite(kept[j]).all():
+                    continue
                 u = float(torch.rand((), generator=calls[row].state.generator, dtype=torch.float64))
                 n = int(np.count_nonzero(kept[j]))
                 column = min(int(np.searchsorted(cdf[j, :n], u * cdf[j, n - 1], side="right")), n - 1)

@@ -322,3 +322,29 @@ def test_a_sampled_draft_token_follows_the_distribution_it_returns(small_vocab_d
     assert (q > 0).sum() == 6 and abs(float(q.sum()) - 1) < 1e-5
     assert chi_square_p(counts[q > 0], q[q > 0]) > 0.01, (counts.tolist(), q.tolist())
     assert counts[q == 0].sum() == 0
+
+
+def test_a_request_whose_draft_logits_are_not_finite_drafts_nothing_and_recovers(small_vocab_dir):
+    """A request whose draft KV went NaN (a draft model overflowing in half precision) drafts
+    nothing that step while the others in the call draft as usual; its blocks are zeroed and its
+    context recomputed, so its next call drafts normally again."""
+    reference = load_model(small_vocab_dir)
+    backend = DraftModelBackend(load_model(small_vocab_dir), kv_cache_tokens=512)
+    prompts = [[3, 4, 5, 6], [7, 7, 2], [9, 3, 3, 3, 10, 11]]
+    params = [SamplingParams(), SamplingParams(temperature=0.9, seed=1), SamplingParams(temperature=0.9, seed=2)]
+    states = [backend.new_state() for _ in prompts]
+    for s, p in zip(states, prompts):
+        s.extend(p)
+    backend.propose([DraftCall(s, 1, p) for s, p in zip(states, params)])  # contexts cached
+    for s in states:
+        s.extend([8])  # the verifier's token
+    bad = states[1]
+    for layer in range(len(backend.runner.kv.k)):
+        backend.runner.kv.k[layer][bad.block_table] = float("nan")
+    drafts = backend.propose([DraftCall(s, 3, p) for s, p in zip(states, params)])
+    assert drafts[1].token_ids == [] and drafts[1].probs == []
+    assert drafts[0].token_ids == hf_greedy(reference, prompts[0] + [8], 3, ignore_eos=True)
+    assert len(drafts[2].token_ids) == 3 and all(abs(sum(q) - 1) < 1e-5 for _, q in drafts[2].probs)
+    assert bad.num_computed == 0 and not backend.runner.kv.k[0][bad.block_table].any()
+    [again] = backend.propose([DraftCall(bad, 3, SamplingParams())])
+    assert again.token_ids == hf_greedy(reference, prompts[1] + [8], 3, ignore_eos=True)
