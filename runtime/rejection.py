@@ -17,7 +17,7 @@ target alone. p_d is the draft's exact (truncated) distribution, given sparse;
 a deterministic draft (n-gram) has p_d = one-hot, given as None.
 
 Everything runs as tensors over [requests, k_max] on the logits' device, with
-no wait on it before the end: small host-to-device copies in (the batch's
+no result read back before the end: small host-to-device copies in (the batch's
 integers; with sampled requests, the draft distributions and sampling
 parameters), one device-to-host copy of the emitted tokens and accept counts out. Random
 numbers are counter-based (`runtime.counter_rng`): the acceptance test of draft
