@@ -12,7 +12,7 @@ together. Both run on the built-in draft's logits shape (its head vocabulary) wi
 logits. The cuts (`runtime.sampler.processed_probs`) run on the built-in target's own
 logits over a fixed text (B rows drawn from its positions), against the same cuts through a
 sort of every row: top-k 50 (temperature 0.8), where `topk` finds the k-th value, and top-p
-0.9 (temperatures 0.7 and 1.0), where a CPU looks among the 256 most likely tokens first.
+0.9 (temperatures 0.7 and 1.0), where a CPU looks among the 256, then 4,096 most likely first.
 Then whole engine steps: `--engine-batch` requests (SmolLM2-135M, the built-in chat prompts,
 T 1.0, top-p 0.9) decoding through `Engine.step`, timed over `--engine-steps` steps with the
 verifier's cut through a sort of every row (swapped into the rejection sampler) and as it is.
