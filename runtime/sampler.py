@@ -55,31 +55,30 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev).unsqueeze(1)
     logits = logits / temps
     vocab = logits.shape[1]
+    # Each cut runs on the rows that ask only: a row's result must not depend on its batch (a
+    # running total rounding up to 1 would cut a top_p = 1 row's tail), and the rest skip it.
     limited = [i for i, p in enumerate(params) if 0 < p.top_k < vocab]
     if limited:
-        # The k largest of the rows that ask, not a sort of the whole vocabulary for every row:
-        # an order of magnitude less work for the small k sampling uses.
+        # The k largest, not a sort of the whole vocabulary: an order of magnitude less work
+        # for the small k sampling uses.
         k_col = torch.tensor([params[i].top_k for i in limited], device=dev).unsqueeze(1)
-        every = len(limited) == len(params)
-        index = None if every else torch.tensor(limited, device=dev)
-        top = torch.topk(logits if every else logits[index], max(params[i].top_k for i in limited), dim=1)
-        kth = top.values.gather(1, k_col - 1)
-        if not every:  # rows without top-k keep every token
-            kth = torch.full((len(params), 1), -math.inf, device=dev).index_copy(0, index, kth)
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    cut = [i for i, p in enumerate(params) if p.top_p < 1.0]
-    if cut:
-        # Only the rows that ask: a row's running total can round up to 1 before its tail, which
-        # would cut tokens from a row with top_p = 1 computed alongside.
-        top_ps = torch.tensor([params[i].top_p for i in cut], device=dev).unsqueeze(1)
-        if len(cut) == len(params):
-            drop = _top_p_drop(torch.softmax(logits, dim=1), top_ps)
-        else:
-            index = torch.tensor(cut, device=dev)
-            drop = torch.zeros_like(logits, dtype=torch.bool)
-            drop[index] = _top_p_drop(torch.softmax(logits[index], dim=1), top_ps)
-        logits = logits.masked_fill(drop, -math.inf)
+        kmax = max(params[i].top_k for i in limited)
+        logits = _cut(logits, limited, lambda rows: rows < torch.topk(rows, kmax, dim=1).values.gather(1, k_col - 1))
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        top_ps = torch.tensor([params[i].top_p for i in nucleus], device=dev).unsqueeze(1)
+        logits = _cut(logits, nucleus, lambda rows: _top_p_drop(torch.softmax(rows, dim=1), top_ps))
     return logits
+
+
+def _cut(logits: torch.Tensor, rows: list[int], drop) -> torch.Tensor:
+    """`logits` with the tokens `drop(logits of these rows)` marks set to -inf, in these rows."""
+    if len(rows) == len(logits):
+        return logits.masked_fill(drop(logits), -math.inf)
+    index = torch.tensor(rows, device=logits.device)
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[index] = drop(logits[index])
+    return logits.masked_fill(mask, -math.inf)
 
 
 # On a CPU, top-p first looks among the most likely few hundred tokens, then a few thousand:
